@@ -1,0 +1,160 @@
+"""Configuration for [`EOPDTrainer`]."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+
+with warnings.catch_warnings():
+    # EOPD deliberately builds on GKD, which TRL 1.16 keeps under `trl.experimental`; the range in pyproject.toml
+    # pins the TRL minor we test, so the "unstable API" warning would only be noise for our users.
+    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+    from trl.experimental.gkd import GKDConfig
+
+from .loss import validate_eopd_options
+
+
+@dataclass
+class EOPDConfig(GKDConfig):
+    r"""
+    Configuration class for [`EOPDTrainer`].
+
+    Entropy-Aware On-Policy Distillation (EOPD, [arXiv 2603.07079](https://huggingface.co/papers/2603.07079)) trains
+    the student with a reverse KL on its own samples everywhere, plus a forward KL on the tokens where the teacher's
+    entropy is above `entropy_threshold`. This class only holds the parameters EOPD adds to [`GKDConfig`]; see
+    [`GKDConfig`], [`~trl.SFTConfig`] and [`~transformers.TrainingArguments`] for the rest. It also changes three GKD
+    defaults to the paper's: `lmbda=1.0` (fully on-policy), `beta=1.0` (reverse KL) and `temperature=1.0`.
+
+    Parameters:
+        > Parameters that control the EOPD loss
+
+        entropy_threshold (`float`, *optional*, defaults to `0.8`):
+            Teacher entropy, in nats, above which a token also receives the forward KL. `float("inf")` switches the
+            gate off, which is plain on-policy distillation (OPD), the paper's baseline.
+        forward_kl_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the forward KL on high-entropy tokens. Must be >= 0.
+        gate (`str`, *optional*, defaults to `"augment"`):
+            How the forward KL enters on high-entropy tokens: `"augment"` adds it to the base term (the paper),
+            `"switch"` replaces the base term with it.
+        forward_kl_top_k (`int` or `None`, *optional*, defaults to `None`):
+            If set, the forward KL uses only the teacher's top-k tokens, renormalised (the paper used 16). `None` uses
+            the full vocabulary.
+        reverse_kl_estimator (`str`, *optional*, defaults to `"analytic"`):
+            `"analytic"`: GKD's generalized JSD with `beta` over the full vocabulary (beta=1 is the exact reverse KL).
+            `"sampled"`: the paper's single-sample policy-gradient estimate on the student's sampled token; it requires
+            `beta=1.0`, `lmbda=1.0` and `seq_kd=False`.
+
+        > Parameters that control how the loss is computed
+
+        memory_efficient_loss (`bool`, *optional*, defaults to `True`):
+            Compute the loss from the models' last hidden states a chunk of completion tokens at a time, so that no
+            `(tokens, vocab)` logits tensor outlives its chunk. Set to `False` to project every position to full
+            logits and use [`eopd_loss`] directly (for debugging or comparison). Models whose output layer is not a
+            plain linear projection fall back to full logits with a warning.
+        loss_chunk_size (`int`, *optional*, defaults to `256`):
+            Number of completion tokens projected to the vocabulary at once by the memory-efficient loss.
+
+        > Parameters that control generation
+
+        teacher_eos_token (`str` or `None`, *optional*, defaults to `None`):
+            The token that ends a turn for the teacher (e.g. `"<|im_end|>"` for a Qwen3 chat teacher) when it differs
+            from the student's EOS (e.g. `"<|endoftext|>"` for a base student). Generation then stops at either token,
+            and the student's EOS in a completion is replaced by this token before either model scores the sequence,
+            as in the paper's code.
+    """
+
+    lmbda: float = field(
+        default=1.0,
+        metadata={
+            "help": "Fraction of batches on which the student generates its own completions (on-policy). EOPD "
+            "defaults to 1.0, fully on-policy."
+        },
+    )
+    beta: float = field(
+        default=1.0,
+        metadata={
+            "help": "Interpolation coefficient in [0.0, 1.0] of the generalized Jensen-Shannon divergence used as the "
+            "base term: 1.0 is the reverse KL (EOPD's default), 0.0 the forward KL."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Temperature for sampling, also applied to both models' logits in every divergence and in the "
+            "teacher entropy."
+        },
+    )
+    entropy_threshold: float = field(
+        default=0.8,
+        metadata={
+            "help": "Teacher entropy in nats above which a token also receives the forward KL. Use `inf` to switch "
+            "the gate off (plain on-policy distillation, the baseline)."
+        },
+    )
+    forward_kl_coef: float = field(
+        default=1.0,
+        metadata={"help": "Weight (>= 0) of the forward KL on high-entropy tokens."},
+    )
+    gate: str = field(
+        default="augment",
+        metadata={
+            "help": "How the forward KL enters on high-entropy tokens: `augment` adds it to the base term, `switch` "
+            "replaces the base term with it.",
+            "choices": ["augment", "switch"],
+        },
+    )
+    forward_kl_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "If set, restrict the forward KL to the teacher's top-k tokens, renormalised (the paper used 16). "
+            "Leave unset for the full vocabulary."
+        },
+    )
+    reverse_kl_estimator: str = field(
+        default="analytic",
+        metadata={
+            "help": "`analytic`: exact generalized JSD with `beta` over the vocabulary. `sampled`: the paper's "
+            "single-sample policy-gradient estimate (requires beta=1, lmbda=1, seq_kd=False).",
+            "choices": ["analytic", "sampled"],
+        },
+    )
+    memory_efficient_loss: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute the loss from last hidden states a chunk of completion tokens at a time, never building "
+            "full (tokens, vocab) logits. Set to False to use full logits (debugging, comparison)."
+        },
+    )
+    loss_chunk_size: int = field(
+        default=256,
+        metadata={"help": "Number of completion tokens projected to the vocabulary at once by the memory-efficient loss."},
+    )
+    teacher_eos_token: str | None = field(
+        default=None,
+        metadata={
+            "help": "Token that ends a turn for the teacher (e.g. `<|im_end|>`) when it differs from the student's "
+            "EOS. Generation stops at either, and the student's EOS is replaced by this token before scoring."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        # Command-line and YAML parsers hand over strings and ints; normalise before validating.
+        if isinstance(self.entropy_threshold, str):
+            self.entropy_threshold = float(self.entropy_threshold)
+        if isinstance(self.entropy_threshold, int) and not isinstance(self.entropy_threshold, bool):
+            self.entropy_threshold = float(self.entropy_threshold)
+        validate_eopd_options(
+            entropy_threshold=self.entropy_threshold,
+            forward_kl_coef=self.forward_kl_coef,
+            gate=self.gate,
+            beta=self.beta,
+            temperature=self.temperature,
+            forward_kl_top_k=self.forward_kl_top_k,
+            reverse_kl_estimator=self.reverse_kl_estimator,
+            lmbda=self.lmbda,
+            seq_kd=self.seq_kd,
+        )
+        if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
+            raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")
