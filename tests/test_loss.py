@@ -1,0 +1,219 @@
+"""`eopd_loss` against the independent float64 reference in tests/reference.py."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from reference import reference_eopd_loss, reference_per_token, reference_sampled_gradient
+from trl_eopd import eopd_loss, eopd_loss_and_stats
+
+
+VOCAB = 13
+
+
+def make_batch(seed=0, batch=2, seq=6, vocab=VOCAB, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, seq, vocab, generator=generator) * 2.0
+    # Sharpen every other teacher row so both sides of the 0.8-nat threshold are populated.
+    sharpness = torch.where(torch.arange(batch * seq) % 2 == 0, 6.0, 0.7).reshape(batch, seq, 1)
+    teacher = torch.randn(batch, seq, vocab, generator=generator) * sharpness
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels[0, :2] = -100  # a "prompt"
+    labels[1, -1] = -100  # "padding"
+    return student.to(dtype), teacher.to(dtype), labels
+
+
+def teacher_entropies(teacher, labels, temperature=1.0):
+    log_p = torch.log_softmax(teacher.double() / temperature, -1)
+    entropy = -(log_p.exp() * log_p).sum(-1)
+    return entropy[labels != -100]
+
+
+def test_batch_has_both_low_and_high_entropy_tokens():
+    _, teacher, labels = make_batch()
+    entropy = teacher_entropies(teacher, labels)
+    assert (entropy > 0.8).any() and (entropy < 0.8).any()
+
+
+OPTION_GRID = [
+    dict(gate=gate, beta=beta, temperature=temperature, forward_kl_top_k=top_k, forward_kl_coef=coef)
+    for gate, beta, temperature, top_k, coef in itertools.product(
+        ["augment", "switch"], [0.0, 0.3, 0.5, 1.0], [1.0, 1.7], [None, 4], [1.0, 0.3]
+    )
+]
+
+
+@pytest.mark.parametrize("options", OPTION_GRID, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("num_items_in_batch", [None, 23])
+def test_analytic_loss_and_gradient_match_reference(options, num_items_in_batch):
+    student, teacher, labels = make_batch()
+    student.requires_grad_(True)
+    loss = eopd_loss(student, teacher, labels, num_items_in_batch=num_items_in_batch, **options)
+    (grad,) = torch.autograd.grad(loss, student)
+
+    student64 = student.detach().double().requires_grad_(True)
+    expected = reference_eopd_loss(student64, teacher.double(), labels, num_items_in_batch=num_items_in_batch, **options)
+    (expected_grad,) = torch.autograd.grad(expected, student64)
+
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("gate", ["augment", "switch"])
+@pytest.mark.parametrize("top_k", [None, 3])
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampled_estimator_value_matches_reference(gate, top_k, temperature):
+    student, teacher, labels = make_batch(seed=1)
+    options = dict(gate=gate, forward_kl_top_k=top_k, temperature=temperature, reverse_kl_estimator="sampled")
+    loss = eopd_loss(student, teacher, labels, **options)
+    expected = reference_eopd_loss(student.double(), teacher.double(), labels, **options)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 1.5])
+def test_sampled_estimator_gradient_is_the_policy_gradient(temperature):
+    student, teacher, labels = make_batch(seed=2)
+    student.requires_grad_(True)
+    loss = eopd_loss(
+        student, teacher, labels, reverse_kl_estimator="sampled", entropy_threshold=math.inf, temperature=temperature
+    )
+    (grad,) = torch.autograd.grad(loss, student)
+    expected = reference_sampled_gradient(student.detach(), teacher, labels, temperature=temperature)
+    torch.testing.assert_close(grad.double(), expected, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.8])
+def test_sampled_estimator_expected_gradient_equals_analytic_reverse_kl_gradient(temperature):
+    """E_{y ~ q}[grad of the sampled term] = grad KL(q || p), checked exactly by enumerating every label y."""
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(1, 1, VOCAB, generator=generator)
+    teacher = torch.randn(1, 1, VOCAB, generator=generator)
+    q = torch.softmax(student.double() / temperature, -1).reshape(-1)
+
+    expected_grad = torch.zeros(VOCAB, dtype=torch.float64)
+    for y in range(VOCAB):
+        s = student.clone().requires_grad_(True)
+        loss = eopd_loss(
+            s, teacher, torch.tensor([[y]]), reverse_kl_estimator="sampled", entropy_threshold=math.inf,
+            temperature=temperature,
+        )
+        (grad,) = torch.autograd.grad(loss, s)
+        expected_grad += q[y] * grad.reshape(-1).double()
+
+    s = student.clone().requires_grad_(True)
+    analytic = eopd_loss(s, teacher, torch.tensor([[0]]), entropy_threshold=math.inf, temperature=temperature)
+    (analytic_grad,) = torch.autograd.grad(analytic, s)
+    torch.testing.assert_close(expected_grad, analytic_grad.reshape(-1).double(), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_infinite_threshold_equals_gkd_generalized_jsd(beta, temperature):
+    from trl.experimental.gkd import GKDTrainer
+
+    student, teacher, labels = make_batch(seed=4)
+    ours = eopd_loss(student, teacher, labels, entropy_threshold=math.inf, beta=beta, temperature=temperature)
+    gkd = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
+    torch.testing.assert_close(ours, gkd, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("coef", [1.0, 0.25])
+def test_threshold_below_every_entropy_is_reverse_plus_coef_forward(coef):
+    student, teacher, labels = make_batch(seed=5)
+    combined = eopd_loss(student, teacher, labels, entropy_threshold=0.0, forward_kl_coef=coef)
+    reverse = eopd_loss(student, teacher, labels, entropy_threshold=math.inf, beta=1.0)
+    forward = eopd_loss(student, teacher, labels, entropy_threshold=math.inf, beta=0.0)
+    torch.testing.assert_close(combined, reverse + coef * forward, rtol=1e-5, atol=1e-6)
+
+
+def test_gate_only_acts_above_threshold():
+    student, teacher, labels = make_batch(seed=6)
+    entropy = teacher_entropies(teacher, labels)
+    threshold = float(entropy.median())
+    loss = eopd_loss(student, teacher, labels, entropy_threshold=threshold, gate="switch")
+    flat = [
+        reference_per_token(
+            s, t, int(y), entropy_threshold=threshold, forward_kl_coef=1.0, gate="switch", beta=1.0,
+            temperature=1.0, forward_kl_top_k=None, reverse_kl_estimator="analytic",
+        )
+        for s, t, y in zip(student.reshape(-1, VOCAB), teacher.reshape(-1, VOCAB), labels.reshape(-1))
+        if int(y) != -100
+    ]
+    gates = [g for _, _, g in flat]
+    assert 0 < sum(gates) < len(gates)
+    torch.testing.assert_close(loss.double(), sum(v for v, _, _ in flat) / len(flat), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_items_in_batch", [None, 7])
+def test_batch_without_loss_tokens_is_zero_with_gradient(num_items_in_batch):
+    student, teacher, labels = make_batch()
+    student.requires_grad_(True)
+    labels = torch.full_like(labels, -100)
+    loss, stats = eopd_loss_and_stats(student, teacher, labels, num_items_in_batch=num_items_in_batch)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    assert student.grad is not None and torch.count_nonzero(student.grad) == 0
+    assert all(math.isfinite(v) for v in stats.means().values())
+
+
+@pytest.mark.parametrize("estimator", ["analytic", "sampled"])
+def test_bf16_inputs_are_finite_and_close_to_float32(estimator):
+    student, teacher, labels = make_batch(seed=7)
+    student_bf16, teacher_bf16 = student.bfloat16(), teacher.bfloat16()
+    loss_bf16 = eopd_loss(student_bf16, teacher_bf16, labels, reverse_kl_estimator=estimator)
+    # Compare with float32 on the same (bf16-rounded) inputs: the computation itself must not lose precision.
+    loss_fp32 = eopd_loss(student_bf16.float(), teacher_bf16.float(), labels, reverse_kl_estimator=estimator)
+    assert loss_bf16.dtype == torch.float32 and torch.isfinite(loss_bf16)
+    torch.testing.assert_close(loss_bf16, loss_fp32, rtol=1e-5, atol=1e-6)
+    # And with the unrounded inputs, within bf16's input rounding.
+    torch.testing.assert_close(loss_bf16, eopd_loss(student, teacher, labels, reverse_kl_estimator=estimator),
+                               rtol=5e-2, atol=5e-2)
+
+
+def test_stats_match_reference_definitions():
+    student, teacher, labels = make_batch(seed=8)
+    _, stats = eopd_loss_and_stats(student, teacher, labels, entropy_threshold=1.0, forward_kl_top_k=3)
+    mask = labels != -100
+    log_q = torch.log_softmax(student.double(), -1)[mask]
+    log_p = torch.log_softmax(teacher.double(), -1)[mask]
+    q, p = log_q.exp(), log_p.exp()
+    teacher_entropy = -(p * log_p).sum(-1)
+    high = teacher_entropy > 1.0
+    forward = (p * (log_p - log_q)).sum(-1)
+    means = stats.means()
+    assert int(stats.num_tokens) == int(mask.sum())
+    assert means["eopd/teacher_entropy"] == pytest.approx(float(teacher_entropy.mean()), rel=1e-5)
+    assert means["eopd/student_entropy"] == pytest.approx(float(-(q * log_q).sum(-1).mean()), rel=1e-5)
+    assert means["eopd/high_entropy_ratio"] == pytest.approx(float(high.double().mean()), rel=1e-6)
+    assert means["eopd/reverse_kl"] == pytest.approx(float((q * (log_q - log_p)).sum(-1).mean()), rel=1e-5)
+    assert means["eopd/forward_kl"] == pytest.approx(float(forward.mean()), rel=1e-5)
+    assert means["eopd/forward_kl_high_entropy"] == pytest.approx(float(forward[high].mean()), rel=1e-5)
+
+
+def test_mismatched_shapes_raise_clear_errors():
+    student, teacher, labels = make_batch()
+    with pytest.raises(ValueError, match="teacher_logits"):
+        eopd_loss(student, teacher[..., :-1], labels)
+    with pytest.raises(ValueError, match="labels"):
+        eopd_loss(student, teacher, labels[:, :-1])
+
+
+@pytest.mark.parametrize(
+    "options, field",
+    [
+        (dict(entropy_threshold=float("nan")), "entropy_threshold"),
+        (dict(entropy_threshold=-0.1), "entropy_threshold"),
+        (dict(gate="replace"), "gate"),
+        (dict(forward_kl_top_k=0), "forward_kl_top_k"),
+        (dict(forward_kl_coef=-1.0), "forward_kl_coef"),
+        (dict(reverse_kl_estimator="mc"), "reverse_kl_estimator"),
+        (dict(reverse_kl_estimator="sampled", beta=0.5), "beta"),
+        (dict(temperature=0.0), "temperature"),
+    ],
+)
+def test_invalid_options_raise(options, field):
+    student, teacher, labels = make_batch()
+    with pytest.raises(ValueError, match=field):
+        eopd_loss(student, teacher, labels, **options)

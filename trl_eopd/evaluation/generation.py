@@ -1,0 +1,285 @@
+"""Sampling completions with vLLM when it is available, or with transformers' `generate` otherwise."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+# Zero-shot and format-only: the paper's prompt asks for nothing but step-by-step reasoning and a boxed answer.
+DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+# Chat models end a turn with one of these rather than with the tokenizer's EOS. A base student trained to chat
+# (the EOS pitfall in the spec) can emit either, and decoding past the end of its turn only wastes the token budget.
+_END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def prompt_template_hash(template: str) -> str:
+    """Short, stable fingerprint of a prompt template, recorded in results so that runs can be compared safely."""
+    return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
+
+
+def render_prompt(tokenizer, problem: str, template: str = DEFAULT_PROMPT_TEMPLATE, use_chat_template: bool = True):
+    """
+    Turn a problem into the text the model is conditioned on.
+
+    Args:
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            The model's tokenizer.
+        problem (`str`):
+            Problem statement.
+        template (`str`, *optional*, defaults to `DEFAULT_PROMPT_TEMPLATE`):
+            User message, with `{problem}` where the problem goes. Substitution is literal, so braces in the problem
+            or the template (`\\boxed{}`) are safe.
+        use_chat_template (`bool`, *optional*, defaults to `True`):
+            Wrap the message in the tokenizer's chat template, with the generation prompt, when it has one.
+
+    Returns:
+        `tuple[str, bool]`: The prompt text, and whether the chat template was applied (in which case the template
+        already holds any BOS token and tokenising must not add special tokens again).
+    """
+    message = template.replace("{problem}", problem)
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+        )
+        return text, True
+    return message, False
+
+
+def stop_token_ids(tokenizer, generation_config=None, chat: bool = False) -> list[int]:
+    """
+    Token ids that end a completion: the generation config's and tokenizer's EOS, plus end-of-turn tokens in chat.
+
+    Args:
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            The model's tokenizer.
+        generation_config ([`~transformers.GenerationConfig`] or `None`, *optional*):
+            The checkpoint's generation config.
+        chat (`bool`, *optional*, defaults to `False`):
+            Whether prompts use the chat template.
+
+    Returns:
+        `list[int]`: Sorted, unique ids.
+    """
+    ids: set[int] = set()
+    eos = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    for value in (eos if isinstance(eos, (list, tuple)) else [eos]) + [tokenizer.eos_token_id]:
+        if value is not None:
+            ids.add(int(value))
+    if chat:
+        vocab = tokenizer.get_vocab()
+        ids.update(vocab[token] for token in _END_OF_TURN_TOKENS if token in vocab)
+    return sorted(ids)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """
+    How completions are sampled.
+
+    Args:
+        n (`int`):
+            Samples per problem.
+        temperature (`float`):
+            Sampling temperature.
+        top_p (`float`):
+            Nucleus sampling mass. Top-k filtering is always off, whatever the checkpoint's generation config says.
+        max_new_tokens (`int`):
+            Length limit of a completion.
+        seed (`int`):
+            Random seed.
+    """
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Completion:
+    """
+    One sampled completion.
+
+    Args:
+        text (`str`):
+            Decoded text, special tokens removed.
+        num_tokens (`int`):
+            Generated tokens, the stop token included.
+        finished (`bool`):
+            `True` when it ended on a stop token, `False` when it hit `max_new_tokens`.
+    """
+
+    text: str
+    num_tokens: int
+    finished: bool
+
+
+def vllm_available() -> bool:
+    """Whether vLLM is installed and a CUDA device is visible (vLLM needs a GPU here)."""
+    if importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_backend(backend: str) -> str:
+    """
+    Resolve `"auto"` to `"vllm"` when [`vllm_available`], else to `"transformers"`.
+
+    Args:
+        backend (`str`):
+            `"auto"`, `"vllm"` or `"transformers"`.
+
+    Returns:
+        `str`: `"vllm"` or `"transformers"`.
+    """
+    if backend == "auto":
+        return "vllm" if vllm_available() else "transformers"
+    if backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ImportError("--backend vllm needs vLLM: install it with `pip install 'trl-eopd[vllm]'`.")
+    if backend not in ("vllm", "transformers"):
+        raise ValueError(f"Unknown backend {backend!r}; choose auto, vllm or transformers.")
+    return backend
+
+
+class TransformersGenerator:
+    """
+    Samples with `model.generate`, all `n` samples of a batch of prompts in one call, left-padded.
+
+    Args:
+        model_name_or_path (`str`):
+            Checkpoint to load with `AutoModelForCausalLM.from_pretrained`.
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
+            Its tokenizer.
+        sampling ([`SamplingSettings`]):
+            Sampling settings.
+        stop_ids (`Sequence[int]`):
+            Tokens that end a completion.
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            Weights dtype: `"auto"` (the checkpoint's), `"bfloat16"`, `"float16"` or `"float32"`.
+        device (`str` or `None`, *optional*):
+            Device; CUDA when available, else CPU.
+    """
+
+    def __init__(self, model_name_or_path, tokenizer, sampling, stop_ids, dtype="auto", device=None):
+        import torch
+        from transformers import AutoModelForCausalLM, set_seed
+
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.stop_ids = list(stop_ids)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype).to(self.device)
+        self.model.eval()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+        set_seed(sampling.seed)
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[Completion]]:
+        """
+        Sample `n` completions for each prompt.
+
+        Args:
+            prompt_ids (`Sequence[Sequence[int]]`):
+                Tokenised prompts.
+
+        Returns:
+            `list[list[Completion]]`: For each prompt, its `n` completions.
+        """
+        import torch
+
+        width = max(len(ids) for ids in prompt_ids)
+        input_ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, ids in enumerate(prompt_ids):
+            # Left padding keeps every prompt's last token at the same position, where generation starts.
+            input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+        s = self.sampling
+        with torch.no_grad():
+            output = self.model.generate(
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                do_sample=True,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                # transformers applies top_k=50 unless told otherwise; the protocol samples from the full nucleus.
+                top_k=0,
+                repetition_penalty=1.0,
+                max_new_tokens=s.max_new_tokens,
+                num_return_sequences=s.n,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.pad_id,
+            )
+        generated = output[:, width:].tolist()
+        stop = set(self.stop_ids)
+        completions = []
+        for tokens in generated:
+            end = next((i for i, token in enumerate(tokens) if token in stop), None)
+            kept = tokens if end is None else tokens[:end]
+            completions.append(
+                Completion(
+                    text=self.tokenizer.decode(kept, skip_special_tokens=True),
+                    num_tokens=len(tokens) if end is None else end + 1,
+                    finished=end is not None,
+                )
+            )
+        # generate() returns the n samples of each prompt next to each other.
+        return [completions[i * s.n : (i + 1) * s.n] for i in range(len(prompt_ids))]
+
+
+class VLLMGenerator:
+    """
+    Samples with vLLM's offline `LLM.generate`.
+
+    Args:
+        model_name_or_path (`str`):
+            Checkpoint.
+        tokenizer_name_or_path (`str`):
+            Tokenizer checkpoint.
+        sampling ([`SamplingSettings`]):
+            Sampling settings.
+        stop_ids (`Sequence[int]`):
+            Tokens that end a completion.
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            Weights dtype.
+    """
+
+    def __init__(self, model_name_or_path, tokenizer_name_or_path, sampling, stop_ids, dtype="auto"):
+        from vllm import LLM, SamplingParams
+
+        self.llm = LLM(model=model_name_or_path, tokenizer=tokenizer_name_or_path, dtype=dtype, seed=sampling.seed)
+        self.params = SamplingParams(
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=-1,
+            repetition_penalty=1.0,
+            max_tokens=sampling.max_new_tokens,
+            stop_token_ids=list(stop_ids),
+            seed=sampling.seed,
+        )
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[Completion]]:
+        """Sample `n` completions for each tokenised prompt; see [`TransformersGenerator.generate`]."""
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": list(ids)} for ids in prompt_ids], self.params, use_tqdm=False
+        )
+        return [
+            [
+                Completion(text=o.text, num_tokens=len(o.token_ids), finished=o.finish_reason != "length")
+                for o in output.outputs
+            ]
+            for output in outputs
+        ]
+

@@ -1,0 +1,492 @@
+"""Evaluation runs with the paper's protocol: sample, grade, write per-problem results, summarise, compare."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .benchmarks import BenchmarkSource, load_benchmark, parse_benchmark_arg
+from .generation import (
+    DEFAULT_PROMPT_TEMPLATE,
+    SamplingSettings,
+    TransformersGenerator,
+    VLLMGenerator,
+    prompt_template_hash,
+    render_prompt,
+    resolve_backend,
+    stop_token_ids,
+)
+from .grading import MathVerifyGrader
+from .passk import mean_accuracy, mean_pass_at_k
+
+
+RESULTS_FILE = "results.jsonl"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+PROTOCOL_FILE = "protocol.json"
+
+# Two runs are comparable only when all of these agree.
+PROTOCOL_FIELDS = ("n", "k", "temperature", "top_p", "max_new_tokens", "prompt_template_hash")
+# A run resumes into an output directory only when the samples already there were drawn the same way. `k` is not
+# among them: it only changes the summary, which is recomputed from the samples.
+_RESUME_FIELDS = ("model", "n", "temperature", "top_p", "max_new_tokens", "prompt_template_hash")
+
+DEFAULT_BATCH_SIZE = {"transformers": 2, "vllm": 256}
+
+
+class EvaluationError(ValueError):
+    """A user-facing error of an evaluation run, e.g. incompatible settings or results."""
+
+
+class ProtocolMismatchError(EvaluationError):
+    """Two result sets (or a run and its output directory) were produced under different protocols."""
+
+
+@dataclass
+class EvalConfig:
+    """
+    Settings of an evaluation run. The defaults are the paper's protocol.
+
+    Args:
+        model (`str`):
+            Checkpoint path or Hub id.
+        benchmarks (`list[str]`):
+            Built-in benchmark names (see [`benchmark_names`]) or `NAME=path.jsonl` entries.
+        output_dir (`str`):
+            Where `results.jsonl`, `summary.json`, `summary.md` and `protocol.json` go. A run resumes from the
+            results already there.
+        n (`int`, *optional*, defaults to `8`):
+            Samples per problem.
+        k (`int` or `None`, *optional*):
+            k of Pass@k; defaults to `n`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature.
+        top_p (`float`, *optional*, defaults to `0.8`):
+            Nucleus sampling mass.
+        max_new_tokens (`int`, *optional*, defaults to `8192`):
+            Length limit of a completion.
+        limit (`int` or `None`, *optional*):
+            Evaluate only the first `limit` problems of each benchmark.
+        backend (`str`, *optional*, defaults to `"auto"`):
+            `"vllm"`, `"transformers"`, or `"auto"` (vLLM when installed and a GPU is visible).
+        seed (`int`, *optional*, defaults to `0`):
+            Random seed.
+        batch_size (`int` or `None`, *optional*):
+            Problems per generation call (each gives `n` sequences); 2 for transformers and 256 for vLLM by default.
+        dtype (`str`, *optional*, defaults to `"auto"`):
+            Weights dtype.
+        tokenizer (`str` or `None`, *optional*):
+            Tokenizer checkpoint; defaults to `model`.
+        prompt_template (`str`, *optional*, defaults to `DEFAULT_PROMPT_TEMPLATE`):
+            User message with a `{problem}` placeholder.
+        use_chat_template (`bool`, *optional*, defaults to `True`):
+            Apply the tokenizer's chat template when it has one.
+    """
+
+    model: str
+    benchmarks: list[str]
+    output_dir: str
+    n: int = 8
+    k: int | None = None
+    temperature: float = 1.0
+    top_p: float = 0.8
+    max_new_tokens: int = 8192
+    limit: int | None = None
+    backend: str = "auto"
+    seed: int = 0
+    batch_size: int | None = None
+    dtype: str = "auto"
+    tokenizer: str | None = None
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    use_chat_template: bool = True
+    sources: list[BenchmarkSource] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        if self.k is None:
+            self.k = self.n
+        if self.n < 1:
+            raise EvaluationError(f"--n must be at least 1, got {self.n}.")
+        if not 1 <= self.k <= self.n:
+            raise EvaluationError(
+                f"--k must be between 1 and --n: Pass@k draws k of the n samples, got k={self.k} > n={self.n}."
+                if self.k > self.n
+                else f"--k must be at least 1, got {self.k}."
+            )
+        if self.limit is not None and self.limit < 1:
+            raise EvaluationError(f"--limit must be at least 1, got {self.limit}.")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise EvaluationError(f"--batch-size must be at least 1, got {self.batch_size}.")
+        if "{problem}" not in self.prompt_template:
+            raise EvaluationError("The prompt template needs a {problem} placeholder.")
+        if not self.benchmarks:
+            raise EvaluationError("Give at least one benchmark.")
+        try:
+            self.sources = [parse_benchmark_arg(name) for name in self.benchmarks]
+        except ValueError as error:
+            raise EvaluationError(str(error)) from error
+        names = [source.name for source in self.sources]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise EvaluationError(f"Benchmark(s) given twice: {', '.join(duplicates)}.")
+
+
+def _protocol(config: EvalConfig) -> dict[str, Any]:
+    return {
+        "n": config.n,
+        "k": config.k,
+        "temperature": float(config.temperature),
+        "top_p": float(config.top_p),
+        "max_new_tokens": config.max_new_tokens,
+        "prompt_template_hash": prompt_template_hash(config.prompt_template),
+        "prompt_template": config.prompt_template,
+    }
+
+
+_FIELD_LABELS = {"prompt_template_hash": "prompt (template hash)"}
+
+
+def _differences(a: dict, b: dict, fields: tuple[str, ...]) -> list[str]:
+    return [
+        f"{_FIELD_LABELS.get(name, name)} ({a.get(name)!r} vs {b.get(name)!r})"
+        for name in fields
+        if a.get(name) != b.get(name)
+    ]
+
+
+def _read_results(path: Path) -> dict[tuple[str, str], dict]:
+    """Records already in `path`, keyed by (benchmark, id). A torn last line from an interrupted write is dropped."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        # The last append was cut off mid-line; drop it so the next append starts on a fresh line.
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    records = {}
+    for line in raw.decode("utf-8").splitlines():
+        if line.strip():
+            record = json.loads(line)
+            records[(record["benchmark"], str(record["id"]))] = record
+    return records
+
+
+def _check_resume(output_dir: Path, run_info: dict[str, Any]) -> None:
+    path = output_dir / PROTOCOL_FILE
+    if not path.exists() or not (output_dir / RESULTS_FILE).exists():
+        return
+    previous = json.loads(path.read_text())
+    previous_info = {"model": previous.get("model"), **previous.get("protocol", {})}
+    differences = _differences(previous_info, run_info, _RESUME_FIELDS)
+    if differences:
+        raise ProtocolMismatchError(
+            f"{output_dir} holds results sampled with different settings: {'; '.join(differences)}. "
+            "Use another --output-dir, or rerun with the same settings to resume."
+        )
+
+
+def _summarise(records: list[dict], k: int) -> dict[str, Any]:
+    counts = [(record["n"], record["c"]) for record in records]
+    tokens = [t for record in records for t in record.get("num_tokens", [])]
+    finished = [f for record in records for f in record.get("finished", [])]
+    return {
+        "num_problems": len(records),
+        "avg_at_n": 100.0 * mean_accuracy(counts),
+        "pass_at_k": 100.0 * mean_pass_at_k(counts, k),
+        "mean_completion_tokens": sum(tokens) / len(tokens) if tokens else float("nan"),
+        "truncated_fraction": 1.0 - sum(finished) / len(finished) if finished else float("nan"),
+    }
+
+
+def _fmt(value: float) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+
+
+def format_summary_table(summary: dict[str, Any]) -> str:
+    """
+    Render a summary as the paper's table: one row per benchmark with Avg@n and Pass@k in percent.
+
+    Args:
+        summary (`dict`):
+            The contents of `summary.json`.
+
+    Returns:
+        `str`: A markdown table.
+    """
+    n, k = summary["protocol"]["n"], summary["protocol"]["k"]
+    lines = [f"| Benchmark | Avg@{n} | Pass@{k} | Problems |", "|---|---:|---:|---:|"]
+    rows = list(summary["benchmarks"].items())
+    if len(rows) > 1:
+        rows.append(("Average", summary["average"]))
+    for name, row in rows:
+        lines.append(f"| {name} | {_fmt(row['avg_at_n'])} | {_fmt(row['pass_at_k'])} | {row['num_problems']} |")
+    return "\n".join(lines)
+
+
+def _summary_markdown(summary: dict[str, Any]) -> str:
+    p = summary["protocol"]
+    return (
+        f"# Evaluation of `{summary['model']}`\n\n"
+        f"{format_summary_table(summary)}\n\n"
+        f"Protocol: n={p['n']}, k={p['k']}, temperature={p['temperature']}, top_p={p['top_p']}, "
+        f"max_new_tokens={p['max_new_tokens']}, prompt template {p['prompt_template_hash']} "
+        f"({'chat template' if summary['settings']['chat_template'] else 'plain text'}), "
+        f"graded with math-verify; Pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k).\n"
+    )
+
+
+def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) -> dict[str, Any]:
+    """
+    Evaluate a checkpoint on the configured benchmarks, resuming from any results already in `output_dir`.
+
+    Each problem's `n` completions, their grades and `c` are appended to `results.jsonl` and flushed as soon as the
+    problem is done, so an interrupted run loses at most the batch in flight. Problems already there are skipped, and
+    the model is not even loaded when nothing is left to sample.
+
+    Args:
+        config ([`EvalConfig`]):
+            Run settings.
+        generator (*optional*):
+            Object with a `generate(prompt_ids) -> list[list[Completion]]` method to sample with instead of loading
+            the model; useful in tests.
+        progress (`bool`, *optional*, defaults to `True`):
+            Show a tqdm progress bar per benchmark.
+
+    Returns:
+        `dict`: The summary, as written to `summary.json`.
+    """
+    from tqdm.auto import tqdm
+    from transformers import AutoTokenizer
+
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = config.tokenizer or config.model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    chat = bool(config.use_chat_template and getattr(tokenizer, "chat_template", None))
+    protocol = _protocol(config)
+    _check_resume(output_dir, {"model": config.model, **protocol})
+
+    # Load every benchmark before sampling anything, so that a missing file fails fast rather than hours in.
+    problems = {}
+    for source in config.sources:
+        loaded = load_benchmark(source)
+        problems[source.name] = loaded[: config.limit] if config.limit is not None else loaded
+
+    results_path = output_dir / RESULTS_FILE
+    done = _read_results(results_path)
+    pending = {name: [p for p in items if (name, p["id"]) not in done] for name, items in problems.items()}
+    num_pending = sum(len(items) for items in pending.values())
+
+    backend = None
+    stop_ids: list[int] = []
+    if num_pending:
+        from transformers import GenerationConfig
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(config.model)
+        except (OSError, ValueError):
+            generation_config = None
+        stop_ids = stop_token_ids(tokenizer, generation_config, chat=chat)
+        if generator is None:
+            backend = resolve_backend(config.backend)
+            sampling = SamplingSettings(
+                n=config.n,
+                temperature=config.temperature,
+                top_p=config.top_p,
+                max_new_tokens=config.max_new_tokens,
+                seed=config.seed,
+            )
+            if backend == "vllm":
+                generator = VLLMGenerator(config.model, tokenizer_path, sampling, stop_ids, dtype=config.dtype)
+            else:
+                generator = TransformersGenerator(config.model, tokenizer, sampling, stop_ids, dtype=config.dtype)
+    batch_size = config.batch_size or DEFAULT_BATCH_SIZE.get(backend or "transformers")
+
+    settings = {
+        "backend": backend,
+        "seed": config.seed,
+        "dtype": config.dtype,
+        "batch_size": batch_size,
+        "limit": config.limit,
+        "tokenizer": tokenizer_path,
+        "chat_template": chat,
+        "stop_token_ids": stop_ids,
+        "grader": _grader_version(),
+    }
+    (output_dir / PROTOCOL_FILE).write_text(
+        json.dumps({"model": config.model, "protocol": protocol, "settings": settings}, indent=2) + "\n"
+    )
+
+    grader = MathVerifyGrader()
+    with results_path.open("a", encoding="utf-8") as results_file:
+        for name, items in pending.items():
+            if not items:
+                continue
+            bar = tqdm(total=len(items), desc=name, unit="problem", disable=not progress)
+            for start in range(0, len(items), batch_size):
+                batch = items[start : start + batch_size]
+                prompt_ids = []
+                for problem in batch:
+                    text, _ = render_prompt(tokenizer, problem["problem"], config.prompt_template, chat)
+                    prompt_ids.append(tokenizer(text, add_special_tokens=not chat)["input_ids"])
+                samples = generator.generate(prompt_ids)
+                for problem, completions in zip(batch, samples):
+                    grades = [grader.grade(completion.text, problem["answer"]) for completion in completions]
+                    record = {
+                        "benchmark": name,
+                        "id": problem["id"],
+                        "problem": problem["problem"],
+                        "answer": problem["answer"],
+                        "completions": [completion.text for completion in completions],
+                        "extracted": [grade.extracted for grade in grades],
+                        "correct": [grade.correct for grade in grades],
+                        "num_tokens": [completion.num_tokens for completion in completions],
+                        "finished": [completion.finished for completion in completions],
+                        "n": len(completions),
+                        "c": sum(grade.correct for grade in grades),
+                    }
+                    results_file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    results_file.flush()
+                    done[(name, problem["id"])] = record
+                bar.update(len(batch))
+            bar.close()
+        os.fsync(results_file.fileno())
+
+    per_benchmark = {
+        name: _summarise([done[(name, p["id"])] for p in items], config.k) for name, items in problems.items()
+    }
+    average = {
+        key: sum(row[key] for row in per_benchmark.values()) / len(per_benchmark)
+        for key in ("avg_at_n", "pass_at_k", "mean_completion_tokens", "truncated_fraction")
+    }
+    average["num_problems"] = sum(row["num_problems"] for row in per_benchmark.values())
+    summary = {
+        "model": config.model,
+        "protocol": protocol,
+        "settings": settings,
+        "benchmarks": per_benchmark,
+        # Macro average over benchmarks, the way papers average a table's columns.
+        "average": average,
+    }
+    (output_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    (output_dir / SUMMARY_MD).write_text(_summary_markdown(summary))
+    return summary
+
+
+def _grader_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return f"math-verify {version('math-verify')}"
+    except Exception:  # pragma: no cover - metadata missing in odd installs
+        return "math-verify"
+
+
+def load_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """
+    Read a run's summary, given its output directory or its `summary.json`.
+
+    Args:
+        path (`str` or `os.PathLike`):
+            Results directory or summary file.
+
+    Returns:
+        `dict`: The summary.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / SUMMARY_JSON
+    if not path.is_file():
+        raise EvaluationError(f"No evaluation summary at {str(path)!r}: give a results directory or its summary.json.")
+    try:
+        summary = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{path} is not a JSON evaluation summary: {error}") from error
+    if not isinstance(summary, dict) or "protocol" not in summary or "benchmarks" not in summary:
+        raise EvaluationError(f"{path} is not an evaluation summary (it lacks 'protocol' and 'benchmarks').")
+    return summary
+
+
+def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike) -> dict[str, Any]:
+    """
+    Per-benchmark differences (b - a) of Avg@n and Pass@k between two runs of the same protocol.
+
+    Args:
+        run_a (`str` or `os.PathLike`):
+            Baseline results directory or summary file.
+        run_b (`str` or `os.PathLike`):
+            The other run.
+
+    Returns:
+        `dict`: `protocol`, `model_a`, `model_b`, `rows` (one dict per benchmark present in both runs, with `a`, `b`
+        and `delta` for `avg_at_n` and `pass_at_k`), and `only_a`/`only_b`, the benchmarks found in one run only.
+
+    Raises:
+        [`ProtocolMismatchError`]: When n, k, temperature, top_p, max_new_tokens or the prompt differ; the message
+        names each differing field.
+    """
+    a, b = load_summary(run_a), load_summary(run_b)
+    differences = _differences(a["protocol"], b["protocol"], PROTOCOL_FIELDS)
+    if differences:
+        raise ProtocolMismatchError(
+            f"Cannot compare {run_a} and {run_b}: they were evaluated under different protocols, differing in "
+            + "; ".join(differences)
+            + "."
+        )
+    rows = []
+    for name in a["benchmarks"]:
+        if name not in b["benchmarks"]:
+            continue
+        row_a, row_b = a["benchmarks"][name], b["benchmarks"][name]
+        row = {"benchmark": name, "num_problems_a": row_a["num_problems"], "num_problems_b": row_b["num_problems"]}
+        for metric in ("avg_at_n", "pass_at_k"):
+            row[metric] = {"a": row_a[metric], "b": row_b[metric], "delta": row_b[metric] - row_a[metric]}
+        rows.append(row)
+    return {
+        "protocol": {name: a["protocol"][name] for name in PROTOCOL_FIELDS},
+        "model_a": a.get("model"),
+        "model_b": b.get("model"),
+        "rows": rows,
+        "only_a": [name for name in a["benchmarks"] if name not in b["benchmarks"]],
+        "only_b": [name for name in b["benchmarks"] if name not in a["benchmarks"]],
+    }
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    """
+    Render [`compare_runs`]'s result as a markdown table, with signed differences.
+
+    Args:
+        comparison (`dict`):
+            Output of [`compare_runs`].
+
+    Returns:
+        `str`: The table, followed by notes on benchmarks present in one run only or with different problem counts.
+    """
+    n, k = comparison["protocol"]["n"], comparison["protocol"]["k"]
+    lines = [
+        f"a: {comparison['model_a']}",
+        f"b: {comparison['model_b']}",
+        "",
+        f"| Benchmark | Avg@{n} a | Avg@{n} b | Δ Avg@{n} | Pass@{k} a | Pass@{k} b | Δ Pass@{k} |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in comparison["rows"]:
+        avg, passk = row["avg_at_n"], row["pass_at_k"]
+        lines.append(
+            f"| {row['benchmark']} | {_fmt(avg['a'])} | {_fmt(avg['b'])} | {avg['delta']:+.2f} "
+            f"| {_fmt(passk['a'])} | {_fmt(passk['b'])} | {passk['delta']:+.2f} |"
+        )
+    notes = []
+    for row in comparison["rows"]:
+        if row["num_problems_a"] != row["num_problems_b"]:
+            notes.append(
+                f"note: {row['benchmark']} has {row['num_problems_a']} problems in a but {row['num_problems_b']} in b."
+            )
+    for side in ("a", "b"):
+        if comparison[f"only_{side}"]:
+            notes.append(f"note: only in {side}: {', '.join(comparison[f'only_{side}'])}.")
+    return "\n".join(lines + ([""] + notes if notes else []))

@@ -1,0 +1,93 @@
+"""Find a causal LM's backbone and output projection, so the loss can project hidden states itself.
+
+The memory-efficient loss never asks the model for logits: it runs the backbone, then projects only the loss positions
+through the `lm_head`, a chunk at a time. That is exact only when the model's logits really are
+`softcap(scale * (hidden @ W.T + b))`. This module reads that recipe off the model, or says why it can't.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OutputProjection:
+    """How a model turns its last hidden state into logits: `softcap(logit_scale * (hidden @ weight.T + bias))`."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    logit_scale: float
+    softcap: float | None
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (adapters stay injected in its layers), or `model` itself."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is an optional dependency
+        return model
+    if isinstance(model, PeftModel):
+        return model.base_model.model
+    return model
+
+
+def backbone_of(causal_lm: nn.Module) -> nn.Module:
+    """The decoder stack under the LM head, i.e. the module whose output is the last (normalised) hidden state."""
+    backbone = getattr(causal_lm, "base_model", None)
+    if backbone is None or backbone is causal_lm:
+        backbone = getattr(causal_lm, "model", None)
+    if backbone is None or backbone is causal_lm:
+        raise ValueError(f"Could not find the backbone of {type(causal_lm).__name__}.")
+    return backbone
+
+
+def _logit_scale(config) -> float:
+    # Families that rescale logits after the head put the factor under different names; a missing or None value
+    # means "unscaled". Granite and MiniCPM divide by `logits_scaling`; HyperCLOVA X multiplies by it.
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return float(value)
+    logits_scaling = getattr(config, "logits_scaling", None)
+    if logits_scaling is not None:
+        return float(logits_scaling) if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / float(logits_scaling)
+    return 1.0
+
+
+def find_output_projection(causal_lm: nn.Module) -> tuple[OutputProjection | None, str]:
+    """Return the model's output projection, or `(None, reason)` when it is not a plain linear layer."""
+    causal_lm = unwrap_peft(causal_lm)
+    get_output_embeddings = getattr(causal_lm, "get_output_embeddings", None)
+    head = get_output_embeddings() if callable(get_output_embeddings) else None
+    if head is None:
+        return None, f"{type(causal_lm).__name__} has no output embeddings (`get_output_embeddings()` is None)"
+    if type(head) is not nn.Linear:
+        # A PEFT adapter on the head, a quantised layer or a custom head computes more than `h @ W.T + b`.
+        return None, f"its output layer is a {type(head).__name__}, not a plain torch.nn.Linear"
+    try:
+        backbone_of(causal_lm)
+    except ValueError as error:
+        return None, str(error)
+    config = causal_lm.config.get_text_config() if hasattr(causal_lm.config, "get_text_config") else causal_lm.config
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return (
+        OutputProjection(
+            weight=head.weight,
+            bias=head.bias,
+            logit_scale=_logit_scale(config),
+            softcap=float(softcap) if softcap else None,
+        ),
+        "",
+    )
+
+
+def project(hidden: torch.Tensor, projection: OutputProjection) -> torch.Tensor:
+    """Full logits from hidden states; used only for the one-off consistency check, never in the training loss."""
+    logits = nn.functional.linear(hidden, projection.weight.to(hidden.dtype), None if projection.bias is None else projection.bias.to(hidden.dtype))
+    logits = logits * projection.logit_scale
+    if projection.softcap is not None:
+        logits = projection.softcap * torch.tanh(logits / projection.softcap)
+    return logits

@@ -1,0 +1,515 @@
+"""EOPDTrainer: TRL's GKDTrainer with the entropy-gated EOPD loss and the fixes on-policy distillation needs."""
+
+from __future__ import annotations
+
+import logging
+import random
+import textwrap
+import warnings
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers.utils import is_peft_available
+
+from .config import EOPDConfig
+from .loss import IGNORE_INDEX, EOPDStats, eopd_loss_and_stats
+from .projection import OutputProjection, backbone_of, find_output_projection, project, unwrap_peft
+
+
+with warnings.catch_warnings():
+    # See config.py: the TRL minor is pinned, so the experimental-API warning is noise for our users.
+    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
+    from trl.experimental.gkd import GKDTrainer
+from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
+from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+
+if is_peft_available():
+    from peft import PeftConfig
+
+
+logger = logging.getLogger(__name__)
+
+# Set on batches whose completions were already generated for the whole accumulation window in `get_batch_samples`.
+_ROLLOUT_DONE = "eopd_rollout_done"
+
+# GKDTrainer logs this advice whenever lmbda=1 and temperature=1, which are EOPD's defaults. DistillationTrainer has no
+# entropy gate, so following it would silently drop EOPD; we filter exactly that record.
+_MIGRATION_WARNING_LOGGER = "trl.experimental.gkd.gkd_trainer"
+_MIGRATION_WARNING_MARKER = "DistillationTrainer"
+
+
+class _DropMigrationAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _MIGRATION_WARNING_MARKER not in record.getMessage()
+
+
+@contextmanager
+def _without_migration_advice():
+    target = logging.getLogger(_MIGRATION_WARNING_LOGGER)
+    log_filter = _DropMigrationAdvice()
+    target.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        target.removeFilter(log_filter)
+
+
+def _tokenizer_of(processing_class):
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+def _check_processing_class(processing_class) -> None:
+    if processing_class is None:
+        raise ValueError(
+            "`processing_class` is required: pass the student's tokenizer, e.g. "
+            "`processing_class=AutoTokenizer.from_pretrained(student_id)`. It formats the chat data and pads batches."
+        )
+    tokenizer = _tokenizer_of(processing_class)
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            f"The tokenizer passed as `processing_class` ({type(tokenizer).__name__}) has no pad token, which batching "
+            "and generation need. Set one before building the trainer, e.g. `tokenizer.pad_token = tokenizer.eos_token`."
+        )
+
+
+def _check_dataset_columns(dataset, name: str) -> None:
+    """Fail early, naming the column, when the default collator could not read `dataset`."""
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for key, split in dataset.items():
+            _check_dataset_columns(split, f"{name}[{key!r}]")
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:  # e.g. an IterableDataset with unknown features: the collator will tell
+        return
+    has_messages = "messages" in columns
+    has_tokenized = "input_ids" in columns and "prompt" in columns
+    if not (has_messages or has_tokenized):
+        raise ValueError(
+            f"`{name}` has columns {sorted(columns)}, but EOPDTrainer's default collator needs a `messages` column "
+            "(a list of {'role', 'content'} dicts whose last message is the assistant completion), or pre-tokenized "
+            "`input_ids` together with a `prompt` column. Convert prompt/completion data to `messages`, or pass your "
+            "own `data_collator`."
+        )
+    if has_messages and len(dataset) > 0:
+        first = dataset[0]["messages"]
+        if (
+            not isinstance(first, list)
+            or len(first) < 2
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in first)
+        ):
+            raise ValueError(
+                f"`{name}` column `messages` must hold lists of at least two {{'role', 'content'}} dicts (a prompt, "
+                f"then the assistant completion); row 0 is {first!r:.200}."
+            )
+
+
+class EOPDTrainer(GKDTrainer):
+    """Trainer for Entropy-Aware On-Policy Distillation (EOPD) of language models.
+
+    EOPD trains the student with a reverse KL on its own samples at every token, plus a forward KL at the tokens where
+    the teacher's entropy is above `args.entropy_threshold`, where reverse KL alone would collapse the student onto
+    one of several valid continuations. See [`eopd_loss`] for the exact loss.
+
+    `EOPDTrainer` is a drop-in replacement for TRL's `GKDTrainer`: same constructor, same datasets. Compared with
+    `GKDTrainer` it also:
+
+    - normalises the loss by the number of completion tokens that actually enter it, counted after on-policy
+      generation, across gradient accumulation and processes;
+    - applies `temperature` to the divergences and the entropy, not only to sampling;
+    - by default computes the loss from hidden states a chunk of completion tokens at a time (see
+      `EOPDConfig.memory_efficient_loss`), instead of full `(batch, seq, vocab)` logits for both models;
+    - logs `eopd/*` metrics (teacher and student entropy, high-entropy ratio, reverse and forward KL), gathered across
+      processes, in training and evaluation.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
+            Student model to train, or its name/path on the Hub.
+        teacher_model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`):
+            Teacher model, or its name/path. It must share the student's vocabulary.
+        args ([`EOPDConfig`]):
+            Training arguments.
+        data_collator ([`~transformers.DataCollator`], *optional*):
+            Batches the data. Defaults to TRL's ChatML collator over a `messages` column.
+        train_dataset ([`~datasets.Dataset`], *optional*):
+            Training prompts (and completions, used when a batch is not on-policy), in a `messages` column.
+        eval_dataset ([`~datasets.Dataset`] or `dict` of [`~datasets.Dataset`], *optional*):
+            Evaluation data. Evaluation scores the dataset's completions, as `GKDTrainer` does.
+        processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
+            The student's tokenizer; it must have a pad token.
+        compute_metrics (`Callable`, *optional*):
+            As in [`~transformers.Trainer`]. Setting it makes evaluation build full logits.
+        callbacks (`list` of [`~transformers.TrainerCallback`], *optional*):
+            Callbacks to use during training.
+        optimizers (`tuple` of `torch.optim.Optimizer` and `torch.optim.lr_scheduler.LambdaLR`, *optional*, defaults to `(None, None)`):
+            Optimizer and scheduler.
+        preprocess_logits_for_metrics (`Callable`, *optional*):
+            As in [`~transformers.Trainer`].
+        peft_config ([`~peft.PeftConfig`], *optional*):
+            Train a PEFT adapter on the student instead of all its weights.
+        formatting_func (`Callable`, *optional*):
+            As in TRL's `SFTTrainer`.
+    """
+
+    _tag_names = ["trl", "gkd", "eopd"]
+    _name = "EOPD"
+    _paper = {
+        "title": "Entropy-Aware On-Policy Distillation of Language Models",
+        "id": "2603.07079",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{jin2026entropy,
+                title        = {{Entropy-Aware On-Policy Distillation of Language Models}},
+                author       = {Jin and Min and Yang and Kadhe and Zhou and Wei and Baracaldo and Lee},
+                year         = 2026,
+                journal      = {arXiv preprint arXiv:2603.07079},
+            }"""),
+    }
+    # Every training loss we return is already divided by the token count of the whole accumulation window.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: nn.Module | str | None = None,
+        teacher_model: nn.Module | str = None,
+        args: EOPDConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics: Callable | None = None,
+        callbacks=None,
+        optimizers: tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR] = (None, None),
+        preprocess_logits_for_metrics: Callable | None = None,
+        peft_config: PeftConfig | None = None,
+        formatting_func: Callable | None = None,
+    ):
+        if not isinstance(args, EOPDConfig):
+            raise TypeError(
+                f"`args` must be an `EOPDConfig`, got {type(args).__name__}. `EOPDConfig` takes every `GKDConfig` "
+                "argument, so replacing the class name is enough."
+            )
+        if teacher_model is None:
+            raise ValueError("`teacher_model` is required: pass a model or a Hub id / local path.")
+        if data_collator is None:
+            _check_processing_class(processing_class)
+            _check_dataset_columns(train_dataset, "train_dataset")
+            _check_dataset_columns(eval_dataset, "eval_dataset")
+
+        with _without_migration_advice():
+            super().__init__(
+                model=model,
+                teacher_model=teacher_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                peft_config=peft_config,
+                formatting_func=formatting_func,
+            )
+
+        self.loss_options = {
+            "entropy_threshold": args.entropy_threshold,
+            "forward_kl_coef": args.forward_kl_coef,
+            "gate": args.gate,
+            "beta": args.beta,
+            "temperature": args.temperature,
+            "forward_kl_top_k": args.forward_kl_top_k,
+            "reverse_kl_estimator": args.reverse_kl_estimator,
+        }
+        self._forward_redirection = _ForwardRedirection()
+        self._memory_efficient = args.memory_efficient_loss
+        self._projection_verified = False
+        self._student_eos_to_replace, self._teacher_eos_id = self._configure_teacher_eos(args.teacher_eos_token)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Generation
+
+    def _configure_teacher_eos(self, teacher_eos_token: str | None) -> tuple[torch.Tensor | None, int | None]:
+        if teacher_eos_token is None:
+            return None, None
+        tokenizer = _tokenizer_of(self.processing_class)
+        teacher_eos_id = tokenizer.convert_tokens_to_ids(teacher_eos_token)
+        if teacher_eos_id is None or teacher_eos_token not in tokenizer.get_vocab():
+            raise ValueError(
+                f"`teacher_eos_token={teacher_eos_token!r}` is not a token of the student's tokenizer; it must be a "
+                "single token both models share, such as '<|im_end|>' for Qwen3."
+            )
+        student_eos = self.generation_config.eos_token_id
+        if student_eos is None:
+            student_eos = tokenizer.eos_token_id
+        student_eos = [student_eos] if isinstance(student_eos, int) else list(student_eos or [])
+        # Completions stop at either model's end token.
+        self.generation_config.eos_token_id = sorted(set(student_eos) | {teacher_eos_id})
+        to_replace = [token for token in student_eos if token != teacher_eos_id]
+        return (torch.tensor(to_replace, dtype=torch.long) if to_replace else None), teacher_eos_id
+
+    def _replace_student_eos(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        if self._student_eos_to_replace is None:
+            return
+        # Only scored completion tokens change: prompts and padding (pad may equal EOS on base models) stay as they are.
+        at_student_eos = torch.isin(input_ids, self._student_eos_to_replace.to(input_ids.device)) & (
+            labels != IGNORE_INDEX
+        )
+        input_ids[at_student_eos] = self._teacher_eos_id
+        labels[at_student_eos] = self._teacher_eos_id
+
+    def _roll_out(self, inputs: dict) -> dict:
+        """Replace the batch's completions by the student's own (with probability lmbda) or the teacher's (seq_kd)."""
+        if random.random() <= self.lmbda:
+            generator, gradient_checkpointing_kwargs = self.model_wrapped, self.args.gradient_checkpointing_kwargs
+        elif self.seq_kd:
+            generator, gradient_checkpointing_kwargs = self.teacher_model, None
+        else:
+            inputs[_ROLLOUT_DONE] = True
+            return inputs
+        with unwrap_model_for_generation(
+            generator,
+            self.accelerator,
+            generation_kwargs=self.generation_kwargs,
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
+        ) as unwrapped_model:
+            input_ids, attention_mask, labels = self.generate_on_policy_outputs(
+                unwrapped_model, inputs, self.generation_config
+            )
+        self._replace_student_eos(input_ids, labels)
+        inputs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        inputs[_ROLLOUT_DONE] = True
+        return inputs
+
+    @staticmethod
+    def _count_loss_tokens(batches: list[dict]) -> torch.Tensor:
+        return sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in batches)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch an accumulation window, roll out every micro-batch, and count the tokens that will enter the loss.
+
+        transformers counts `num_items_in_batch` on the dataset's labels, before on-policy generation replaces them;
+        generating here, for the whole window at once, lets the count cover the completions actually trained on.
+        """
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        batch_samples = [self._roll_out(self._prepare_inputs(batch)) for batch in batch_samples]
+        local_count = (
+            self._count_loss_tokens(batch_samples) if batch_samples else torch.tensor(0, device=device)
+        ).to(device)
+        return batch_samples, self.accelerator.reduce(local_count, reduction="sum")
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not inputs.pop(_ROLLOUT_DONE, False):
+            # Reached outside the Trainer's loop (a custom loop, a benchmark): roll out now and count locally.
+            inputs = self._roll_out(self._prepare_inputs(inputs))
+            inputs.pop(_ROLLOUT_DONE)
+            num_items_in_batch = (
+                self._count_loss_tokens([inputs]) * self.current_gradient_accumulation_steps
+            ) * self.accelerator.num_processes
+        # GKDTrainer.training_step would generate again; its parent runs the forward/backward we want.
+        return super(GKDTrainer, self).training_step(model, inputs, num_items_in_batch)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        if mode == "train" and num_items_in_batch is not None:
+            # DDP and DeepSpeed average gradients over processes, so each process divides by its share of the global
+            # count; the average then equals the global per-token mean.
+            num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
+        else:
+            num_items_in_batch = None
+
+        outputs = None
+        # Callers that want logits (compute_metrics) get them from the full-logits path.
+        if self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
+            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch)
+        else:
+            loss, stats, diagnose, outputs = self._full_logits_loss(model, inputs, num_items_in_batch)
+        self._record_metrics(mode, loss, stats, diagnose)
+        return (loss, outputs) if return_outputs else loss
+
+    def _full_logits_loss(self, model, inputs, num_items_in_batch):
+        student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        self.teacher_model.eval()
+        with torch.no_grad():
+            teacher_outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        student_logits = student_outputs.logits[:, :-1]
+        teacher_logits = teacher_outputs.logits[:, :-1]
+        loss, stats = eopd_loss_and_stats(
+            student_logits,
+            teacher_logits,
+            inputs["labels"][:, 1:],
+            num_items_in_batch=num_items_in_batch,
+            **self.loss_options,
+        )
+
+        def diagnose():
+            return _non_finite_report(
+                student=lambda: (~torch.isfinite(student_logits)).any(-1).sum().item(),
+                teacher=lambda: (~torch.isfinite(teacher_logits)).any(-1).sum().item(),
+            )
+
+        return loss, stats, diagnose, student_outputs
+
+    def _last_hidden_state(self, causal_lm, input_ids, attention_mask):
+        backbone = backbone_of(unwrap_peft(causal_lm))
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    def _memory_efficient_loss(self, model, inputs, num_items_in_batch):
+        # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
+        # sharded parameters, lm_head included, available for the projection.
+        unwrapped_student = self.accelerator.unwrap_model(model)
+        return self._forward_redirection(
+            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch
+        )
+
+    def _project_and_score(self, student, inputs, num_items_in_batch):
+        from .chunked_loss import chunked_eopd_loss_and_stats
+
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        shifted_labels = inputs["labels"][:, 1:]
+        loss_mask = shifted_labels != IGNORE_INDEX
+        targets = shifted_labels[loss_mask]
+
+        student_hidden = self._last_hidden_state(student, input_ids, attention_mask)[:, :-1][loss_mask]
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            teacher_hidden = self._forward_redirection(
+                self.teacher_model, unwrapped_teacher, self._last_hidden_state, unwrapped_teacher, input_ids,
+                attention_mask,
+            )[:, :-1][loss_mask]
+
+        student_projection, _ = find_output_projection(student)
+        teacher_projection, _ = find_output_projection(unwrapped_teacher)
+        with (
+            maybe_gather_lm_head_ctx(student_projection.weight, student_projection.bias),
+            maybe_gather_lm_head_ctx(teacher_projection.weight, teacher_projection.bias),
+        ):
+            loss, stats = chunked_eopd_loss_and_stats(
+                student_hidden,
+                student_projection.weight,
+                teacher_hidden.to(teacher_projection.weight.device),
+                teacher_projection.weight,
+                targets,
+                student_bias=student_projection.bias,
+                teacher_bias=teacher_projection.bias,
+                student_logit_scale=student_projection.logit_scale,
+                teacher_logit_scale=teacher_projection.logit_scale,
+                student_softcap=student_projection.softcap,
+                teacher_softcap=teacher_projection.softcap,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=self.args.loss_chunk_size,
+                **self.loss_options,
+            )
+
+        def diagnose():
+            student_hidden_detached = student_hidden.detach()
+            return _non_finite_report(
+                student=lambda: _count_non_finite_rows(student_hidden_detached, student_projection),
+                teacher=lambda: _count_non_finite_rows(teacher_hidden, teacher_projection),
+            )
+
+        return loss, stats, diagnose
+
+    def _memory_efficient_is_exact(self, model, inputs) -> bool:
+        """Decide once whether projecting hidden states ourselves reproduces both models' logits.
+
+        The output layer must be a plain linear layer, and the model's own logits must equal
+        `softcap(scale * (hidden @ W.T + b))` on a real sequence, which catches scalings that a config does not
+        announce. Every process must take the same path (ZeRO-3 collectives follow the modules called), so the
+        verdict is agreed across processes.
+        """
+        if self._projection_verified:
+            return self._memory_efficient
+        reasons = []
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        for role, wrapped, unwrapped in (
+            ("student", model, self.accelerator.unwrap_model(model)),
+            ("teacher", self.teacher_model, unwrapped_teacher),
+        ):
+            projection, reason = find_output_projection(unwrapped)
+            if projection is None:
+                reasons.append(f"the {role}'s {reason}")
+                continue
+            mismatch = self._projection_mismatch(wrapped, unwrapped, projection, inputs)
+            if mismatch:
+                reasons.append(f"the {role}'s logits are not a plain projection of its last hidden state ({mismatch})")
+        agreed = torch.tensor([0.0 if reasons else 1.0], device=self.accelerator.device)
+        agreed = self.accelerator.gather(agreed).min().item() > 0
+        if not agreed:
+            why = "; ".join(reasons) or "another process found the output layer unsuitable"
+            warnings.warn(
+                f"EOPDTrainer: `memory_efficient_loss` falls back to the exact full-logits path because {why}. "
+                "The loss is unchanged; only memory use grows.",
+                stacklevel=2,
+            )
+        self._memory_efficient = agreed
+        self._projection_verified = True
+        return agreed
+
+    def _projection_mismatch(self, wrapped, unwrapped, projection: OutputProjection, inputs) -> str:
+        input_ids, attention_mask = inputs["input_ids"][:1], inputs["attention_mask"][:1]
+        with torch.no_grad():
+            reference = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+            hidden = self._last_hidden_state(unwrapped, input_ids, attention_mask)
+            with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
+                ours = project(hidden.float(), projection).float()
+        if ours.shape != reference.shape:
+            return f"shape {tuple(ours.shape)} vs {tuple(reference.shape)}"
+        error = (ours - reference).abs().max().item()
+        tolerance = 1e-2 * reference.abs().max().item() + 1e-3
+        return "" if error <= tolerance else f"max abs difference {error:.3g} > {tolerance:.3g}"
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Metrics
+
+    def _record_metrics(self, mode: str, loss: torch.Tensor, stats: EOPDStats, diagnose) -> None:
+        # One collective carries every statistic and the loss; the loss's finiteness is read from the same transfer,
+        # so a healthy step pays nothing extra to be checked.
+        packed = torch.cat([stats.to_tensor(), loss.detach().to(torch.float64).reshape(1)]).to(self.accelerator.device)
+        gathered = self.accelerator.gather(packed.unsqueeze(0))
+        if not torch.isfinite(gathered[:, -1]).all():
+            local_loss_finite = bool(torch.isfinite(loss.detach()))
+            detail = "another process's loss is non-finite" if local_loss_finite else diagnose()
+            raise FloatingPointError(
+                f"EOPD loss is non-finite at global step {self.state.global_step} ({mode}): {detail}. Lower the "
+                "learning rate, check the models' dtypes (fp16 overflows easily; prefer bf16), or inspect the data."
+            )
+        totals = EOPDStats.from_tensor(gathered[:, :-1].sum(0))
+        for name, value in totals.means().items():
+            self._metrics[mode][name].append(value)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # Without compute_metrics nobody reads evaluation logits; asking for them would force full-logits projections.
+        if self.compute_metrics is None:
+            prediction_loss_only = True
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+
+def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, chunk_size: int = 256) -> int:
+    count = 0
+    with torch.no_grad(), maybe_gather_lm_head_ctx(projection.weight, projection.bias):
+        for start in range(0, hidden.size(0), chunk_size):
+            logits = project(hidden[start : start + chunk_size].float(), projection)
+            count += (~torch.isfinite(logits)).any(-1).sum().item()
+    return count
+
+
+def _non_finite_report(student: Callable[[], int], teacher: Callable[[], int]) -> str:
+    bad_student, bad_teacher = student(), teacher()
+    parts = []
+    if bad_student:
+        parts.append(f"the student's logits are non-finite at {bad_student} loss position(s)")
+    if bad_teacher:
+        parts.append(f"the teacher's logits are non-finite at {bad_teacher} loss position(s)")
+    if not parts:
+        return "both models' logits are finite, so the divergence itself overflowed (check `temperature`)"
+    return " and ".join(parts)
