@@ -105,7 +105,7 @@ def build_tiny_model(
         max_position_embeddings=1024,
         tie_word_embeddings=tie_word_embeddings,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos_ids[0],
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
     torch.manual_seed(seed)

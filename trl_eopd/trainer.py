@@ -427,7 +427,7 @@ class EOPDTrainer(GKDTrainer):
         announce. Every process must take the same path (ZeRO-3 collectives follow the modules called), so the
         verdict is agreed across processes.
         """
-        if self._projection_verified:
+        if self._projection_verified or not self._memory_efficient:
             return self._memory_efficient
         reasons = []
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)

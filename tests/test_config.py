@@ -1,0 +1,70 @@
+"""EOPDConfig: EOPD's defaults, and a clear ValueError for every invalid value."""
+
+import math
+
+import pytest
+
+from trl_eopd import EOPDConfig
+
+
+def make(**kwargs):
+    return EOPDConfig(output_dir="unused", bf16=False, report_to=[], **kwargs)
+
+
+def test_defaults_are_the_papers():
+    config = make()
+    assert config.entropy_threshold == 0.8
+    assert config.forward_kl_coef == 1.0
+    assert config.gate == "augment"
+    assert config.forward_kl_top_k is None
+    assert config.reverse_kl_estimator == "analytic"
+    assert (config.lmbda, config.beta, config.temperature) == (1.0, 1.0, 1.0)
+    assert config.memory_efficient_loss is True
+
+
+def test_infinite_threshold_is_plain_opd_and_parses_from_text():
+    assert make(entropy_threshold=float("inf")).entropy_threshold == math.inf
+    assert make(entropy_threshold="inf").entropy_threshold == math.inf
+
+
+def test_sampled_estimator_is_accepted_when_fully_on_policy():
+    config = make(reverse_kl_estimator="sampled", forward_kl_top_k=16)
+    assert config.reverse_kl_estimator == "sampled" and config.forward_kl_top_k == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(entropy_threshold=float("nan")), r"`entropy_threshold` must be a number >= 0"),
+        (dict(entropy_threshold=-1.0), r"`entropy_threshold` must be a number >= 0"),
+        (dict(forward_kl_coef=-0.5), r"`forward_kl_coef` must be a finite number >= 0"),
+        (dict(forward_kl_coef=float("inf")), r"`forward_kl_coef` must be a finite number >= 0"),
+        (dict(gate="both"), r"`gate` must be one of \('augment', 'switch'\); got 'both'"),
+        (dict(forward_kl_top_k=0), r"`forward_kl_top_k` must be None \(full vocabulary\) or an integer >= 1; got 0"),
+        (dict(forward_kl_top_k=2.5), r"`forward_kl_top_k` must be None"),
+        (dict(reverse_kl_estimator="mc"), r"`reverse_kl_estimator` must be one of \('analytic', 'sampled'\)"),
+        (dict(reverse_kl_estimator="sampled", beta=0.5), r"requires `beta=1.0` \(got 0.5\)"),
+        (dict(reverse_kl_estimator="sampled", lmbda=0.5), r"requires `lmbda=1.0` \(got 0.5\)"),
+        (dict(reverse_kl_estimator="sampled", seq_kd=True), r"requires `seq_kd=False` \(got True\)"),
+        (dict(temperature=0.0), r"`temperature` must be a finite number > 0"),
+        (dict(loss_chunk_size=0), r"`loss_chunk_size` must be an integer >= 1; got 0"),
+    ],
+)
+def test_invalid_values_name_the_field_and_what_is_allowed(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+
+
+def test_every_eopd_field_has_help_text():
+    from dataclasses import fields
+
+    from trl.experimental.gkd import GKDConfig
+
+    gkd_fields = {f.name for f in fields(GKDConfig)}
+    eopd_fields = [f for f in fields(EOPDConfig) if f.name not in gkd_fields]
+    assert {f.name for f in eopd_fields} >= {
+        "entropy_threshold", "forward_kl_coef", "gate", "forward_kl_top_k", "reverse_kl_estimator",
+    }
+    for f in eopd_fields:
+        assert len(f.metadata.get("help", "")) > 20, f.name
+        assert f"{f.name} (" in EOPDConfig.__doc__, f"{f.name} is missing from the class docstring"

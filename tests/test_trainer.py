@@ -1,0 +1,296 @@
+"""EOPDTrainer end to end on tiny local models, loaded through the real `from_pretrained` path."""
+
+import json
+import logging
+import math
+import os
+
+import pytest
+import torch
+from datasets import Dataset, load_dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trl_eopd import EOPDConfig, EOPDTrainer, eopd_loss
+from trl_eopd.tiny import EOS_TOKEN, IM_END, save_tiny_setup
+
+
+EOPD_METRICS = [
+    "eopd/teacher_entropy",
+    "eopd/student_entropy",
+    "eopd/high_entropy_ratio",
+    "eopd/reverse_kl",
+    "eopd/forward_kl",
+    "eopd/forward_kl_high_entropy",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return save_tiny_setup(tmp_path_factory.mktemp("tiny"), num_examples=32)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny):
+    return AutoTokenizer.from_pretrained(tiny["student"])
+
+
+@pytest.fixture(scope="module")
+def dataset(tiny):
+    return load_dataset("json", data_files=tiny["dataset"], split="train")
+
+
+def make_args(output_dir, **overrides):
+    defaults = dict(
+        output_dir=str(output_dir),
+        bf16=False,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=2,
+        logging_steps=1,
+        max_new_tokens=12,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+    )
+    defaults.update(overrides)
+    return EOPDConfig(**defaults)
+
+
+def make_trainer(tiny, tokenizer, dataset, output_dir, eval_dataset=None, **overrides):
+    return EOPDTrainer(
+        model=tiny["student"],
+        teacher_model=tiny["teacher"],
+        args=make_args(output_dir, **overrides),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )
+
+
+GKD_SCRIPT = """
+from datasets import load_dataset
+from transformers import AutoTokenizer
+from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+tokenizer = AutoTokenizer.from_pretrained(STUDENT)
+dataset = load_dataset("json", data_files=DATASET, split="train")
+args = GKDConfig(output_dir=OUTPUT_DIR, bf16=False, per_device_train_batch_size=2, max_steps=2, max_new_tokens=8,
+                 report_to=[], save_strategy="no", logging_steps=1)
+trainer = GKDTrainer(model=STUDENT, teacher_model=TEACHER, args=args, train_dataset=dataset,
+                     processing_class=tokenizer)
+trainer.train()
+"""
+
+
+def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp_path):
+    eopd_script = (
+        GKD_SCRIPT.replace("from trl.experimental.gkd import", "from trl_eopd import")
+        .replace("GKDConfig", "EOPDConfig")
+        .replace("GKDTrainer", "EOPDTrainer")
+    )
+    changed = [(a, b) for a, b in zip(GKD_SCRIPT.splitlines(), eopd_script.splitlines()) if a != b]
+    assert len(changed) == 3  # the import line, the config line and the trainer line; nothing else
+
+    for name, script in (("gkd", GKD_SCRIPT), ("eopd", eopd_script)):
+        namespace = {
+            "STUDENT": tiny["student"],
+            "TEACHER": tiny["teacher"],
+            "DATASET": tiny["dataset"],
+            "OUTPUT_DIR": str(tmp_path / name),
+        }
+        exec(compile(script, f"<{name} script>", "exec"), namespace)
+        trainer = namespace["trainer"]
+        assert trainer.state.global_step == 2
+    assert type(trainer).__name__ == "EOPDTrainer"
+    assert all(key in trainer.state.log_history[0] for key in EOPD_METRICS)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_train_save_reload_and_resume(tiny, tokenizer, dataset, tmp_path, memory_efficient):
+    trainer = make_trainer(
+        tiny, tokenizer, dataset, tmp_path, eval_dataset=dataset.select(range(8)),
+        max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=4,
+        memory_efficient_loss=memory_efficient,
+    )
+    trainer.train()
+    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    eval_logs = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert len(train_logs) == 4 and eval_logs
+    for key in EOPD_METRICS:
+        assert all(math.isfinite(log[key]) for log in train_logs), key
+        assert math.isfinite(eval_logs[-1][f"eval_{key}"]), key
+    assert all(0.0 <= log["eopd/high_entropy_ratio"] <= 1.0 for log in train_logs)
+
+    final_dir = tmp_path / "final"
+    trainer.save_model(str(final_dir))
+    reloaded = AutoModelForCausalLM.from_pretrained(final_dir)
+    probe = tokenizer("Ada has 3 coins", return_tensors="pt")
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**probe).logits, trained(**probe).logits)
+    # Training changed the student: the reload must not simply equal the initial checkpoint.
+    initial = AutoModelForCausalLM.from_pretrained(tiny["student"])
+    with torch.no_grad():
+        assert not torch.allclose(initial(**probe).logits, reloaded(**probe).logits)
+
+    resumed = make_trainer(
+        tiny, tokenizer, dataset, tmp_path, max_steps=6, memory_efficient_loss=memory_efficient
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.state.global_step == 6
+    resumed_steps = [log["step"] for log in resumed.state.log_history if "loss" in log]
+    assert resumed_steps[-2:] == [5, 6]
+
+
+def test_migration_warning_is_not_shown(tiny, tokenizer, dataset, tmp_path, caplog):
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    with caplog.at_level(logging.WARNING):
+        GKDTrainer(
+            model=tiny["student"], teacher_model=tiny["teacher"], train_dataset=dataset, processing_class=tokenizer,
+            args=GKDConfig(output_dir=str(tmp_path / "gkd"), bf16=False, lmbda=1.0, temperature=1.0, report_to=[]),
+        )
+    # The check below can only mean something if GKDTrainer really says it in this setting.
+    assert any("DistillationTrainer" in record.getMessage() for record in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        make_trainer(tiny, tokenizer, dataset, tmp_path)
+    assert not any("DistillationTrainer" in record.getMessage() for record in caplog.records)
+
+
+def test_num_items_counts_the_generated_completion_tokens(tiny, tokenizer, dataset, tmp_path):
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, per_device_train_batch_size=2)
+    dataloader = trainer.get_train_dataloader()
+    batch_samples, num_items = trainer.get_batch_samples(iter(dataloader), 2, trainer.args.device)
+    assert len(batch_samples) == 2
+    expected = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batch_samples)
+    assert int(num_items) == expected
+    # The batches now hold the student's own completions: prompt plus at most max_new_tokens generated tokens.
+    for batch in batch_samples:
+        assert batch["input_ids"].shape[1] <= batch["prompts"].shape[1] + trainer.args.max_new_tokens
+        assert (batch["labels"][:, : batch["prompts"].shape[1]] == -100).all()
+
+
+def _uneven_dataset():
+    rows = []
+    for index, answer_length in enumerate([1, 30, 3, 40]):
+        answer = " ".join(["7"] * answer_length)
+        rows.append({"messages": [{"role": "user", "content": f"Count {index}"}, {"role": "assistant", "content": answer}]})
+    return Dataset.from_list(rows)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_gradient_accumulation_weights_every_token_equally(tiny, tokenizer, tmp_path, memory_efficient):
+    """One step on 4 sequences equals two accumulated micro-batches of 2, although their token counts differ a lot."""
+    dataset = _uneven_dataset()
+    weights = {}
+    for name, batch_size, accumulation in (("full", 4, 1), ("accumulated", 2, 2)):
+        trainer = make_trainer(
+            tiny, tokenizer, dataset, tmp_path / name, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=1, lmbda=0.0, optim="sgd", learning_rate=1.0,
+            max_grad_norm=0.0, lr_scheduler_type="constant", warmup_steps=0, memory_efficient_loss=memory_efficient,
+        )
+        trainer.train()
+        weights[name] = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    initial = dict(AutoModelForCausalLM.from_pretrained(tiny["student"]).named_parameters())
+    moved = max((weights["full"][k] - initial[k]).abs().max().item() for k in initial)
+    assert moved > 1e-4
+    for key in weights["full"]:
+        torch.testing.assert_close(weights["accumulated"][key], weights["full"][key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_temperature_and_options_reach_the_loss(tiny, tokenizer, dataset, tmp_path, memory_efficient):
+    options = dict(temperature=2.0, entropy_threshold=4.0, forward_kl_top_k=5, gate="switch", forward_kl_coef=0.5)
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, memory_efficient_loss=memory_efficient, **options)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        student_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        teacher_logits = trainer.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = eopd_loss(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:], **options)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    unscaled = eopd_loss(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
+                         **{**options, "temperature": 1.0})
+    assert not torch.allclose(loss, unscaled)
+
+
+def test_teacher_eos_replaces_the_student_eos_in_completions(tiny, tokenizer, dataset, tmp_path):
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, teacher_eos_token=IM_END, max_new_tokens=24)
+    student_eos, teacher_eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN), tokenizer.convert_tokens_to_ids(IM_END)
+    assert {student_eos, teacher_eos} <= set(trainer.generation_config.eos_token_id)
+    input_ids = torch.tensor([[5, 6, student_eos, student_eos, 0], [5, student_eos, 7, 8, student_eos]])
+    labels = torch.tensor([[-100, -100, student_eos, -100, -100], [-100, student_eos, 7, 8, student_eos]])
+    trainer._replace_student_eos(input_ids, labels)
+    assert input_ids.tolist() == [[5, 6, teacher_eos, student_eos, 0], [5, teacher_eos, 7, 8, teacher_eos]]
+    assert labels.tolist() == [[-100, -100, teacher_eos, -100, -100], [-100, teacher_eos, 7, 8, teacher_eos]]
+    with pytest.raises(ValueError, match="teacher_eos_token"):
+        make_trainer(tiny, tokenizer, dataset, tmp_path, teacher_eos_token="<|not-a-token|>")
+
+
+def test_peft_student_trains_only_the_adapter(tiny, tokenizer, dataset, tmp_path):
+    from peft import LoraConfig
+
+    trainer = EOPDTrainer(
+        model=tiny["student"], teacher_model=tiny["teacher"], args=make_args(tmp_path, max_steps=2, learning_rate=1e-2),
+        train_dataset=dataset, processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+    )
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k].detach())}
+    assert changed and all("lora_" in k for k in changed)
+    assert trainer._memory_efficient  # the adapter is not on the head, so the chunked path stays exact
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_dataset_without_messages_column_is_named(tiny, tokenizer, tmp_path):
+    bad = Dataset.from_list([{"question": "1+1?", "answer": "2"}])
+    with pytest.raises(ValueError, match=r"train_dataset.*\['answer', 'question'\].*messages"):
+        make_trainer(tiny, tokenizer, bad, tmp_path)
+
+
+def test_tokenizer_without_pad_token_is_rejected(tiny, dataset, tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="no pad token"):
+        make_trainer(tiny, tokenizer, dataset, tmp_path)
+
+
+def test_different_vocabularies_are_rejected(tiny, tokenizer, dataset, tmp_path):
+    from trl_eopd.tiny import build_tiny_model, build_tiny_tokenizer
+
+    other = build_tiny_model(build_tiny_tokenizer(vocab_size=300))
+    with pytest.raises(ValueError, match="vocab_size"):
+        EOPDTrainer(model=tiny["student"], teacher_model=other, args=make_args(tmp_path), train_dataset=dataset,
+                    processing_class=tokenizer)
+
+
+def test_wrong_config_class_is_rejected(tiny, tokenizer, dataset, tmp_path):
+    from trl.experimental.gkd import GKDConfig
+
+    with pytest.raises(TypeError, match="EOPDConfig"):
+        EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"],
+                    args=GKDConfig(output_dir=str(tmp_path), bf16=False), train_dataset=dataset,
+                    processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+@pytest.mark.parametrize("broken", ["student", "teacher"])
+def test_non_finite_loss_names_the_model_with_bad_logits(tiny, tokenizer, dataset, tmp_path, broken,
+                                                          memory_efficient):
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, memory_efficient_loss=memory_efficient)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer._memory_efficient_is_exact(trainer.model, batch)  # decide the path on healthy weights
+    model = trainer.model if broken == "student" else trainer.teacher_model
+    with torch.no_grad():
+        model.get_output_embeddings().weight[7].fill_(float("nan"))
+    other = "teacher" if broken == "student" else "student"
+    with pytest.raises(FloatingPointError, match=f"the {broken}'s logits are non-finite") as error:
+        trainer.compute_loss(trainer.model, batch)
+    assert f"the {other}'s logits" not in str(error.value)

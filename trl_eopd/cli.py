@@ -1,0 +1,46 @@
+"""The `trl-eopd` command: one entry point, one module per subcommand, each imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+
+SUBCOMMANDS = {
+    "demo": ("trl_eopd.demo.cli", "OPD vs EOPD on a built-in synthetic reasoning task, on CPU, with no download."),
+    "quickstart": ("trl_eopd.quickstart", "Train an EOPD student for a few steps on tiny local models; print metrics."),
+    "train": ("trl_eopd.train", "Train with a recipe: `trl-eopd train --config recipe.yaml` (accelerate-launchable)."),
+    "eval": ("trl_eopd.evaluation.cli", "Avg@k / Pass@k of a checkpoint on MATH500, AIME, AMC, Minerva, OlympiadBench."),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in SUBCOMMANDS)
+    lines = ["usage: trl-eopd <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    lines += ["", "Run `trl-eopd <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in ("-V", "--version"):
+        from . import __version__
+
+        print(f"trl-eopd {__version__}")
+        return 0
+    if command not in SUBCOMMANDS:
+        print(f"trl-eopd: unknown command {command!r}; choose one of {', '.join(SUBCOMMANDS)}.\n", file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
