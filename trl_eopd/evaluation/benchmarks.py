@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .grading import strip_math_delimiters, last_boxed_content
+from .grading import last_boxed_content, strip_math_delimiters
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 
-# Zero-shot and format-only: the paper's prompt asks for nothing but step-by-step reasoning and a boxed answer.
+# The paper specifies only "a zero-shot prompt that asks for the final answer in \boxed{}"; this is the widely used
+# wording of such a prompt. Its hash goes into every result, so a run with another wording is never compared to it.
 DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
 # Chat models end a turn with one of these rather than with the tokenizer's EOS. A base student trained to chat
@@ -17,12 +19,39 @@ DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
-def prompt_template_hash(template: str) -> str:
-    """Short, stable fingerprint of a prompt template, recorded in results so that runs can be compared safely."""
-    return hashlib.sha256(template.encode("utf-8")).hexdigest()[:16]
+def prompt_template_hash(
+    template: str, chat_template: bool = False, chat_template_kwargs: dict[str, Any] | None = None
+) -> str:
+    """
+    Short, stable fingerprint of the prompt format, recorded in results so that runs can be compared safely.
+
+    Args:
+        template (`str`):
+            The user-message template.
+        chat_template (`bool`, *optional*, defaults to `False`):
+            Whether the message is wrapped in the tokenizer's chat template. The template's own text is not hashed,
+            so that checkpoints of one model family, whose tokenizers may differ in whitespace, stay comparable.
+        chat_template_kwargs (`dict` or `None`, *optional*):
+            Extra chat-template variables (e.g. `{"enable_thinking": False}`), which change the prompt too.
+
+    Returns:
+        `str`: 16 hex digits.
+    """
+    key = {
+        "template": template,
+        "chat_template": bool(chat_template),
+        "chat_template_kwargs": chat_template_kwargs or {},
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def render_prompt(tokenizer, problem: str, template: str = DEFAULT_PROMPT_TEMPLATE, use_chat_template: bool = True):
+def render_prompt(
+    tokenizer,
+    problem: str,
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+    use_chat_template: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
+):
     """
     Turn a problem into the text the model is conditioned on.
 
@@ -36,6 +65,8 @@ def render_prompt(tokenizer, problem: str, template: str = DEFAULT_PROMPT_TEMPLA
             or the template (`\\boxed{}`) are safe.
         use_chat_template (`bool`, *optional*, defaults to `True`):
             Wrap the message in the tokenizer's chat template, with the generation prompt, when it has one.
+        chat_template_kwargs (`dict` or `None`, *optional*):
+            Extra variables for the chat template, e.g. `{"enable_thinking": False}` for Qwen3 templates.
 
     Returns:
         `tuple[str, bool]`: The prompt text, and whether the chat template was applied (in which case the template
@@ -44,7 +75,10 @@ def render_prompt(tokenizer, problem: str, template: str = DEFAULT_PROMPT_TEMPLA
     message = template.replace("{problem}", problem)
     if use_chat_template and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": message}],
+            tokenize=False,
+            add_generation_prompt=True,
+            **(chat_template_kwargs or {}),
         )
         return text, True
     return message, False
@@ -99,9 +133,6 @@ class SamplingSettings:
     top_p: float
     max_new_tokens: int
     seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass
@@ -282,4 +313,3 @@ class VLLMGenerator:
             ]
             for output in outputs
         ]
-

@@ -85,6 +85,8 @@ class EvalConfig:
             User message with a `{problem}` placeholder.
         use_chat_template (`bool`, *optional*, defaults to `True`):
             Apply the tokenizer's chat template when it has one.
+        chat_template_kwargs (`dict` or `None`, *optional*):
+            Extra chat-template variables, e.g. `{"enable_thinking": False}`; part of the prompt's hash.
     """
 
     model: str
@@ -103,6 +105,7 @@ class EvalConfig:
     tokenizer: str | None = None
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     use_chat_template: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
     sources: list[BenchmarkSource] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -134,15 +137,17 @@ class EvalConfig:
             raise EvaluationError(f"Benchmark(s) given twice: {', '.join(duplicates)}.")
 
 
-def _protocol(config: EvalConfig) -> dict[str, Any]:
+def _protocol(config: EvalConfig, chat: bool) -> dict[str, Any]:
     return {
         "n": config.n,
         "k": config.k,
         "temperature": float(config.temperature),
         "top_p": float(config.top_p),
         "max_new_tokens": config.max_new_tokens,
-        "prompt_template_hash": prompt_template_hash(config.prompt_template),
+        "prompt_template_hash": prompt_template_hash(config.prompt_template, chat, config.chat_template_kwargs),
         "prompt_template": config.prompt_template,
+        "chat_template": chat,
+        "chat_template_kwargs": config.chat_template_kwargs or {},
     }
 
 
@@ -174,18 +179,25 @@ def _read_results(path: Path) -> dict[tuple[str, str], dict]:
     return records
 
 
-def _check_resume(output_dir: Path, run_info: dict[str, Any]) -> None:
+def _check_resume(output_dir: Path, run_info: dict[str, Any]) -> dict[str, Any]:
+    """Refuse to mix samples drawn under other settings into `output_dir`; return the previous run's settings."""
     path = output_dir / PROTOCOL_FILE
     if not path.exists() or not (output_dir / RESULTS_FILE).exists():
-        return
+        return {}
     previous = json.loads(path.read_text())
-    previous_info = {"model": previous.get("model"), **previous.get("protocol", {})}
-    differences = _differences(previous_info, run_info, _RESUME_FIELDS)
+    previous_info = {**previous.get("protocol", {}), "model": _model_key(previous.get("model"))}
+    differences = _differences(previous_info, {**run_info, "model": _model_key(run_info["model"])}, _RESUME_FIELDS)
     if differences:
         raise ProtocolMismatchError(
             f"{output_dir} holds results sampled with different settings: {'; '.join(differences)}. "
             "Use another --output-dir, or rerun with the same settings to resume."
         )
+    return previous.get("settings", {})
+
+
+def _model_key(model: str | None) -> str | None:
+    # "./ckpt" and "/abs/ckpt" name the same local checkpoint; a Hub id is kept as written.
+    return os.path.realpath(model) if model and os.path.exists(model) else model
 
 
 def _summarise(records: list[dict], k: int) -> dict[str, Any]:
@@ -233,7 +245,7 @@ def _summary_markdown(summary: dict[str, Any]) -> str:
         f"{format_summary_table(summary)}\n\n"
         f"Protocol: n={p['n']}, k={p['k']}, temperature={p['temperature']}, top_p={p['top_p']}, "
         f"max_new_tokens={p['max_new_tokens']}, prompt template {p['prompt_template_hash']} "
-        f"({'chat template' if summary['settings']['chat_template'] else 'plain text'}), "
+        f"({'chat template' if p['chat_template'] else 'plain text'}), "
         f"graded with math-verify; Pass@k is the unbiased estimator 1 - C(n-c, k) / C(n, k).\n"
     )
 
@@ -266,13 +278,21 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
     tokenizer_path = config.tokenizer or config.model
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     chat = bool(config.use_chat_template and getattr(tokenizer, "chat_template", None))
-    protocol = _protocol(config)
-    _check_resume(output_dir, {"model": config.model, **protocol})
+    protocol = _protocol(config, chat)
+    previous_settings = _check_resume(output_dir, {"model": config.model, **protocol})
 
     # Load every benchmark before sampling anything, so that a missing file fails fast rather than hours in.
     problems = {}
     for source in config.sources:
-        loaded = load_benchmark(source)
+        try:
+            loaded = load_benchmark(source)
+        except Exception as error:
+            if source.path is None:
+                # Offline, the Hub client raises its own error types; point to the local-file way out.
+                raise _hub_error(source, error) from error
+            if isinstance(error, (OSError, ValueError)):
+                raise EvaluationError(str(error)) from error
+            raise
         problems[source.name] = loaded[: config.limit] if config.limit is not None else loaded
 
     results_path = output_dir / RESULTS_FILE
@@ -305,6 +325,11 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
                 generator = TransformersGenerator(config.model, tokenizer, sampling, stop_ids, dtype=config.dtype)
     batch_size = config.batch_size or DEFAULT_BATCH_SIZE.get(backend or "transformers")
 
+    if not num_pending and previous_settings:
+        # Nothing was sampled this time: keep the record of how the samples were drawn.
+        backend = previous_settings.get("backend")
+        batch_size = previous_settings.get("batch_size", batch_size)
+        stop_ids = previous_settings.get("stop_token_ids", stop_ids)
     settings = {
         "backend": backend,
         "seed": config.seed,
@@ -312,7 +337,6 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
         "batch_size": batch_size,
         "limit": config.limit,
         "tokenizer": tokenizer_path,
-        "chat_template": chat,
         "stop_token_ids": stop_ids,
         "grader": _grader_version(),
     }
@@ -330,10 +354,12 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
                 batch = items[start : start + batch_size]
                 prompt_ids = []
                 for problem in batch:
-                    text, _ = render_prompt(tokenizer, problem["problem"], config.prompt_template, chat)
+                    text, _ = render_prompt(
+                        tokenizer, problem["problem"], config.prompt_template, chat, config.chat_template_kwargs
+                    )
                     prompt_ids.append(tokenizer(text, add_special_tokens=not chat)["input_ids"])
                 samples = generator.generate(prompt_ids)
-                for problem, completions in zip(batch, samples):
+                for problem, completions in zip(batch, samples, strict=True):
                     grades = [grader.grade(completion.text, problem["answer"]) for completion in completions]
                     record = {
                         "benchmark": name,
@@ -374,6 +400,13 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
     (output_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
     (output_dir / SUMMARY_MD).write_text(_summary_markdown(summary))
     return summary
+
+
+def _hub_error(source: BenchmarkSource, error: Exception) -> EvaluationError:
+    return EvaluationError(
+        f"Could not load {source.name} from the Hugging Face Hub ({source.spec.hub_id}): {error}. "
+        f"Offline? Give a local copy as {source.name}=path.jsonl."
+    )
 
 
 def _grader_version() -> str:
