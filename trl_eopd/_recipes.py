@@ -12,7 +12,6 @@ import difflib
 import os
 from pathlib import Path
 
-
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 
@@ -41,13 +40,14 @@ def _resolve(name_or_path: str | os.PathLike, folder: Path, available: list[str]
         return path.resolve()
     # A bare name (no directory part) may name a packaged file, with or without its suffix.
     name = str(name_or_path)
+    # Not `Path.stem`: recipe names contain dots ("qwen3-1.7b-...") that are not suffixes.
+    stem = name[: -len(path.suffix)] if path.suffix in _YAML_SUFFIXES else name
     if os.sep not in name and "/" not in name:
-        stem = name[: -len(path.suffix)] if path.suffix in _YAML_SUFFIXES else name
         for suffix in _YAML_SUFFIXES:
             candidate = folder / f"{stem}{suffix}"
             if candidate.is_file():
                 return candidate
-    close = difflib.get_close_matches(Path(name).stem, available, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(os.path.basename(stem), available, n=3, cutoff=0.5)
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     raise FileNotFoundError(
         f"{what} {name!r} (from {flag}) is neither an existing file nor a packaged name.{hint} "

@@ -1,0 +1,194 @@
+"""Real multi-process runs of the shipped accelerate configs, on CPU, with the tiny local models.
+
+Each run is `accelerate launch --config_file <packaged zero2.yaml / zero3.yaml> --num_processes 2
+--mixed_precision no -m trl_eopd.train --config tiny-cpu ...`: the configs are used as shipped, only the process count
+and precision are overridden. (accelerate's `--cpu` flag is not passed: it selects accelerate's single-process
+launcher and turns DeepSpeed off. Without GPUs, DeepSpeed falls back to its CPU accelerator by itself, and
+`trl_eopd.train` picks the gloo process group for it.)
+
+The runs are module-scoped fixtures shared by the checks; together they take about three minutes on two cores. The
+first DeepSpeed launch on a machine also compiles DeepSpeed's shared-memory CPU communication op (a few minutes,
+cached under ~/.cache/torch_extensions afterwards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trl_eopd._recipes import accelerate_config_path
+
+pytestmark = pytest.mark.slow
+
+pytest.importorskip("deepspeed")
+
+STEPS = 2
+EOPD_KEYS = ("eopd/teacher_entropy", "eopd/student_entropy", "eopd/high_entropy_ratio", "eopd/reverse_kl")
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory):
+    from trl_eopd.train import ensure_tiny_setup
+
+    root = tmp_path_factory.mktemp("tiny-dist") / "assets"
+    old = os.environ.get("TRL_EOPD_TINY_DIR")
+    os.environ["TRL_EOPD_TINY_DIR"] = str(root)
+    try:
+        paths = ensure_tiny_setup()
+    finally:
+        if old is None:
+            os.environ.pop("TRL_EOPD_TINY_DIR", None)
+        else:
+            os.environ["TRL_EOPD_TINY_DIR"] = old
+    env = {
+        **os.environ,
+        "TRL_EOPD_TINY_DIR": str(root),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+        # Each run picks its own rendezvous port, so two runs never collide.
+        "MASTER_PORT": "0",
+    }
+    return env, paths
+
+
+def launch(env, accelerate_config: str, output_dir: Path, *extra: str, timeout: int = 420) -> str:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(accelerate_config_path(accelerate_config)),
+        "--num_processes", "2",
+        "--mixed_precision", "no",
+        "--main_process_port", str(_free_port()),
+        "-m", "trl_eopd.train",
+        "--config", "tiny-cpu",
+        "--output_dir", str(output_dir),
+        "--max_steps", str(STEPS),
+        "--save_verification_artifacts",
+        *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{log[-6000:]}"
+    return log
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def histories(output_dir: Path) -> list[list[dict]]:
+    return [json.loads((output_dir / f"log_history_rank{r}.json").read_text()) for r in range(2)]
+
+
+def assert_ranks_logged(log: str) -> None:
+    for rank in range(2):
+        assert f"[trl-eopd rank {rank}/2] device=cpu distributed_type=DistributedType.DEEPSPEED" in log
+        assert f"[trl-eopd rank {rank}/2] saved the student" in log
+
+
+def assert_metrics_gathered(output_dir: Path, steps: int = STEPS) -> None:
+    h0, h1 = histories(output_dir)
+    train0 = [e for e in h0 if "loss" in e]
+    train1 = [e for e in h1 if "loss" in e]
+    assert [e["step"] for e in train0] == list(range(1, steps + 1))
+    for a, b in zip(train0, train1, strict=True):
+        for key in EOPD_KEYS:
+            assert key in a, f"{key} not logged: {sorted(a)}"
+            # Gathered across processes before logging, so both ranks log the same number.
+            assert a[key] == b[key], (key, a[key], b[key])
+        assert a["loss"] == b["loss"]
+
+
+def assert_reload_matches(output_dir: Path, *, base: str | None = None) -> None:
+    from transformers import AutoModelForCausalLM
+
+    probe = torch.load(output_dir / "probe_logits.pt")
+    if base is None:
+        model = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32)
+    else:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), output_dir)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tiny_env, tmp_path_factory):
+    env, _ = tiny_env
+    out = tmp_path_factory.mktemp("zero2") / "out"
+    return out, launch(env, "zero2", out)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tiny_env, tmp_path_factory):
+    env, _ = tiny_env
+    out = tmp_path_factory.mktemp("zero3") / "out"
+    return out, launch(env, "zero3", out, "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1")
+
+
+def test_zero2_trains_on_two_ranks_and_saves_a_reloadable_student(zero2_run):
+    out, log = zero2_run
+    assert_ranks_logged(log)
+    assert_metrics_gathered(out)
+    assert_reload_matches(out)
+
+
+def test_zero3_trains_on_two_ranks_and_saves_a_reloadable_student(zero3_run):
+    out, log = zero3_run
+    assert_ranks_logged(log)
+    assert_metrics_gathered(out, steps=3)
+    # zero3_save_16bit_model gathers the shards: the folder is an ordinary checkpoint, not DeepSpeed shards only.
+    assert (out / "model.safetensors").exists()
+    assert_reload_matches(out)
+    assert all((out / f"checkpoint-{step}").is_dir() for step in (1, 2, 3))
+
+
+def test_zero3_resumes_from_a_checkpoint_and_continues(zero3_run, tiny_env, tmp_path):
+    first, _ = zero3_run
+    env, _ = tiny_env
+    out = tmp_path / "resumed"
+    log = launch(env, "zero3", out, "--resume_from_checkpoint", str(first / "checkpoint-2"), "--max_steps", "3")
+    assert_ranks_logged(log)
+    # The history restored from checkpoint-2, then step 3 trained here, logged identically on both ranks.
+    assert_metrics_gathered(out, steps=3)
+    resumed = [e for e in histories(out)[0] if "loss" in e]
+    original = [e for e in histories(first)[0] if "loss" in e]
+    assert resumed[:2] == original[:2]
+    # The scheduler continues where it stopped rather than restarting its warm-up or cosine.
+    assert resumed[2]["learning_rate"] == original[2]["learning_rate"]
+    assert_reload_matches(out)
+
+
+def test_zero3_resume_restores_the_sharded_weights_exactly(zero3_run, tiny_env, tmp_path):
+    # Resuming from the last checkpoint trains no further step, so the saved student must be the first run's
+    # final student bit for bit: the ZeRO-3 shards of every rank were restored.
+    first, _ = zero3_run
+    env, _ = tiny_env
+    out = tmp_path / "restored"
+    launch(env, "zero3", out, "--resume_from_checkpoint", str(first / "checkpoint-3"), "--max_steps", "3")
+    restored = torch.load(out / "probe_logits.pt")["logits"]
+    final = torch.load(first / "probe_logits.pt")["logits"]
+    torch.testing.assert_close(restored, final, rtol=0, atol=0)
+
+
+def test_lora_student_under_zero3(tiny_env, tmp_path):
+    env, paths = tiny_env
+    out = tmp_path / "lora"
+    log = launch(env, "zero3", out, "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2")
+    assert_ranks_logged(log)
+    assert_metrics_gathered(out)
+    assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
+    assert not (out / "model.safetensors").exists()
+    assert_reload_matches(out, base=paths["student"])
