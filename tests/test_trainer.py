@@ -133,13 +133,19 @@ def test_train_save_reload_and_resume(tiny, tokenizer, dataset, tmp_path, memory
     with torch.no_grad():
         assert not torch.allclose(initial(**probe).logits, reloaded(**probe).logits)
 
+    # Resuming from the middle replays the uninterrupted run exactly: same weights, same random state, so the
+    # same on-policy samples and the same losses.
     resumed = make_trainer(
-        tiny, tokenizer, dataset, tmp_path, max_steps=6, memory_efficient_loss=memory_efficient
+        tiny, tokenizer, dataset, tmp_path / "resumed", max_steps=4, memory_efficient_loss=memory_efficient
     )
-    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
-    assert resumed.state.global_step == 6
-    resumed_steps = [log["step"] for log in resumed.state.log_history if "loss" in log]
-    assert resumed_steps[-2:] == [5, 6]
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 4
+    # The history restored from the checkpoint holds steps 1-2; the last two entries are the ones trained now.
+    resumed_losses = {log["step"]: log["loss"] for log in resumed.state.log_history if "loss" in log}
+    original_losses = {log["step"]: log["loss"] for log in train_logs}
+    assert [log["step"] for log in resumed.state.log_history if "loss" in log][-2:] == [3, 4]
+    for step in (3, 4):
+        assert resumed_losses[step] == pytest.approx(original_losses[step], rel=1e-5)
 
 
 def test_migration_warning_is_not_shown(tiny, tokenizer, dataset, tmp_path, caplog):

@@ -230,6 +230,8 @@ class EOPDTrainer(GKDTrainer):
         self._memory_efficient = args.memory_efficient_loss
         self._projection_verified = False
         self._student_eos_to_replace, self._teacher_eos_id = self._configure_teacher_eos(args.teacher_eos_token)
+        self._rng_checkpoint_to_restore = None
+        self._rng_already_restored = False
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation
@@ -297,11 +299,32 @@ class EOPDTrainer(GKDTrainer):
         generating here, for the whole window at once, lets the count cover the completions actually trained on.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._rng_checkpoint_to_restore is not None:
+            # transformers restores the checkpoint's random state only after this method returns, but the rollouts
+            # below are the first thing to draw from it: restore it now, so a resumed run samples what an
+            # uninterrupted run would have, and skip transformers' later (now redundant) restore.
+            super()._load_rng_state(self._rng_checkpoint_to_restore)
+            self._rng_checkpoint_to_restore = None
+            self._rng_already_restored = True
         batch_samples = [self._roll_out(self._prepare_inputs(batch)) for batch in batch_samples]
         local_count = (
             self._count_loss_tokens(batch_samples) if batch_samples else torch.tensor(0, device=device)
         ).to(device)
         return batch_samples, self.accelerator.reduce(local_count, reduction="sum")
+
+    def _inner_training_loop(self, *args, **kwargs):
+        self._rng_checkpoint_to_restore = kwargs.get("resume_from_checkpoint")
+        try:
+            return super()._inner_training_loop(*args, **kwargs)
+        finally:
+            self._rng_checkpoint_to_restore = None
+            self._rng_already_restored = False
+
+    def _load_rng_state(self, checkpoint):
+        if self._rng_already_restored:
+            self._rng_already_restored = False
+            return
+        super()._load_rng_state(checkpoint)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not inputs.pop(_ROLLOUT_DONE, False):
