@@ -7,10 +7,11 @@ import sys
 
 
 SUBCOMMANDS = {
-    "demo": ("trl_eopd.demo.cli", "OPD vs EOPD on a built-in synthetic reasoning task, on CPU, with no download."),
-    "quickstart": ("trl_eopd.quickstart", "Train an EOPD student for a few steps on tiny local models; print metrics."),
-    "train": ("trl_eopd.train", "Train with a recipe: `trl-eopd train --config recipe.yaml` (accelerate-launchable)."),
-    "eval": ("trl_eopd.evaluation.cli", "Avg@k / Pass@k of a checkpoint on MATH500, AIME, AMC, Minerva, OlympiadBench."),
+    "demo": ("trl_eopd.demo.cli:main", "OPD vs EOPD on a built-in synthetic reasoning task, on CPU, with no download."),
+    "quickstart": ("trl_eopd.quickstart:main", "Train an EOPD student for a few steps on tiny local models; print metrics."),
+    "train": ("trl_eopd.train:main", "Train with a recipe: `trl-eopd train --config recipe.yaml` (accelerate-launchable)."),
+    "launch": ("trl_eopd.train:launch_main", "Run `accelerate launch` on `trl-eopd train` with a packaged accelerate config."),
+    "eval": ("trl_eopd.evaluation.cli:main", "Avg@k / Pass@k of a checkpoint on MATH500, AIME, AMC, Minerva, OlympiadBench."),
 }
 
 
@@ -37,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trl-eopd: unknown command {command!r}; choose one of {', '.join(SUBCOMMANDS)}.\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[command][0])
-    result = module.main(rest)
+    module_name, function_name = SUBCOMMANDS[command][0].split(":")
+    result = getattr(importlib.import_module(module_name), function_name)(rest)
     return int(result or 0)
 
 
