@@ -1,0 +1,243 @@
+"""The chunked, hidden-state EOPD loss must agree with the full-logits reference in value, statistics and gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from trl_eopd.chunked_loss import chunked_eopd_loss_and_stats
+from trl_eopd.loss import eopd_loss_and_stats
+
+N, V, H_S, H_T = 37, 97, 16, 24
+
+
+def make_inputs(n=N, dtype=torch.float32, bias=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(dtype)
+
+    # Scales chosen so that teacher entropies straddle the default 0.8-nat threshold and both gate branches are hit.
+    inputs = {
+        "student_hidden": randn(n, H_S),
+        "student_weight": randn(V, H_S, scale=0.5),
+        "teacher_hidden": randn(n, H_T),
+        "teacher_weight": randn(V, H_T, scale=torch.rand(V, generator=generator).mul(2.0).unsqueeze(-1)),
+        "targets": torch.randint(0, V, (n,), generator=generator),
+    }
+    if bias:
+        inputs["student_bias"] = randn(V, scale=0.3)
+        inputs["teacher_bias"] = randn(V, scale=0.3)
+    return inputs
+
+
+def full_logits(hidden, weight, bias, scale, softcap):
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def reference(inputs, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None,
+              **options):  # fmt: skip
+    student_logits = full_logits(
+        inputs["student_hidden"], inputs["student_weight"], inputs.get("student_bias"), student_logit_scale,
+        student_softcap,
+    )  # fmt: skip
+    teacher_logits = full_logits(
+        inputs["teacher_hidden"], inputs["teacher_weight"], inputs.get("teacher_bias"), teacher_logit_scale,
+        teacher_softcap,
+    )  # fmt: skip
+    return eopd_loss_and_stats(
+        student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), inputs["targets"].unsqueeze(0), **options
+    )
+
+
+def student_leaves(inputs):
+    return {k: v.clone().requires_grad_(True) for k, v in inputs.items() if k.startswith("student_")}
+
+
+def assert_matches(inputs, chunk_size=8, **options):
+    ref_leaves, new_leaves = student_leaves(inputs), student_leaves(inputs)
+    ref_loss, ref_stats = reference({**inputs, **ref_leaves}, **options)
+    loss, stats = chunked_eopd_loss_and_stats(**{**inputs, **new_leaves}, chunk_size=chunk_size, **options)
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    for field in dataclasses.fields(stats):
+        got, want = getattr(stats, field.name), getattr(ref_stats, field.name)
+        assert got.dtype == want.dtype, field.name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=field.name)
+
+    ref_grads = torch.autograd.grad(ref_loss, list(ref_leaves.values()))
+    grads = torch.autograd.grad(loss, list(new_leaves.values()))
+    for name, got, want in zip(ref_leaves, grads, ref_grads):
+        # Relative to the gradient's own scale: chunked matmuls sum in a different order than the full one.
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item(), msg=name)
+    return loss, stats
+
+
+@pytest.mark.parametrize("gate", ["augment", "switch"])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("top_k", [None, 5])
+def test_analytic_options(gate, beta, top_k):
+    _, stats = assert_matches(make_inputs(), gate=gate, beta=beta, forward_kl_top_k=top_k, temperature=1.3)
+    assert 0 < int(stats.num_high_entropy) < N  # both sides of the gate are exercised
+
+
+@pytest.mark.parametrize("gate", ["augment", "switch"])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_sampled_estimator(gate, top_k):
+    assert_matches(make_inputs(), gate=gate, forward_kl_top_k=top_k, reverse_kl_estimator="sampled")
+
+
+@pytest.mark.parametrize("threshold", [0.0, float("inf")])
+def test_gate_all_or_nothing(threshold):
+    assert_matches(make_inputs(), entropy_threshold=threshold, forward_kl_coef=0.7)
+
+
+@pytest.mark.parametrize("num_items", [100, torch.tensor(55)])
+def test_num_items_in_batch(num_items):
+    assert_matches(make_inputs(), num_items_in_batch=num_items)
+
+
+def test_top_k_larger_than_vocab():
+    assert_matches(make_inputs(), forward_kl_top_k=1000)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 36, 37, 256])
+def test_chunk_sizes(chunk_size):
+    assert_matches(make_inputs(), chunk_size=chunk_size)
+
+
+def test_bias_scale_and_softcap():
+    assert_matches(
+        make_inputs(bias=True),
+        student_logit_scale=0.7,
+        teacher_logit_scale=1.9,
+        student_softcap=2.5,
+        teacher_softcap=4.0,
+        temperature=0.8,
+        beta=0.5,
+        forward_kl_top_k=4,
+        gate="switch",
+    )
+
+
+def test_tied_weights_accumulate_both_paths():
+    inputs = make_inputs()
+    embedding = torch.nn.Embedding(V, H_S)
+    with torch.no_grad():
+        embedding.weight.copy_(inputs["student_weight"])
+    token_ids = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(1))
+
+    def loss_with(loss_fn):
+        embedding.weight.grad = None
+        hidden = torch.tanh(embedding(token_ids) + inputs["student_hidden"])
+        loss = loss_fn(hidden, embedding.weight)
+        loss.backward()
+        return embedding.weight.grad.clone()
+
+    want = loss_with(
+        lambda h, w: eopd_loss_and_stats(
+            (h @ w.t()).unsqueeze(0),
+            (inputs["teacher_hidden"] @ inputs["teacher_weight"].t()).unsqueeze(0),
+            inputs["targets"].unsqueeze(0),
+        )[0]
+    )
+    got = loss_with(
+        lambda h, w: chunked_eopd_loss_and_stats(
+            h, w, inputs["teacher_hidden"], inputs["teacher_weight"], inputs["targets"], chunk_size=10
+        )[0]
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_frozen_weight_and_no_grad():
+    inputs = make_inputs()
+    hidden = inputs["student_hidden"].clone().requires_grad_(True)
+    loss, _ = chunked_eopd_loss_and_stats(**{**inputs, "student_hidden": hidden})
+    (grad,) = torch.autograd.grad(loss, [hidden])
+    assert grad.shape == hidden.shape and grad.abs().sum() > 0
+
+    with torch.no_grad():
+        no_grad_loss, no_grad_stats = chunked_eopd_loss_and_stats(**{**inputs, **student_leaves(inputs)})
+    assert no_grad_loss.grad_fn is None
+    ref_loss, ref_stats = reference(inputs)
+    torch.testing.assert_close(no_grad_loss, ref_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(no_grad_stats.to_tensor(), ref_stats.to_tensor(), rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_requiring_grad_gets_none():
+    inputs = make_inputs()
+    teacher_hidden = inputs["teacher_hidden"].clone().requires_grad_(True)
+    leaves = student_leaves(inputs)
+    loss, _ = chunked_eopd_loss_and_stats(**{**inputs, **leaves, "teacher_hidden": teacher_hidden})
+    loss.backward()
+    assert teacher_hidden.grad is None
+    assert leaves["student_weight"].grad is not None
+
+
+def test_empty_batch():
+    inputs = make_inputs(n=0)
+    leaves = student_leaves(inputs)
+    loss, stats = chunked_eopd_loss_and_stats(**{**inputs, **leaves})
+    assert loss.item() == 0.0 and torch.isfinite(loss)
+    loss.backward()
+    assert torch.all(leaves["student_weight"].grad == 0)
+    assert int(stats.num_tokens) == 0 and float(stats.teacher_entropy) == 0.0
+    _, ref_stats = reference(inputs)
+    torch.testing.assert_close(stats.to_tensor(), ref_stats.to_tensor())
+
+
+def test_bf16_finite_and_close_to_fp32():
+    fp32_inputs = make_inputs()
+    bf16_inputs = make_inputs(dtype=torch.bfloat16)
+    leaves32, leaves16 = student_leaves(fp32_inputs), student_leaves(bf16_inputs)
+    loss32, _ = chunked_eopd_loss_and_stats(**{**fp32_inputs, **leaves32}, chunk_size=8)
+    loss16, _ = chunked_eopd_loss_and_stats(**{**bf16_inputs, **leaves16}, chunk_size=8)
+    assert loss16.dtype == torch.float32 and torch.isfinite(loss16)
+    torch.testing.assert_close(loss16, loss32, rtol=5e-2, atol=5e-2)
+    loss32.backward()
+    loss16.backward()
+    for name in leaves16:
+        got, want = leaves16[name].grad, leaves32[name].grad
+        assert got.dtype == torch.bfloat16 and torch.isfinite(got).all(), name
+        assert (got.float() - want).norm() <= 0.1 * want.norm(), name
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3, 2.5, True])
+def test_invalid_chunk_size(chunk_size):
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked_eopd_loss_and_stats(**make_inputs(), chunk_size=chunk_size)
+
+
+def test_invalid_options_are_rejected():
+    with pytest.raises(ValueError, match="beta"):
+        chunked_eopd_loss_and_stats(**make_inputs(), reverse_kl_estimator="sampled", beta=0.5)
+    with pytest.raises(ValueError, match="gate"):
+        chunked_eopd_loss_and_stats(**make_inputs(), gate="sometimes")
+
+
+def test_upstream_gradient_scales_the_gradients():
+    inputs = make_inputs(bias=True)
+    leaves, scaled_leaves = student_leaves(inputs), student_leaves(inputs)
+    chunked_eopd_loss_and_stats(**{**inputs, **leaves})[0].backward()
+    (2.5 * chunked_eopd_loss_and_stats(**{**inputs, **scaled_leaves})[0]).backward()
+    for name in leaves:
+        torch.testing.assert_close(scaled_leaves[name].grad, 2.5 * leaves[name].grad, rtol=1e-6, atol=1e-7)
+
+
+def test_backward_twice_accumulates():
+    inputs = make_inputs()
+    leaves, twice_leaves = student_leaves(inputs), student_leaves(inputs)
+    chunked_eopd_loss_and_stats(**{**inputs, **leaves})[0].backward()
+    loss, _ = chunked_eopd_loss_and_stats(**{**inputs, **twice_leaves})
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for name in leaves:
+        torch.testing.assert_close(twice_leaves[name].grad, 2 * leaves[name].grad)
