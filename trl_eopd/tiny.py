@@ -126,8 +126,10 @@ def save_tiny_setup(output_dir: str | os.PathLike, *, num_examples: int = 64, se
     tokenizer = build_tiny_tokenizer()
     paths = {"teacher": str(output_dir / "teacher"), "student": str(output_dir / "student")}
     teacher = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, seed=seed)
+    # The student's head is untied (the teacher's is tied), so both layouts of an output layer are exercised; an
+    # untied head is also the harder case for ZeRO-3, where nothing but the loss ever gathers it.
     student = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               num_key_value_heads=1, seed=seed + 1)
+                               num_key_value_heads=1, tie_word_embeddings=False, seed=seed + 1)
     for key, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(paths[key])
         tokenizer.save_pretrained(paths[key])

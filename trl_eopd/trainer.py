@@ -476,7 +476,30 @@ class EOPDTrainer(GKDTrainer):
             )
         self._memory_efficient = agreed
         self._projection_verified = True
+        if agreed:
+            self._register_output_layers_with_zero3(model)
         return agreed
+
+    def _register_output_layers_with_zero3(self, model) -> None:
+        """Let ZeRO-3 gather each output layer for its model's whole forward and backward.
+
+        The chunked loss reads `lm_head.weight` without calling the `lm_head` module, so ZeRO-3's module hooks never
+        gather it; above all, nothing would re-gather it in the backward pass, where its gradient must be
+        accumulated on the full weight. Registered as an external parameter of the model, it is gathered with the
+        model's own forward and backward (the loss runs inside them, see `_memory_efficient_loss`).
+        """
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():
+            return
+        import deepspeed
+
+        for wrapped in (model, self.teacher_model):
+            unwrapped = self.accelerator.unwrap_model(wrapped)
+            projection, _ = find_output_projection(unwrapped)
+            for parameter in (projection.weight, projection.bias):
+                if parameter is not None:
+                    deepspeed.zero.register_external_parameter(unwrapped, parameter)
 
     def _projection_mismatch(self, wrapped, unwrapped, projection: OutputProjection, inputs) -> str:
         input_ids, attention_mask = inputs["input_ids"][:1], inputs["attention_mask"][:1]
