@@ -11,7 +11,7 @@ from ..tiny import build_tiny_model
 from .task import IM_END
 
 
-TEACHER_SIZE = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
+TEACHER_SIZE = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
 STUDENT_SIZE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 

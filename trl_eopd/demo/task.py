@@ -173,3 +173,26 @@ def conversations(problems: list[Problem], seed: int, per_problem: int = 1) -> l
         for problem in problems
         for _ in range(per_problem)
     ]
+
+
+EVAL_SEED = 10_000
+
+
+def eval_problems(num_problems: int) -> list[Problem]:
+    """The held-out evaluation problems: the first `num_problems` of a fixed stream, never seen in training."""
+    return make_problems(num_problems, seed=EVAL_SEED)
+
+
+def training_rows_fn(held_out: set, num_held_out: int = 512):
+    """A `rows_fn` for [`supervised_train`] that draws fresh problems and fresh solutions, avoiding `held_out` keys."""
+    held_out = set(held_out) | {p.key for p in eval_problems(num_held_out)}
+
+    def rows_fn(step, rng, batch_size):
+        rows = []
+        while len(rows) < batch_size:
+            problem = sample_problem(rng)
+            if problem.key not in held_out:
+                rows.append({"messages": problem.messages(sample_solution_text(problem, rng))})
+        return rows
+
+    return rows_fn
