@@ -151,6 +151,21 @@ class CudaPeak:
 # ---------------------------------------------------------------------------------------------------------- worker
 
 
+def run_worker(script: str, forwarded: list[str], name: str, env: dict) -> dict:
+    """Run `script --worker name` in a fresh process (so its peak memory is its own) and return its JSON line."""
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(script), *forwarded, "--worker", name],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-6000:])
+        raise SystemExit(f"{name} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def make_inputs(args):
     import torch
 
@@ -251,17 +266,7 @@ def main(argv=None):
     # alike instead of whichever happened to run at the time.
     for _ in range(args.repeats):
         for variant in args.variants:
-            proc = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", variant],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr)
-                raise SystemExit(f"variant {variant} failed with exit code {proc.returncode}")
-            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            run = run_worker(__file__, forwarded, variant, env)
             result = results.setdefault(variant, {"variant": variant, "times": [], "peaks": []})
             result["times"] += run["times"]
             result["peaks"] += run["peaks"]

@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_loss import CpuPeak, CudaPeak, machine_name
+from bench_loss import CpuPeak, CudaPeak, machine_name, run_worker
 
 TRAINERS = ("gkd", "eopd")
 
@@ -191,17 +190,7 @@ def main(argv=None):
             "--seed", str(args.seed), "--workdir", workdir,
         ]  # fmt: skip
         for name in TRAINERS:
-            proc = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), *forwarded, "--worker", name],
-                capture_output=True,
-                text=True,
-                env=env,
-                check=False,
-            )
-            if proc.returncode != 0:
-                sys.stderr.write(proc.stderr[-6000:])
-                raise SystemExit(f"{name} failed with exit code {proc.returncode}")
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[name] = run_worker(__file__, forwarded, name, env)
 
     machine = machine_name(args.device)
     gkd = results["gkd"]

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
-
 
 METHODS = {"reverse_kl": float("inf"), "eopd": 0.8}
 

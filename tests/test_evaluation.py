@@ -31,7 +31,6 @@ from trl_eopd.evaluation.runner import (
     run_evaluation,
 )
 
-
 FIXTURE = Path(__file__).parent / "fixtures" / "eval" / "toy_math.jsonl"
 
 

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-
 from reference import reference_eopd_loss, reference_per_token, reference_sampled_gradient
-from trl_eopd import eopd_loss, eopd_loss_and_stats
 
+from trl_eopd import eopd_loss, eopd_loss_and_stats
 
 VOCAB = 13
 

@@ -1,9 +1,8 @@
 """EOPDTrainer end to end on tiny local models, loaded through the real `from_pretrained` path."""
 
-import json
 import logging
 import math
-import os
+import warnings
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_eopd import EOPDConfig, EOPDTrainer, eopd_loss
 from trl_eopd.tiny import EOS_TOKEN, IM_END, save_tiny_setup
-
 
 EOPD_METRICS = [
     "eopd/teacher_entropy",
@@ -300,3 +298,69 @@ def test_non_finite_loss_names_the_model_with_bad_logits(tiny, tokenizer, datase
     with pytest.raises(FloatingPointError, match=f"the {broken}'s logits are non-finite") as error:
         trainer.compute_loss(trainer.model, batch)
     assert f"the {other}'s logits" not in str(error.value)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+@pytest.mark.parametrize("beta", [0.5, 1.0])
+def test_infinite_threshold_trainer_loss_is_gkds_loss(tiny, tokenizer, dataset, tmp_path, memory_efficient, beta):
+    from trl.experimental.gkd import GKDTrainer
+
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, entropy_threshold=float("inf"), beta=beta,
+                           memory_efficient_loss=memory_efficient)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        student_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        teacher_logits = trainer.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    gkd = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=batch["labels"][:, 1:],
+                                          beta=beta)
+    torch.testing.assert_close(loss, gkd, rtol=1e-5, atol=1e-6)
+
+
+class _HeadWithExtraWork(torch.nn.Module):
+    """An output layer that is not a bare `torch.nn.Linear` (as a quantised or adapted head would be)."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    @property
+    def weight(self):
+        return self.linear.weight
+
+    def forward(self, hidden):
+        return self.linear(hidden) * 0.5
+
+
+def test_output_layer_that_is_not_plain_linear_falls_back_with_one_warning(tiny, tokenizer, dataset, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
+    teacher.lm_head = _HeadWithExtraWork(teacher.lm_head)
+    trainer = EOPDTrainer(
+        model=tiny["student"], teacher_model=teacher, args=make_args(tmp_path, max_steps=2),
+        train_dataset=dataset, processing_class=tokenizer,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    fallback = [str(w.message) for w in caught if "falls back to the exact full-logits path" in str(w.message)]
+    assert len(fallback) == 1, fallback  # said once, with the reason, not at every step
+    assert "the teacher's output layer cannot be projected directly (it is a _HeadWithExtraWork" in fallback[0]
+    assert not trainer._memory_efficient
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+def test_logits_scaled_outside_the_head_are_detected(tiny, tokenizer, dataset, tmp_path):
+    """A model that rescales its logits without announcing it in its config must not get the chunked path."""
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path)
+    original_forward = trainer.teacher_model.forward
+
+    def scaled_forward(*args, **kwargs):
+        outputs = original_forward(*args, **kwargs)
+        outputs.logits = outputs.logits * 3.0
+        return outputs
+
+    trainer.teacher_model.forward = scaled_forward
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with pytest.warns(UserWarning, match="teacher's logits are not a plain projection"):
+        assert not trainer._memory_efficient_is_exact(trainer.model, batch)

@@ -3,7 +3,6 @@
 from .config import EOPDConfig
 from .loss import EOPDStats, eopd_loss, eopd_loss_and_stats
 
-
 __version__ = "0.1.0"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import sys
 
-
 SUBCOMMANDS = {
     "demo": ("trl_eopd.demo.cli:main", "OPD vs EOPD on a built-in synthetic reasoning task, on CPU, with no download."),
     "quickstart": ("trl_eopd.quickstart:main", "Train an EOPD student for a few steps on tiny local models; print metrics."),

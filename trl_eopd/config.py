@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-
 with warnings.catch_warnings():
     # EOPD deliberately builds on GKD, which TRL 1.16 keeps under `trl.experimental`; the range in pyproject.toml
     # pins the TRL minor we test, so the "unstable API" warning would only be noise for our users.

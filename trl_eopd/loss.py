@@ -14,7 +14,6 @@ from numbers import Integral, Real
 import torch
 import torch.nn.functional as F
 
-
 IGNORE_INDEX = -100
 GATES = ("augment", "switch")
 REVERSE_KL_ESTIMATORS = ("analytic", "sampled")

@@ -66,7 +66,7 @@ def find_output_projection(causal_lm: nn.Module) -> tuple[OutputProjection | Non
         return None, f"{type(causal_lm).__name__} has no output embeddings (`get_output_embeddings()` is None)"
     if type(head) is not nn.Linear:
         # A PEFT adapter on the head, a quantised layer or a custom head computes more than `h @ W.T + b`.
-        return None, f"its output layer is a {type(head).__name__}, not a plain torch.nn.Linear"
+        return None, f"it is a {type(head).__name__}, not a plain torch.nn.Linear"
     try:
         backbone_of(causal_lm)
     except ValueError as error:

@@ -12,7 +12,6 @@ import os
 import random
 from pathlib import Path
 
-
 PAD_TOKEN = "<|pad|>"
 EOS_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"

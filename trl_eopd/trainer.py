@@ -17,14 +17,12 @@ from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, eopd_loss_and_stats
 from .projection import OutputProjection, backbone_of, find_output_projection, project, unwrap_peft
 
-
 with warnings.catch_warnings():
     # See config.py: the TRL minor is pinned, so the experimental-API warning is noise for our users.
     warnings.filterwarnings("ignore", message=".*trl.experimental.*")
     from trl.experimental.gkd import GKDTrainer
 from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
-
 
 if is_peft_available():
     from peft import PeftConfig
@@ -460,7 +458,7 @@ class EOPDTrainer(GKDTrainer):
         ):
             projection, reason = find_output_projection(unwrapped)
             if projection is None:
-                reasons.append(f"the {role}'s {reason}")
+                reasons.append(f"the {role}'s output layer cannot be projected directly ({reason})")
                 continue
             mismatch = self._projection_mismatch(wrapped, unwrapped, projection, inputs)
             if mismatch:

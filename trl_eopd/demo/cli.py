@@ -6,7 +6,6 @@ import argparse
 import time
 from pathlib import Path
 
-
 DESCRIPTION = """\
 Distil a small student from a small teacher on a synthetic reasoning task (reach a target sum with numbers from a
 given set; every problem has several valid solutions and every answer is checked), twice from the same
@@ -36,9 +35,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; the numbers go to stdout and to `<output-dir>/results.json`. Returns the exit status."""
-    from transformers.utils import logging as hf_logging
-
     import torch
+    from transformers.utils import logging as hf_logging
 
     from .experiment import DemoSettings, format_table, run_demo
 

@@ -21,9 +21,8 @@ import torch
 from .evaluate import evaluate
 from .models import STUDENT_SIZE, build_model, supervised_train
 from .plots import curves_from_log_history, plot_pass_at_k, plot_training_curves
-from .task import IM_END, build_tokenizer, eval_problems, training_rows_fn
+from .task import IM_END, eval_problems, training_rows_fn
 from .teacher import ASSETS_TEACHER, load_model, train_teacher
-
 
 METHODS = ("opd", "eopd")
 MODELS = ("teacher", "student_init", "opd", "eopd")

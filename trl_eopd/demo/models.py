@@ -10,7 +10,6 @@ import torch
 from ..tiny import build_tiny_model
 from .task import IM_END
 
-
 TEACHER_SIZE = {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2}
 STUDENT_SIZE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 COLORS = {"teacher": "black", "student_init": "gray", "opd": "tab:red", "eopd": "tab:blue"}
 LABELS = {"teacher": "teacher", "student_init": "student init", "opd": "OPD", "eopd": "EOPD"}
 CURVES = [

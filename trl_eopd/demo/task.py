@@ -17,20 +17,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-
-PAD_TOKEN = "<|pad|>"
-EOS_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-SPECIAL_TOKENS = [PAD_TOKEN, EOS_TOKEN, IM_START, IM_END]
-
-# ChatML, as the tiny package models use. Words are whitespace-separated, so the newlines carry no token.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+# The same special tokens and ChatML template as the package's tiny models.
+from ..tiny import CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS  # noqa: E402
 
 MAX_NUMBER = 12
 SET_SIZE = 6

@@ -9,7 +9,6 @@ import torch
 from .models import TEACHER_SIZE, build_model, supervised_train
 from .task import build_tokenizer, training_rows_fn
 
-
 ASSETS_TEACHER = Path(__file__).parent / "assets" / "teacher"
 TEACHER_STEPS = 2500
 TEACHER_BATCH_SIZE = 64

@@ -4,7 +4,6 @@ from .benchmarks import BENCHMARKS, BenchmarkSpec, benchmark_names, load_benchma
 from .grading import MathVerifyGrader, last_boxed_content
 from .passk import mean_accuracy, mean_pass_at_k, pass_at_k
 
-
 __all__ = [
     "BENCHMARKS",
     "BenchmarkSpec",

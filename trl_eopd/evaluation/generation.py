@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-
 # The paper specifies only "a zero-shot prompt that asks for the final answer in \boxed{}"; this is the widely used
 # wording of such a prompt. Its hash goes into every result, so a run with another wording is never compared to it.
 DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."

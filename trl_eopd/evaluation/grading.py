@@ -6,7 +6,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 
 

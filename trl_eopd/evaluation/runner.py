@@ -23,7 +23,6 @@ from .generation import (
 from .grading import MathVerifyGrader
 from .passk import mean_accuracy, mean_pass_at_k
 
-
 RESULTS_FILE = "results.jsonl"
 SUMMARY_JSON = "summary.json"
 SUMMARY_MD = "summary.md"
