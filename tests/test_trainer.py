@@ -65,6 +65,18 @@ def make_trainer(tiny, tokenizer, dataset, output_dir, eval_dataset=None, **over
     )
 
 
+def trainer_loss_and_full_logits(trainer):
+    """The trainer's loss on its first batch, and both models' own full logits on that batch, to recompute it from."""
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        student_logits = trainer.model(**model_inputs).logits
+        teacher_logits = trainer.teacher_model(**model_inputs).logits
+    return loss, student_logits, teacher_logits, batch
+
+
 GKD_SCRIPT = """
 from datasets import load_dataset
 from transformers import AutoTokenizer
@@ -207,12 +219,7 @@ def test_gradient_accumulation_weights_every_token_equally(tiny, tokenizer, tmp_
 def test_temperature_and_options_reach_the_loss(tiny, tokenizer, dataset, tmp_path, memory_efficient):
     options = dict(temperature=2.0, entropy_threshold=4.0, forward_kl_top_k=5, gate="switch", forward_kl_coef=0.5)
     trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, memory_efficient_loss=memory_efficient, **options)
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    trainer.model.eval()
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, batch)
-        student_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        teacher_logits = trainer.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
     expected = eopd_loss(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:], **options)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     unscaled = eopd_loss(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
@@ -307,12 +314,7 @@ def test_infinite_threshold_trainer_loss_is_gkds_loss(tiny, tokenizer, dataset, 
 
     trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, entropy_threshold=float("inf"), beta=beta,
                            memory_efficient_loss=memory_efficient)
-    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    trainer.model.eval()
-    with torch.no_grad():
-        loss = trainer.compute_loss(trainer.model, batch)
-        student_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        teacher_logits = trainer.teacher_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
     gkd = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=batch["labels"][:, 1:],
                                           beta=beta)
     torch.testing.assert_close(loss, gkd, rtol=1e-5, atol=1e-6)
