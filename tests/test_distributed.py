@@ -33,19 +33,8 @@ EOPD_KEYS = ("eopd/teacher_entropy", "eopd/student_entropy", "eopd/high_entropy_
 
 
 @pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    from trl_eopd.train import ensure_tiny_setup
-
-    root = tmp_path_factory.mktemp("tiny-dist") / "assets"
-    old = os.environ.get("TRL_EOPD_TINY_DIR")
-    os.environ["TRL_EOPD_TINY_DIR"] = str(root)
-    try:
-        paths = ensure_tiny_setup()
-    finally:
-        if old is None:
-            os.environ.pop("TRL_EOPD_TINY_DIR", None)
-        else:
-            os.environ["TRL_EOPD_TINY_DIR"] = old
+def tiny_env(tiny_assets):
+    root, paths = tiny_assets
     env = {
         **os.environ,
         "TRL_EOPD_TINY_DIR": str(root),

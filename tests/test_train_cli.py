@@ -31,20 +31,8 @@ PAPER_RECIPES = [
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny models and data, built once under a private folder that the subprocesses below reuse."""
-    from trl_eopd.train import ensure_tiny_setup
-
-    root = tmp_path_factory.mktemp("tiny") / "assets"
-    old = os.environ.get("TRL_EOPD_TINY_DIR")
-    os.environ["TRL_EOPD_TINY_DIR"] = str(root)
-    try:
-        yield ensure_tiny_setup()
-    finally:
-        if old is None:
-            os.environ.pop("TRL_EOPD_TINY_DIR", None)
-        else:
-            os.environ["TRL_EOPD_TINY_DIR"] = old
+def tiny(tiny_assets):
+    return tiny_assets[1]
 
 
 @pytest.fixture

@@ -234,7 +234,13 @@ def eopd_loss_and_stats(
 
     with torch.no_grad():
         student_entropy = -(student_log_probs.exp() * student_log_probs).sum(-1)
-        reverse_kl = generalized_jsd_per_token(student_log_probs, teacher_log_probs, 1.0)
+        # The default base term already is the reverse KL; only other settings need another pass over the vocabulary.
+        base_is_reverse_kl = reverse_kl_estimator == "analytic" and beta == 1.0
+        reverse_kl = (
+            base.detach()
+            if base_is_reverse_kl
+            else generalized_jsd_per_token(student_log_probs, teacher_log_probs, 1.0)
+        )
         # The logged forward KL is always over the full vocabulary, whatever the loss's top-k, so runs compare.
         full_forward_kl = (
             forward.detach()

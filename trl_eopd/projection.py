@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.trainer_utils import unwrap_peft_model
 
 
 @dataclass
@@ -21,17 +22,6 @@ class OutputProjection:
     bias: torch.Tensor | None
     logit_scale: float
     softcap: float | None
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (adapters stay injected in its layers), or `model` itself."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is an optional dependency
-        return model
-    if isinstance(model, PeftModel):
-        return model.base_model.model
-    return model
 
 
 def backbone_of(causal_lm: nn.Module) -> nn.Module:
@@ -59,7 +49,8 @@ def _logit_scale(config) -> float:
 
 def find_output_projection(causal_lm: nn.Module) -> tuple[OutputProjection | None, str]:
     """Return the model's output projection, or `(None, reason)` when it is not a plain linear layer."""
-    causal_lm = unwrap_peft(causal_lm)
+    # PEFT keeps its adapters injected in the wrapped model's layers, so the bare transformers model computes the same.
+    causal_lm = unwrap_peft_model(causal_lm)
     get_output_embeddings = getattr(causal_lm, "get_output_embeddings", None)
     head = get_output_embeddings() if callable(get_output_embeddings) else None
     if head is None:

@@ -11,11 +11,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import is_peft_available
 
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, eopd_loss_and_stats
-from .projection import OutputProjection, backbone_of, find_output_projection, project, unwrap_peft
+from .projection import OutputProjection, backbone_of, find_output_projection, project
 
 with warnings.catch_warnings():
     # See config.py: the TRL minor is pinned, so the experimental-API warning is noise for our users.
@@ -380,7 +381,7 @@ class EOPDTrainer(GKDTrainer):
         return loss, stats, diagnose, student_outputs
 
     def _last_hidden_state(self, causal_lm, input_ids, attention_mask):
-        backbone = backbone_of(unwrap_peft(causal_lm))
+        backbone = backbone_of(unwrap_peft_model(causal_lm))
         return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def _memory_efficient_loss(self, model, inputs, num_items_in_batch):
