@@ -15,7 +15,9 @@ from trl_eopd.evaluation.cli import main
 from trl_eopd.evaluation.generation import (
     DEFAULT_PROMPT_TEMPLATE,
     Completion,
+    SamplingSettings,
     TransformersGenerator,
+    cut_at_stop,
     prompt_template_hash,
     render_prompt,
     stop_token_ids,
@@ -209,6 +211,34 @@ def test_prompt_rendering(tiny_model_dir):
         prompt_template_hash("Q: {problem}"),
     }
     assert len(hashes) == 4
+
+
+def test_cut_at_stop_keeps_the_first_stop_token():
+    assert cut_at_stop([5, 6, 2, 7, 2, 0], {2, 3}) == ([5, 6, 2], True)
+    assert cut_at_stop([5, 3, 6, 2], {2, 3}) == ([5, 3], True)
+    assert cut_at_stop([5, 6, 7], {2}) == ([5, 6, 7], False)  # ran out of budget: every token kept
+    assert cut_at_stop([], {2}) == ([], False)
+
+
+def test_generator_on_a_loaded_model_matches_its_token_ids(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    stop = stop_token_ids(tokenizer, chat=True)
+    sampling = SamplingSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=3)
+    prompts = [tokenizer("What is 1+1?")["input_ids"], tokenizer("Say 2.")["input_ids"]]
+    token_ids = TransformersGenerator(model, tokenizer, sampling, stop).sample(prompts)
+    completions = TransformersGenerator(model, tokenizer, sampling, stop).generate(prompts)
+    assert [len(row) for row in token_ids] == [len(row) for row in completions] == [3, 3]
+    for ids_row, completion_row in zip(token_ids, completions):
+        for ids, completion in zip(ids_row, completion_row):
+            finished = bool(ids) and ids[-1] in stop
+            assert completion.num_tokens == len(ids) and completion.finished == finished
+            assert finished or len(ids) == 6
+            assert not any(token in stop for token in ids[:-1])
+            kept = ids[:-1] if finished else ids
+            assert completion.text == tokenizer.decode(kept, skip_special_tokens=True)
 
 
 # ------------------------------------------------------------------------------------------------ CLI validation
