@@ -134,6 +134,40 @@ def test_grader_rejects_non_equivalent_answers(grader, completion, answer):
     assert not grader.grade(completion, answer).correct
 
 
+# math-verify can pick the boxed answer itself (`parse` on the whole completion with `LatexExtractionConfig`, whose
+# boxed match keeps the last box), but it treats boxes that are close together, or separated by a comma, a semicolon,
+# "and" or "or", as one multi-part answer, and it does not read `\fbox`. The grader keeps its own last-box rule: the
+# prompt asks for one final answer in a box, a model that corrects itself ("..., wait: \boxed{12}") must be graded on
+# the correction (a fixture above), and a hedge of two boxed answers must not be read as the set of both.
+_WHERE_MATH_VERIFY_ALONE_DIFFERS = [
+    # (completion, reference, our verdict)
+    ("First \\boxed{7}. Wait, that is wrong: \\boxed{12}", "12", True),
+    ("\\boxed{7} \\boxed{12}", "12", True),
+    ("\\boxed{12}, or \\boxed{7}", "7", True),
+    ("so \\boxed{3} is wrong; the answer is \\boxed{4}", "4", True),
+    ("\\boxed{2} and \\boxed{3}", "\\{2,3\\}", False),  # two boxes are not one set-valued answer
+    ("\\fbox{4}", "4", True),
+]
+
+
+@pytest.mark.parametrize("completion, answer, correct", _WHERE_MATH_VERIFY_ALONE_DIFFERS)
+def test_grader_reads_only_the_last_box(grader, completion, answer, correct):
+    assert grader.grade(completion, answer).correct is correct
+
+
+@pytest.mark.parametrize("completion, answer, correct", _WHERE_MATH_VERIFY_ALONE_DIFFERS)
+def test_math_verify_alone_still_grades_these_differently(grader, completion, answer, correct):
+    import math_verify
+
+    config = [math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig()]
+    prediction = math_verify.parse(completion, extraction_config=config)
+    alone = bool(prediction) and bool(math_verify.verify(grader.parse_reference(answer), prediction))
+    assert alone is not correct, (
+        f"math-verify's own extraction now grades {completion!r} like the grader's last-box rule; if it does so for "
+        "every case here, MathVerifyGrader can drop last_boxed_content and let math-verify pick the answer."
+    )
+
+
 def test_last_boxed_content_matches_nested_braces():
     assert last_boxed_content("a \\boxed{\\frac{1}{\\sqrt{2}}} b") == "\\frac{1}{\\sqrt{2}}"
     assert last_boxed_content("\\boxed{1} then \\fbox{2}") == "2"
