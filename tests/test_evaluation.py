@@ -299,6 +299,45 @@ def test_cli_requires_model(capsys):
     assert "--model is required" in capsys.readouterr().err
 
 
+def _cli_config(argv):
+    from trl_eopd.evaluation.cli import build_parser
+
+    parser = build_parser()
+    (config,) = parser.parse_dict(vars(parser.parse_args(argv)), allow_extra_keys=True)
+    return config
+
+
+def test_cli_options_fill_eval_config():
+    config = _cli_config(["--model", "org/Some Model/"])
+    assert config.benchmarks == bm.benchmark_names()
+    assert config.output_dir == "eval_results/Some_Model"
+    assert (config.n, config.k, config.temperature, config.top_p, config.max_new_tokens) == (8, 8, 1.0, 0.8, 8192)
+    assert config.use_chat_template is True and config.chat_template_kwargs is None
+    assert (config.backend, config.dtype, config.seed) == ("auto", "auto", 0)
+    assert config.limit is None and config.batch_size is None
+
+    config = _cli_config(
+        ["--model", "m", "--benchmarks", "math500,AIME24", "amc23", "--top-p", "0.95", "--max-new-tokens", "16",
+         "--batch-size", "4", "--no-chat-template", "--chat-template-kwargs", '{"enable_thinking": false}',
+         "--output-dir", "out", "--n", "4", "--k", "2", "--backend", "transformers", "--dtype", "float32"]
+    )
+    assert [source.name for source in config.sources] == ["MATH500", "AIME24", "AMC23"]
+    assert (config.top_p, config.max_new_tokens, config.batch_size, config.n, config.k) == (0.95, 16, 4, 4, 2)
+    assert config.use_chat_template is False and config.chat_template_kwargs == {"enable_thinking": False}
+    assert (config.output_dir, config.backend, config.dtype) == ("out", "transformers", "float32")
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("[1]", "expected a JSON object"), ("{bad", "not valid JSON")],
+)
+def test_cli_rejects_bad_chat_template_kwargs(capsys, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "unused", "--chat-template-kwargs", value])
+    assert exit_info.value.code == 2
+    assert f"argument --chat-template-kwargs: {message}" in capsys.readouterr().err
+
+
 def test_module_entry_point_help(monkeypatch, capsys):
     # In-process `python -m trl_eopd.evaluation --help`: a subprocess would pay the package's import time again.
     monkeypatch.setattr(sys, "argv", ["python -m trl_eopd.evaluation", "--help"])
