@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from ..evaluation.generation import SamplingSettings, TransformersGenerator
-from ..evaluation.passk import pass_at_k
+from ..evaluation.passk import mean_pass_at_k, pass_at_k
 from ..loss import IGNORE_INDEX, eopd_loss_and_stats
 from .task import IM_END, Problem, check_solution
 
+# `pass_at_k` stays importable from here, where the demo's users and tests have always found it.
 __all__ = ["evaluate", "grade", "pass_at_k", "sample_completions", "token_statistics"]
 
 
@@ -65,7 +66,8 @@ def grade(tokenizer, problems: list[Problem], labels, num_samples: int, ks) -> d
                 found.add(subset)
         per_problem.append((correct, len(found), len(found) / len(problem.solutions)))
     n = len(problems)
-    result = {f"pass@{k}": sum(pass_at_k(num_samples, c, k) for c, _, _ in per_problem) / n for k in ks}
+    counts = [(num_samples, c) for c, _, _ in per_problem]
+    result = {f"pass@{k}": mean_pass_at_k(counts, k) for k in ks}
     result["distinct_correct"] = sum(d for _, d, _ in per_problem) / n
     result["solution_coverage"] = sum(cov for _, _, cov in per_problem) / n
     return result
