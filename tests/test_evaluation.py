@@ -15,7 +15,9 @@ from trl_eopd.evaluation.cli import main
 from trl_eopd.evaluation.generation import (
     DEFAULT_PROMPT_TEMPLATE,
     Completion,
+    SamplingSettings,
     TransformersGenerator,
+    cut_at_stop,
     prompt_template_hash,
     render_prompt,
     stop_token_ids,
@@ -132,6 +134,40 @@ def test_grader_rejects_non_equivalent_answers(grader, completion, answer):
     assert not grader.grade(completion, answer).correct
 
 
+# math-verify can pick the boxed answer itself (`parse` on the whole completion with `LatexExtractionConfig`, whose
+# boxed match keeps the last box), but it treats boxes that are close together, or separated by a comma, a semicolon,
+# "and" or "or", as one multi-part answer, and it does not read `\fbox`. The grader keeps its own last-box rule: the
+# prompt asks for one final answer in a box, a model that corrects itself ("..., wait: \boxed{12}") must be graded on
+# the correction (a fixture above), and a hedge of two boxed answers must not be read as the set of both.
+_WHERE_MATH_VERIFY_ALONE_DIFFERS = [
+    # (completion, reference, our verdict)
+    ("First \\boxed{7}. Wait, that is wrong: \\boxed{12}", "12", True),
+    ("\\boxed{7} \\boxed{12}", "12", True),
+    ("\\boxed{12}, or \\boxed{7}", "7", True),
+    ("so \\boxed{3} is wrong; the answer is \\boxed{4}", "4", True),
+    ("\\boxed{2} and \\boxed{3}", "\\{2,3\\}", False),  # two boxes are not one set-valued answer
+    ("\\fbox{4}", "4", True),
+]
+
+
+@pytest.mark.parametrize("completion, answer, correct", _WHERE_MATH_VERIFY_ALONE_DIFFERS)
+def test_grader_reads_only_the_last_box(grader, completion, answer, correct):
+    assert grader.grade(completion, answer).correct is correct
+
+
+@pytest.mark.parametrize("completion, answer, correct", _WHERE_MATH_VERIFY_ALONE_DIFFERS)
+def test_math_verify_alone_still_grades_these_differently(grader, completion, answer, correct):
+    import math_verify
+
+    config = [math_verify.LatexExtractionConfig(boxed_match_priority=0), math_verify.ExprExtractionConfig()]
+    prediction = math_verify.parse(completion, extraction_config=config)
+    alone = bool(prediction) and bool(math_verify.verify(grader.parse_reference(answer), prediction))
+    assert alone is not correct, (
+        f"math-verify's own extraction now grades {completion!r} like the grader's last-box rule; if it does so for "
+        "every case here, MathVerifyGrader can drop last_boxed_content and let math-verify pick the answer."
+    )
+
+
 def test_last_boxed_content_matches_nested_braces():
     assert last_boxed_content("a \\boxed{\\frac{1}{\\sqrt{2}}} b") == "\\frac{1}{\\sqrt{2}}"
     assert last_boxed_content("\\boxed{1} then \\fbox{2}") == "2"
@@ -211,6 +247,34 @@ def test_prompt_rendering(tiny_model_dir):
     assert len(hashes) == 4
 
 
+def test_cut_at_stop_keeps_the_first_stop_token():
+    assert cut_at_stop([5, 6, 2, 7, 2, 0], {2, 3}) == ([5, 6, 2], True)
+    assert cut_at_stop([5, 3, 6, 2], {2, 3}) == ([5, 3], True)
+    assert cut_at_stop([5, 6, 7], {2}) == ([5, 6, 7], False)  # ran out of budget: every token kept
+    assert cut_at_stop([], {2}) == ([], False)
+
+
+def test_generator_on_a_loaded_model_matches_its_token_ids(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    stop = stop_token_ids(tokenizer, chat=True)
+    sampling = SamplingSettings(n=3, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=3)
+    prompts = [tokenizer("What is 1+1?")["input_ids"], tokenizer("Say 2.")["input_ids"]]
+    token_ids = TransformersGenerator(model, tokenizer, sampling, stop).sample(prompts)
+    completions = TransformersGenerator(model, tokenizer, sampling, stop).generate(prompts)
+    assert [len(row) for row in token_ids] == [len(row) for row in completions] == [3, 3]
+    for ids_row, completion_row in zip(token_ids, completions):
+        for ids, completion in zip(ids_row, completion_row):
+            finished = bool(ids) and ids[-1] in stop
+            assert completion.num_tokens == len(ids) and completion.finished == finished
+            assert finished or len(ids) == 6
+            assert not any(token in stop for token in ids[:-1])
+            kept = ids[:-1] if finished else ids
+            assert completion.text == tokenizer.decode(kept, skip_special_tokens=True)
+
+
 # ------------------------------------------------------------------------------------------------ CLI validation
 
 
@@ -233,6 +297,45 @@ def test_cli_requires_model(capsys):
     with pytest.raises(SystemExit):
         main([])
     assert "--model is required" in capsys.readouterr().err
+
+
+def _cli_config(argv):
+    from trl_eopd.evaluation.cli import build_parser
+
+    parser = build_parser()
+    (config,) = parser.parse_dict(vars(parser.parse_args(argv)), allow_extra_keys=True)
+    return config
+
+
+def test_cli_options_fill_eval_config():
+    config = _cli_config(["--model", "org/Some Model/"])
+    assert config.benchmarks == bm.benchmark_names()
+    assert config.output_dir == "eval_results/Some_Model"
+    assert (config.n, config.k, config.temperature, config.top_p, config.max_new_tokens) == (8, 8, 1.0, 0.8, 8192)
+    assert config.use_chat_template is True and config.chat_template_kwargs is None
+    assert (config.backend, config.dtype, config.seed) == ("auto", "auto", 0)
+    assert config.limit is None and config.batch_size is None
+
+    config = _cli_config(
+        ["--model", "m", "--benchmarks", "math500,AIME24", "amc23", "--top-p", "0.95", "--max-new-tokens", "16",
+         "--batch-size", "4", "--no-chat-template", "--chat-template-kwargs", '{"enable_thinking": false}',
+         "--output-dir", "out", "--n", "4", "--k", "2", "--backend", "transformers", "--dtype", "float32"]
+    )
+    assert [source.name for source in config.sources] == ["MATH500", "AIME24", "AMC23"]
+    assert (config.top_p, config.max_new_tokens, config.batch_size, config.n, config.k) == (0.95, 16, 4, 4, 2)
+    assert config.use_chat_template is False and config.chat_template_kwargs == {"enable_thinking": False}
+    assert (config.output_dir, config.backend, config.dtype) == ("out", "transformers", "float32")
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [("[1]", "expected a JSON object"), ("{bad", "not valid JSON")],
+)
+def test_cli_rejects_bad_chat_template_kwargs(capsys, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "unused", "--chat-template-kwargs", value])
+    assert exit_info.value.code == 2
+    assert f"argument --chat-template-kwargs: {message}" in capsys.readouterr().err
 
 
 def test_module_entry_point_help(monkeypatch, capsys):

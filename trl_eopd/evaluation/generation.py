@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +153,29 @@ class Completion:
     finished: bool
 
 
+def cut_at_stop(tokens: Sequence[int], stop_ids: Collection[int]) -> tuple[list[int], bool]:
+    """
+    A sampled completion up to and including its first stop token.
+
+    `generate` pads a finished sequence until the longest one in its batch ends; this drops that padding, so that the
+    completion is what the model actually wrote.
+
+    Args:
+        tokens (`Sequence[int]`):
+            Generated token ids, without the prompt.
+        stop_ids (`Collection[int]`):
+            Tokens that end a completion.
+
+    Returns:
+        `tuple[list[int], bool]`: The kept tokens, and whether they end on a stop token (`False` when the completion
+        ran into the length limit, in which case every token is kept).
+    """
+    for index, token in enumerate(tokens):
+        if token in stop_ids:
+            return list(tokens[: index + 1]), True
+    return list(tokens), False
+
+
 def vllm_available() -> bool:
     """Whether vLLM is installed and a CUDA device is visible (vLLM needs a GPU here)."""
     if importlib.util.find_spec("vllm") is None:
@@ -187,8 +210,9 @@ class TransformersGenerator:
     Samples with `model.generate`, all `n` samples of a batch of prompts in one call, left-padded.
 
     Args:
-        model_name_or_path (`str`):
-            Checkpoint to load with `AutoModelForCausalLM.from_pretrained`.
+        model_name_or_path (`str` or [`~transformers.PreTrainedModel`]):
+            Checkpoint to load with `AutoModelForCausalLM.from_pretrained`, or a model already loaded (used as it is,
+            on its own device, and `dtype` is ignored).
         tokenizer ([`~transformers.PreTrainedTokenizerBase`]):
             Its tokenizer.
         sampling ([`SamplingSettings`]):
@@ -208,9 +232,13 @@ class TransformersGenerator:
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.stop_ids = list(stop_ids)
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype).to(self.device)
+        if isinstance(model_name_or_path, str):
+            self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+            self.model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch_dtype).to(self.device)
+        else:
+            self.model = model_name_or_path
+            self.device = device or next(self.model.parameters()).device
         self.model.eval()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
         set_seed(sampling.seed)
@@ -225,6 +253,34 @@ class TransformersGenerator:
 
         Returns:
             `list[list[Completion]]`: For each prompt, its `n` completions.
+        """
+        stop = set(self.stop_ids)
+        completions = []
+        for samples in self.sample(prompt_ids):
+            row = []
+            for tokens in samples:
+                finished = bool(tokens) and tokens[-1] in stop
+                row.append(
+                    Completion(
+                        text=self.tokenizer.decode(tokens[:-1] if finished else tokens, skip_special_tokens=True),
+                        num_tokens=len(tokens),
+                        finished=finished,
+                    )
+                )
+            completions.append(row)
+        return completions
+
+    def sample(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[list[int]]]:
+        """
+        Sample `n` completions for each prompt, as token ids.
+
+        Args:
+            prompt_ids (`Sequence[Sequence[int]]`):
+                Tokenised prompts.
+
+        Returns:
+            `list[list[list[int]]]`: For each prompt, its `n` completions, each cut by [`cut_at_stop`] (the stop token
+            kept).
         """
         import torch
 
@@ -251,19 +307,8 @@ class TransformersGenerator:
                 eos_token_id=self.stop_ids,
                 pad_token_id=self.pad_id,
             )
-        generated = output[:, width:].tolist()
         stop = set(self.stop_ids)
-        completions = []
-        for tokens in generated:
-            end = next((i for i, token in enumerate(tokens) if token in stop), None)
-            kept = tokens if end is None else tokens[:end]
-            completions.append(
-                Completion(
-                    text=self.tokenizer.decode(kept, skip_special_tokens=True),
-                    num_tokens=len(tokens) if end is None else end + 1,
-                    finished=end is not None,
-                )
-            )
+        completions = [cut_at_stop(tokens, stop)[0] for tokens in output[:, width:].tolist()]
         # generate() returns the n samples of each prompt next to each other.
         return [completions[i * s.n : (i + 1) * s.n] for i in range(len(prompt_ids))]
 

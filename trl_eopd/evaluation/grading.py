@@ -13,9 +13,10 @@ def last_boxed_content(text: str) -> str | None:
     r"""
     Content of the last `\boxed{...}` (or `\fbox{...}`) in `text`, with nested braces matched.
 
-    The prompt asks for the final answer in `\boxed{}`, so the last box is the answer. math-verify's own extraction,
-    with its default `boxed="all"` normalisation, would instead join every box in the completion into a set, and a
-    completion that boxes a wrong guess and then a corrected answer would be graded as the set of both.
+    The prompt asks for the final answer in `\boxed{}`, so the last box is the answer. math-verify can find boxes
+    itself, but it reads boxes that are close together or separated by a comma, a semicolon, "and" or "or" as one
+    multi-part answer, so a completion that boxes a wrong guess and then a correction ("\boxed{7}. Wait, no:
+    \boxed{12}") would be graded as the set of both; and it does not read `\fbox`. The tests list these cases.
 
     Args:
         text (`str`):

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BenchmarkSource, load_benchmark, parse_benchmark_arg
+from .benchmarks import BenchmarkSource, benchmark_names, load_benchmark, parse_benchmark_arg
 from .generation import (
     DEFAULT_PROMPT_TEMPLATE,
     SamplingSettings,
@@ -48,16 +49,18 @@ class ProtocolMismatchError(EvaluationError):
 @dataclass
 class EvalConfig:
     """
-    Settings of an evaluation run. The defaults are the paper's protocol.
+    Settings of an evaluation run, and the options of `trl-eopd eval` (parsed with
+    [`~transformers.HfArgumentParser`]). The defaults are the paper's protocol.
 
     Args:
         model (`str`):
-            Checkpoint path or Hub id.
-        benchmarks (`list[str]`):
-            Built-in benchmark names (see [`benchmark_names`]) or `NAME=path.jsonl` entries.
-        output_dir (`str`):
-            Where `results.jsonl`, `summary.json`, `summary.md` and `protocol.json` go. A run resumes from the
-            results already there.
+            Checkpoint path or Hub id. Required; `None` only so that `trl-eopd eval --compare` can go without it.
+        benchmarks (`list[str]`, *optional*, defaults to all six built-in benchmarks):
+            Built-in benchmark names (see [`benchmark_names`]) or `NAME=path.jsonl` entries. An entry may hold several,
+            comma-separated, as on the command line.
+        output_dir (`str` or `None`, *optional*):
+            Where `results.jsonl`, `summary.json`, `summary.md` and `protocol.json` go; `eval_results/<model name>`
+            by default. A run resumes from the results already there.
         n (`int`, *optional*, defaults to `8`):
             Samples per problem.
         k (`int` or `None`, *optional*):
@@ -84,30 +87,103 @@ class EvalConfig:
             User message with a `{problem}` placeholder.
         use_chat_template (`bool`, *optional*, defaults to `True`):
             Apply the tokenizer's chat template when it has one.
-        chat_template_kwargs (`dict` or `None`, *optional*):
-            Extra chat-template variables, e.g. `{"enable_thinking": False}`; part of the prompt's hash.
+        chat_template_kwargs (`dict`, `str` or `None`, *optional*):
+            Extra chat-template variables, e.g. `{"enable_thinking": False}`, or the same as a JSON object string (as
+            given on the command line); part of the prompt's hash.
     """
 
-    model: str
-    benchmarks: list[str]
-    output_dir: str
-    n: int = 8
-    k: int | None = None
-    temperature: float = 1.0
-    top_p: float = 0.8
-    max_new_tokens: int = 8192
-    limit: int | None = None
-    backend: str = "auto"
-    seed: int = 0
-    batch_size: int | None = None
-    dtype: str = "auto"
-    tokenizer: str | None = None
-    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
-    use_chat_template: bool = True
-    chat_template_kwargs: dict[str, Any] | None = None
+    model: str | None = field(
+        default=None, metadata={"help": "Checkpoint directory or Hugging Face Hub id to evaluate."}
+    )
+    benchmarks: list[str] = field(
+        default_factory=benchmark_names,
+        metadata={
+            "help": (
+                f"Benchmarks, space- or comma-separated: {', '.join(benchmark_names())} (case-insensitive), or "
+                "NAME=path.jsonl for a local file with problem/question and answer columns (default: all six)."
+            ),
+            "metavar": "NAME[=PATH]",
+        },
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where results.jsonl, summary.json and summary.md go (default: eval_results/<model name>)."
+        },
+    )
+    n: int = field(default=8, metadata={"help": "Samples per problem (default: %(default)s)."})
+    k: int | None = field(default=None, metadata={"help": "k of Pass@k (at most --n; defaults to --n)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (default: %(default)s)."})
+    top_p: float = field(
+        default=0.8, metadata={"help": "Nucleus sampling mass; top-k is always off (default: %(default)s)."}
+    )
+    max_new_tokens: int = field(
+        default=8192, metadata={"help": "Length limit of each completion (default: %(default)s)."}
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "Evaluate only the first N problems of each benchmark."}
+    )
+    backend: str = field(
+        default="auto",
+        metadata={
+            "help": (
+                "Generation backend; auto uses vLLM when it is installed and a GPU is visible (default: %(default)s)."
+            ),
+            "choices": ["auto", "vllm", "transformers"],
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Random seed (default: %(default)s)."})
+    batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Problems per generation call, each giving n sequences (default: 2 for transformers, 256 for vLLM)."
+            )
+        },
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Weights dtype; auto keeps the checkpoint's (default: %(default)s).",
+            "choices": ["auto", "bfloat16", "float16", "float32"],
+        },
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer checkpoint (default: --model)."})
+    prompt_template: str = field(
+        default=DEFAULT_PROMPT_TEMPLATE,
+        metadata={
+            "help": (
+                "User message with a {problem} placeholder; its hash is part of the protocol "
+                "(default: ask to reason step by step and box the final answer)."
+            )
+        },
+    )
+    use_chat_template: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "Whether to wrap the message in the tokenizer's chat template when it has one (default: yes; "
+                "--no-chat-template turns it off)."
+            )
+        },
+    )
+    chat_template_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Extra chat-template variables as a JSON object, e.g. '{\"enable_thinking\": false}' for Qwen3.",
+            "metavar": "JSON",
+        },
+    )
     sources: list[BenchmarkSource] = field(init=False, repr=False)
 
     def __post_init__(self):
+        if not self.model:
+            raise EvaluationError("--model is required (or use --compare RUN_A RUN_B).")
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(self.model)
+        if isinstance(self.chat_template_kwargs, str):
+            self.chat_template_kwargs = _json_object(self.chat_template_kwargs)
+        self.benchmarks = [part.strip() for entry in self.benchmarks for part in entry.split(",") if part.strip()]
         if self.k is None:
             self.k = self.n
         if self.n < 1:
@@ -134,6 +210,22 @@ class EvalConfig:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise EvaluationError(f"Benchmark(s) given twice: {', '.join(duplicates)}.")
+
+
+def default_output_dir(model: str) -> str:
+    """`eval_results/<last part of the model path or Hub id>`, with characters unsafe in a folder name replaced."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", model.rstrip("/\\").split("/")[-1]) or "model"
+    return f"eval_results/{name}"
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"argument --chat-template-kwargs: not valid JSON: {error}") from error
+    if not isinstance(parsed, dict):
+        raise EvaluationError("argument --chat-template-kwargs: expected a JSON object")
+    return parsed
 
 
 def _protocol(config: EvalConfig, chat: bool) -> dict[str, Any]:
