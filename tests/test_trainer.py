@@ -215,6 +215,144 @@ def test_gradient_accumulation_weights_every_token_equally(tiny, tokenizer, tmp_
         torch.testing.assert_close(weights["accumulated"][key], weights["full"][key], rtol=1e-4, atol=1e-6)
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics: token-weighted over the logging window, checked against a float64 computation from both models' logits
+
+ALL_METRICS = EOPD_METRICS + [
+    "eopd/loss_base",
+    "eopd/loss_forward_gated",
+    "eopd/monitor/teacher_high_entropy_ratio",
+    "eopd/monitor/student_high_entropy_ratio",
+    "eopd/monitor/forward_kl_teacher_high_entropy",
+]
+
+
+def _per_token_float64(tiny, collator, rows, top_k):
+    """Per completion token of each row, from each row alone (no padding), with both models in float64."""
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"]).double().eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).double().eval()
+    columns = {name: [] for name in ("teacher_entropy", "student_entropy", "reverse_kl", "forward_kl", "forward_top_k")}
+    for row in rows:
+        batch = collator([row])
+        mask = batch["labels"][0, 1:] != -100
+        with torch.no_grad():
+            log_q = torch.log_softmax(student(input_ids=batch["input_ids"]).logits[0, :-1][mask], -1)
+            log_p = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits[0, :-1][mask], -1)
+        q, p = log_q.exp(), log_p.exp()
+        top_log_p, top_ids = log_p.topk(top_k, -1)
+        renormalised = top_log_p - torch.logsumexp(top_log_p, -1, keepdim=True)
+        columns["teacher_entropy"].append(-(p * log_p).sum(-1))
+        columns["student_entropy"].append(-(q * log_q).sum(-1))
+        columns["reverse_kl"].append((q * (log_q - log_p)).sum(-1))
+        columns["forward_kl"].append((p * (log_p - log_q)).sum(-1))
+        columns["forward_top_k"].append((renormalised.exp() * (renormalised - log_q.gather(-1, top_ids))).sum(-1))
+    return columns
+
+
+def _threshold_in_a_gap(values, low=0.1, high=0.9):
+    """A threshold at the widest gap between neighbouring values in the `low`-`high` quantile range, so that float32
+    rounding cannot move a token across it."""
+    ordered = values.sort().values
+    middle = ordered[int(low * len(ordered)) : int(high * len(ordered)) + 1]
+    gaps = middle[1:] - middle[:-1]
+    i = int(gaps.argmax())
+    assert gaps[i] > 2e-5  # float32 entropies of a 320-token vocabulary are within ~1e-6 of float64
+    return float((middle[i] + middle[i + 1]) / 2)
+
+
+def _hand_metrics(columns, *, entropy_threshold, monitor_threshold):
+    cat = {name: torch.cat(values) for name, values in columns.items()}
+    gate = (cat["teacher_entropy"] > entropy_threshold).double()
+    teacher_high = (cat["teacher_entropy"] > monitor_threshold).double()
+    n = len(gate)
+    return {
+        "eopd/teacher_entropy": float(cat["teacher_entropy"].sum()) / n,
+        "eopd/student_entropy": float(cat["student_entropy"].sum()) / n,
+        "eopd/high_entropy_ratio": float(gate.sum()) / n,
+        "eopd/reverse_kl": float(cat["reverse_kl"].sum()) / n,
+        "eopd/forward_kl": float(cat["forward_kl"].sum()) / n,
+        "eopd/forward_kl_high_entropy": float((gate * cat["forward_kl"]).sum()) / max(float(gate.sum()), 1.0),
+        "eopd/loss_base": float(cat["reverse_kl"].sum()) / n,
+        "eopd/loss_forward_gated": float((gate * cat["forward_top_k"]).sum()) / n,
+        "eopd/monitor/teacher_high_entropy_ratio": float(teacher_high.sum()) / n,
+        "eopd/monitor/student_high_entropy_ratio": float((cat["student_entropy"] > monitor_threshold).sum()) / n,
+        "eopd/monitor/forward_kl_teacher_high_entropy": (
+            float((teacher_high * cat["forward_kl"]).sum()) / max(float(teacher_high.sum()), 1.0)
+        ),
+    }
+
+
+SPLITS = [(4, 1), (2, 2), (1, 4)]  # (per-device batch size, gradient accumulation steps): the same 4 rows each time
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_logged_metrics_are_token_weighted_whatever_the_split(tiny, tokenizer, tmp_path, memory_efficient):
+    dataset = _uneven_dataset()  # completions of very different lengths: a mean of per-batch means would drift
+    coef, top_k = 0.5, 4
+    first = make_trainer(tiny, tokenizer, dataset, tmp_path / "probe")
+    columns = _per_token_float64(tiny, first.data_collator, list(dataset), top_k)
+    # Different thresholds for the gate and the monitor, so that neither set of metrics can stand in for the other.
+    entropy_threshold = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]), 0.1, 0.5)
+    monitor_threshold = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]), 0.5, 0.9)
+    expected = _hand_metrics(columns, entropy_threshold=entropy_threshold, monitor_threshold=monitor_threshold)
+
+    # The checks below can only fail on a mean of means if the rows' gated shares really differ.
+    row_ratios = [float((h > entropy_threshold).double().mean()) for h in columns["teacher_entropy"]]
+    assert abs(sum(row_ratios) / len(row_ratios) - expected["eopd/high_entropy_ratio"]) > 0.02
+    for key in ("eopd/high_entropy_ratio", "eopd/monitor/teacher_high_entropy_ratio"):
+        assert 0.0 < expected[key] < 1.0, key
+    assert expected["eopd/high_entropy_ratio"] != expected["eopd/monitor/teacher_high_entropy_ratio"]
+
+    for batch_size, accumulation in SPLITS:
+        trainer = make_trainer(
+            tiny, tokenizer, dataset, tmp_path / f"{batch_size}x{accumulation}", per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size, gradient_accumulation_steps=accumulation, max_steps=1, lmbda=0.0,
+            optim="sgd", learning_rate=0.0, entropy_threshold=entropy_threshold, forward_kl_coef=coef,
+            forward_kl_top_k=top_k, monitor_entropy_threshold=monitor_threshold,
+            memory_efficient_loss=memory_efficient,
+        )
+        trainer.train()
+        (log,) = [log for log in trainer.state.log_history if "loss" in log]
+        eval_log = trainer.evaluate(dataset)
+        split = f"batch {batch_size} x accumulation {accumulation}"
+        for key in ALL_METRICS:
+            assert log[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (split, key)
+            assert eval_log[f"eval_{key}"] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (split, key)
+        # The loss is read from its parts: base term + forward_kl_coef * gated forward term (top-k included).
+        assert log["loss"] == pytest.approx(log["eopd/loss_base"] + coef * log["eopd/loss_forward_gated"], rel=1e-5)
+        assert log["loss"] == pytest.approx(
+            expected["eopd/loss_base"] + coef * expected["eopd/loss_forward_gated"], rel=1e-5
+        )
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_opd_run_reports_high_entropy_shares_at_the_monitoring_threshold(tiny, tokenizer, tmp_path, memory_efficient):
+    """With the gate off (OPD) the gate's metrics are 0, but the monitoring ones equal an EOPD run's on the same data."""
+    dataset = _uneven_dataset()
+    columns = _per_token_float64(tiny, make_trainer(tiny, tokenizer, dataset, tmp_path / "probe").data_collator,
+                                 list(dataset), top_k=4)
+    monitor_threshold = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]))
+    expected = _hand_metrics(columns, entropy_threshold=math.inf, monitor_threshold=monitor_threshold)
+    logs = {}
+    for name, threshold in (("opd", math.inf), ("eopd", 0.0)):
+        trainer = make_trainer(
+            tiny, tokenizer, dataset, tmp_path / name, max_steps=1, lmbda=0.0, optim="sgd", learning_rate=0.0,
+            entropy_threshold=threshold, monitor_entropy_threshold=monitor_threshold,
+            memory_efficient_loss=memory_efficient,
+        )
+        trainer.train()
+        (logs[name],) = [log for log in trainer.state.log_history if "loss" in log]
+    opd = logs["opd"]
+    assert opd["eopd/high_entropy_ratio"] == 0.0 and opd["eopd/forward_kl_high_entropy"] == 0.0
+    assert opd["eopd/loss_forward_gated"] == 0.0
+    assert 0.0 < expected["eopd/monitor/teacher_high_entropy_ratio"] < 1.0
+    for key in ("eopd/monitor/teacher_high_entropy_ratio", "eopd/monitor/student_high_entropy_ratio",
+                "eopd/monitor/forward_kl_teacher_high_entropy"):
+        assert opd[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+        assert logs["eopd"][key] == pytest.approx(opd[key], rel=1e-5, abs=1e-6), key
+    assert logs["eopd"]["eopd/high_entropy_ratio"] == 1.0  # every token gated at threshold 0: the gate moved
+
+
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
 def test_temperature_and_options_reach_the_loss(tiny, tokenizer, dataset, tmp_path, memory_efficient):
     options = dict(temperature=2.0, entropy_threshold=4.0, forward_kl_top_k=5, gate="switch", forward_kl_coef=0.5)
