@@ -136,8 +136,11 @@ class EOPDTrainer(GKDTrainer):
     - applies `temperature` to the divergences and the entropy, not only to sampling;
     - by default computes the loss from hidden states a chunk of completion tokens at a time (see
       `EOPDConfig.memory_efficient_loss`), instead of full `(batch, seq, vocab)` logits for both models;
-    - logs `eopd/*` metrics (teacher and student entropy, high-entropy ratio, reverse and forward KL), gathered across
-      processes, in training and evaluation.
+    - logs `eopd/*` metrics (entropies, high-entropy shares at the gate's and at a gate-independent threshold, reverse
+      and forward KL, and the loss's two terms as used), token-weighted over every micro-batch, step and process since
+      the last log, in training and evaluation;
+    - keeps prompts longer than the room `max_length` leaves whole (cutting the reference completion instead, with a
+      warning), and names the model when sampling hits non-finite probabilities.
 
     Args:
         model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
