@@ -314,14 +314,6 @@ class EOPDTrainer(GKDTrainer):
         inputs[_ROLLOUT_DONE] = True
         return inputs
 
-    def generate_on_policy_outputs(self, model, inputs, generation_config, *args, **kwargs):
-        try:
-            return super().generate_on_policy_outputs(model, inputs, generation_config, *args, **kwargs)
-        except RuntimeError as error:
-            if "probability tensor contains" not in str(error):
-                raise
-            raise FloatingPointError(_non_finite_sampling_report(self, model)) from error
-
     @staticmethod
     def _count_loss_tokens(batches: list[dict]) -> torch.Tensor:
         return sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in batches)
@@ -595,6 +587,16 @@ class EOPDTrainer(GKDTrainer):
         self._eopd_sums.pop("eval", None)
         return super().evaluation_loop(*args, **kwargs)
 
+    def generate_on_policy_outputs(self, model, inputs, generation_config, *args, **kwargs):
+        # torch's sampler reports non-finite probabilities without naming the model; the loss's own check names it,
+        # and sampling (the student's, or the teacher's with seq_kd) now does too.
+        try:
+            return super().generate_on_policy_outputs(model, inputs, generation_config, *args, **kwargs)
+        except RuntimeError as error:
+            if "probability tensor contains" not in str(error):
+                raise
+            raise FloatingPointError(_non_finite_sampling_report(self, model)) from error
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Without compute_metrics nobody reads evaluation logits; asking for them would force full-logits projections.
         if self.compute_metrics is None:
@@ -626,7 +628,7 @@ def _non_finite_sampling_report(trainer, model) -> str:
         bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
     if bad:
         listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        cause = f"{len(bad)} of its weight tensors hold NaN or inf ({listed})"
+        cause = f"{len(bad)} of its weight tensors contain NaN or inf ({listed})"
     else:
         cause = "its weights are finite, so its logits overflowed (fp16 overflows easily; prefer bf16 or fp32)"
     return (
