@@ -190,7 +190,9 @@ def test_bf16_inputs_are_finite_and_close_to_float32(estimator):
     torch.testing.assert_close(loss_bf16, loss_fp32, rtol=1e-5, atol=1e-6)
     # Both against the float64 reference on the same bf16-rounded values, at float32's tolerance: what bf16 rounds is
     # the input, never the computation.
-    expected = reference_eopd_loss(student_bf16.double(), teacher_bf16.double(), labels, reverse_kl_estimator=estimator)
+    expected = reference_eopd_loss(
+        student_bf16.double(), teacher_bf16.double(), labels, reverse_kl_estimator=estimator
+    )
     torch.testing.assert_close(loss_bf16.double(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -140,7 +140,9 @@ def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp
     for key, value in stats.means().items():
         assert first_log[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
     # GKD's own loss on the same completions (its defaults: beta=0.5) is another number: the swap changed the loss.
-    gkd = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=batch["labels"][:, 1:])
+    gkd = GKDTrainer.generalized_jsd_loss(
+        student_logits[:, :-1], teacher_logits[:, :-1], labels=batch["labels"][:, 1:]
+    )
     assert abs(float(gkd) - float(expected)) > 1e-3
 
 
@@ -283,7 +285,8 @@ def _per_token_float64(tiny, collator, rows, top_k):
     """Per completion token of each row, from each row alone (no padding), with both models in float64."""
     student = AutoModelForCausalLM.from_pretrained(tiny["student"]).double().eval()
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).double().eval()
-    columns = {name: [] for name in ("teacher_entropy", "student_entropy", "reverse_kl", "forward_kl", "forward_top_k")}
+    names = ("teacher_entropy", "student_entropy", "reverse_kl", "forward_kl", "forward_top_k")
+    columns = {name: [] for name in names}
     for row in rows:
         batch = collator([row])
         mask = batch["labels"][0, 1:] != -100
@@ -334,7 +337,8 @@ def _hand_metrics(columns, *, entropy_threshold, monitor_threshold):
     }
 
 
-# (per-device batch size, gradient accumulation steps, optimizer steps per log): the same 4 rows in every logged window.
+# (per-device batch size, gradient accumulation steps, optimizer steps per log): the same 4 rows in every logged
+# window.
 SPLITS = [(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 1, 4)]
 
 
@@ -383,7 +387,7 @@ def test_logged_metrics_are_token_weighted_whatever_the_split(tiny, tokenizer, t
 
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
 def test_opd_run_reports_high_entropy_shares_at_the_monitoring_threshold(tiny, tokenizer, tmp_path, memory_efficient):
-    """With the gate off (OPD) the gate's metrics are 0, but the monitoring ones equal an EOPD run's on the same data."""
+    """With the gate off (OPD) the gate's metrics are 0; the monitoring ones equal an EOPD run's on the same data."""
     dataset = _uneven_dataset()
     columns = _per_token_float64(tiny, make_trainer(tiny, tokenizer, dataset, tmp_path / "probe").data_collator,
                                  list(dataset), top_k=4)

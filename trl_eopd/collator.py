@@ -40,7 +40,8 @@ class PromptKeepingChatMLCollator(DataCollatorForChatML):
         if "input_ids" in example or self.messages_key not in example:
             return example
         messages = example[self.messages_key]
-        full_ids = self._encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False))
+        full_text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+        full_ids = self._encode(full_text)
         if len(full_ids) <= self.max_length:
             return example
         prompt_text = example.get(self.prompt_key)
@@ -49,9 +50,10 @@ class PromptKeepingChatMLCollator(DataCollatorForChatML):
         prompt_length = len(self._encode(prompt_text))
         if prompt_length > self.max_length:
             raise ValueError(
-                f"A prompt has {prompt_length} tokens, more than `max_length={self.max_length}` (which bounds prompt + "
-                "completion). Cutting it would make the student answer a fragment of the question. Raise `max_length`, "
-                "or drop or shorten the long prompts before training (e.g. `dataset.filter(...)`). Prompt starts: "
+                f"A prompt has {prompt_length} tokens, more than `max_length={self.max_length}` (which bounds "
+                "prompt + completion). Cutting it would make the student answer a fragment of the question. Raise "
+                "`max_length`, or drop or shorten the long prompts before training (e.g. `dataset.filter(...)`). "
+                "Prompt starts: "
                 f"{prompt_text[:80]!r}"
             )
         kept = full_ids[: self.max_length]

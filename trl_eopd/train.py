@@ -450,7 +450,9 @@ def check_vocabularies(student: str, teacher: str, *, model_args, training_args)
 
     def vocab(path: str, revision: str | None) -> int:
         if missing_local_path(path):
-            raise UsageError(f"model path {path!r} does not exist; give a folder saved with `save_pretrained` or a Hub id.")
+            raise UsageError(
+                f"model path {path!r} does not exist; give a folder saved with `save_pretrained` or a Hub id."
+            )
         try:
             config = AutoConfig.from_pretrained(
                 path, revision=revision, trust_remote_code=training_args.trust_remote_code

@@ -632,9 +632,9 @@ def _non_finite_sampling_report(trainer, model) -> str:
     else:
         cause = "its weights are finite, so its logits overflowed (fp16 overflows easily; prefer bf16 or fp32)"
     return (
-        f"Sampling from the {role} failed at global step {trainer.state.global_step}: its next-token probabilities are "
-        f"NaN or inf because {cause}. A NaN loss or a too-high learning rate in an earlier step is the usual cause; "
-        "lower the learning rate, or restart from a healthy checkpoint."
+        f"Sampling from the {role} failed at global step {trainer.state.global_step}: its next-token probabilities "
+        f"are NaN or inf because {cause}. A NaN loss or a too-high learning rate in an earlier step is the usual "
+        "cause; lower the learning rate, or restart from a healthy checkpoint."
     )
 
 
