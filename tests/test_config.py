@@ -48,6 +48,8 @@ def test_sampled_estimator_is_accepted_when_fully_on_policy():
         (dict(reverse_kl_estimator="sampled", seq_kd=True), r"requires `seq_kd=False` \(got True\)"),
         (dict(temperature=0.0), r"`temperature` must be a finite number > 0"),
         (dict(loss_chunk_size=0), r"`loss_chunk_size` must be an integer >= 1; got 0"),
+        (dict(monitor_entropy_threshold=float("inf")), r"`monitor_entropy_threshold` must be a finite number >= 0"),
+        (dict(monitor_entropy_threshold=-0.1), r"`monitor_entropy_threshold` must be a finite number >= 0"),
     ],
 )
 def test_invalid_values_name_the_field_and_what_is_allowed(kwargs, message):

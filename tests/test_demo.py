@@ -76,10 +76,14 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert results["summary"]["teacher"]["pass@8"]["mean"] > 0.8
     assert results["summary"]["teacher"]["forward_kl_high_entropy"]["mean"] == pytest.approx(0.0, abs=1e-6)
 
-    # Both methods went through EOPDTrainer and logged its metrics; only EOPD's gate opened.
+    # Both methods went through EOPDTrainer and logged its metrics; only EOPD's gate opened, but both report their
+    # high-entropy shares at the monitoring threshold, so OPD and EOPD compare.
     for method, gated in (("opd", False), ("eopd", True)):
         for run in results["per_seed"][method]:
             logged = [entry for entry in run["log_history"] if "eopd/reverse_kl" in entry]
             assert logged, method
             assert any(entry["eopd/high_entropy_ratio"] > 0 for entry in logged) is gated, method
+            for key in ("eopd/monitor/teacher_high_entropy_ratio", "eopd/monitor/student_high_entropy_ratio"):
+                assert all(0.0 <= entry[key] <= 1.0 for entry in logged), (method, key)
+                assert any(entry[key] > 0 for entry in logged), (method, key)
     assert "pass@8" in capsys.readouterr().out

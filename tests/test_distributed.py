@@ -205,3 +205,34 @@ def test_lora_student_under_zero3(tiny_env, tmp_path):
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
     assert_reload_matches(out, base=paths["student"])
+
+
+def test_metrics_are_token_weighted_across_processes(tiny_env, tmp_path):
+    """Two processes with a batch of 2 rows each log, for the step, what a float64 computation over all 4 rows gives:
+    sums are gathered from every process before dividing, so the processes' uneven token counts weigh in."""
+    from test_trainer import ALL_METRICS, _hand_metrics, _per_token_float64, _threshold_in_a_gap, _uneven_dataset
+    from transformers import AutoTokenizer
+
+    from trl_eopd.collator import PromptKeepingChatMLCollator
+
+    env, paths = tiny_env
+    rows = list(_uneven_dataset())
+    data = tmp_path / "uneven.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    collator = PromptKeepingChatMLCollator(tokenizer=AutoTokenizer.from_pretrained(paths["student"]), max_length=128)
+    columns = _per_token_float64(paths, collator, rows, top_k=4)
+    gate = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]), 0.1, 0.5)
+    monitor = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]), 0.5, 0.9)
+    expected = _hand_metrics(columns, entropy_threshold=gate, monitor_threshold=monitor)
+
+    out = tmp_path / "out"
+    launch(env, "zero2", out, "--dataset_name", str(data), "--max_steps", "1", "--lmbda", "0",
+           "--reverse_kl_estimator", "analytic", "--per_device_train_batch_size", "2",
+           "--gradient_accumulation_steps", "1", "--forward_kl_top_k", "4", "--forward_kl_coef", "0.5",
+           "--entropy_threshold", repr(gate), "--monitor_entropy_threshold", repr(monitor))
+    for history in histories(out):
+        (log,) = [entry for entry in history if "loss" in entry]
+        for key in ALL_METRICS:
+            assert log[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+        assert log["loss"] == pytest.approx(expected["eopd/loss_base"] + 0.5 * expected["eopd/loss_forward_gated"],
+                                            rel=1e-5)

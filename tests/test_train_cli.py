@@ -170,6 +170,26 @@ def test_missing_checkpoint_is_rejected(tiny, tmp_path, capsys, no_model_loading
     assert "checkpoint-9" in err and "does not exist" in err
 
 
+def test_missing_model_path_is_reported_as_missing(tiny, tmp_path, capsys, no_model_loading):
+    missing = str(tmp_path / "no-such-model")
+    for flag in ("--model_name_or_path", "--teacher_model_name_or_path"):
+        err = run_main_expecting_error(["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), flag, missing],
+                                       capsys)
+        assert f"model path {missing!r} does not exist" in err, err
+        assert "Repo id" not in err
+
+
+def test_empty_training_data_is_rejected(tiny, tmp_path, capsys, no_model_loading):
+    data = tmp_path / "empty.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "completion": "2"}) + "\n")
+    err = run_main_expecting_error(
+        ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), "--dataset_name", str(data),
+         "--max_train_samples", "0"],
+        capsys,
+    )
+    assert "has no rows to train on" in err, err
+
+
 def test_prompt_only_data_requires_fully_on_policy(tiny, tmp_path, capsys, no_model_loading):
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "1+1?"}) + "\n")

@@ -9,7 +9,9 @@ import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_eopd import EOPDConfig, EOPDTrainer, eopd_loss
+from trl.experimental.gkd import GKDTrainer
+
+from trl_eopd import EOPDConfig, EOPDTrainer, eopd_loss, eopd_loss_and_stats
 from trl_eopd.tiny import EOS_TOKEN, IM_END, save_tiny_setup
 
 EOPD_METRICS = [
@@ -92,7 +94,7 @@ trainer.train()
 """
 
 
-def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp_path):
+def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp_path, monkeypatch):
     eopd_script = (
         GKD_SCRIPT.replace("from trl.experimental.gkd import", "from trl_eopd import")
         .replace("GKDConfig", "EOPDConfig")
@@ -101,6 +103,16 @@ def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp
     changed = [(a, b) for a, b in zip(GKD_SCRIPT.splitlines(), eopd_script.splitlines()) if a != b]
     assert len(changed) == 3  # the import line, the config line and the trainer line; nothing else
 
+    recorded = []
+    original_compute_loss = EOPDTrainer.compute_loss
+
+    def recording_compute_loss(self, model, inputs, *args, **kwargs):
+        loss = original_compute_loss(self, model, inputs, *args, **kwargs)
+        if model.training and not recorded:
+            recorded.append(({k: v.detach().clone() for k, v in inputs.items() if torch.is_tensor(v)}, loss.detach()))
+        return loss
+
+    monkeypatch.setattr(EOPDTrainer, "compute_loss", recording_compute_loss)
     for name, script in (("gkd", GKD_SCRIPT), ("eopd", eopd_script)):
         namespace = {
             "STUDENT": tiny["student"],
@@ -112,7 +124,26 @@ def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp
         trainer = namespace["trainer"]
         assert trainer.state.global_step == 2
     assert type(trainer).__name__ == "EOPDTrainer"
-    assert all(key in trainer.state.log_history[0] for key in EOPD_METRICS)
+    # The swapped script trains with EOPD's loss at the paper's defaults: its first logged loss and metrics equal the
+    # EOPD loss recomputed from the initial models' full logits on the very completions it sampled.
+    assert (trainer.args.lmbda, trainer.args.beta, trainer.args.temperature) == (1.0, 1.0, 1.0)
+    batch, trained_loss = recorded[0]
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"]).eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        student_logits, teacher_logits = student(**model_inputs).logits, teacher(**model_inputs).logits
+    expected, stats = eopd_loss_and_stats(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:])
+    first_log = trainer.state.log_history[0]
+    torch.testing.assert_close(trained_loss, expected, rtol=1e-5, atol=1e-6)
+    assert first_log["loss"] == pytest.approx(float(expected), rel=1e-5)
+    for key, value in stats.means().items():
+        assert first_log[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # GKD's own loss on the same completions (its defaults: beta=0.5) is another number: the swap changed the loss.
+    gkd = GKDTrainer.generalized_jsd_loss(
+        student_logits[:, :-1], teacher_logits[:, :-1], labels=batch["labels"][:, 1:]
+    )
+    assert abs(float(gkd) - float(expected)) > 1e-3
 
 
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
@@ -187,6 +218,29 @@ def test_num_items_counts_the_generated_completion_tokens(tiny, tokenizer, datas
         assert (batch["labels"][:, : batch["prompts"].shape[1]] == -100).all()
 
 
+def test_on_policy_window_count_is_the_generated_tokens(tiny, tokenizer, dataset, tmp_path):
+    """The window's count is the number of tokens the student generated: each row's completion up to and including its
+    first stop token, read off the generated sequences, not from the labels the implementation counts."""
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, per_device_train_batch_size=2, lmbda=1.0,
+                           max_new_tokens=12)
+    rows_per_window = 2 * 2
+    batch_samples, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, trainer.args.device)
+    stop_ids = set(trainer.generation_config.eos_token_id)
+    expected, stopped_early = 0, 0
+    for batch in batch_samples:
+        for generated in batch["input_ids"][:, batch["prompts"].shape[1] :].tolist():
+            stops = [i for i, token in enumerate(generated) if token in stop_ids]
+            expected += stops[0] + 1 if stops else trainer.args.max_new_tokens
+            stopped_early += bool(stops)
+    assert int(num_items) == expected
+    # The dataset's own completions (what transformers would count) have another length: the check can tell them apart.
+    dataset_count = sum(
+        int((trainer.data_collator([row])["labels"][0, 1:] != -100).sum()) for row in dataset
+    ) / len(dataset) * rows_per_window
+    assert abs(expected - dataset_count) > 2
+    assert 0 < expected <= rows_per_window * trainer.args.max_new_tokens
+
+
 def _uneven_dataset():
     rows = []
     for index, answer_length in enumerate([1, 30, 3, 40]):
@@ -213,6 +267,150 @@ def test_gradient_accumulation_weights_every_token_equally(tiny, tokenizer, tmp_
     assert moved > 1e-4
     for key in weights["full"]:
         torch.testing.assert_close(weights["accumulated"][key], weights["full"][key], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Metrics: token-weighted over the logging window, checked against a float64 computation from both models' logits
+
+ALL_METRICS = EOPD_METRICS + [
+    "eopd/loss_base",
+    "eopd/loss_forward_gated",
+    "eopd/monitor/teacher_high_entropy_ratio",
+    "eopd/monitor/student_high_entropy_ratio",
+    "eopd/monitor/forward_kl_teacher_high_entropy",
+]
+
+
+def _per_token_float64(tiny, collator, rows, top_k):
+    """Per completion token of each row, from each row alone (no padding), with both models in float64."""
+    student = AutoModelForCausalLM.from_pretrained(tiny["student"]).double().eval()
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).double().eval()
+    names = ("teacher_entropy", "student_entropy", "reverse_kl", "forward_kl", "forward_top_k")
+    columns = {name: [] for name in names}
+    for row in rows:
+        batch = collator([row])
+        mask = batch["labels"][0, 1:] != -100
+        with torch.no_grad():
+            log_q = torch.log_softmax(student(input_ids=batch["input_ids"]).logits[0, :-1][mask], -1)
+            log_p = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits[0, :-1][mask], -1)
+        q, p = log_q.exp(), log_p.exp()
+        top_log_p, top_ids = log_p.topk(top_k, -1)
+        renormalised = top_log_p - torch.logsumexp(top_log_p, -1, keepdim=True)
+        columns["teacher_entropy"].append(-(p * log_p).sum(-1))
+        columns["student_entropy"].append(-(q * log_q).sum(-1))
+        columns["reverse_kl"].append((q * (log_q - log_p)).sum(-1))
+        columns["forward_kl"].append((p * (log_p - log_q)).sum(-1))
+        columns["forward_top_k"].append((renormalised.exp() * (renormalised - log_q.gather(-1, top_ids))).sum(-1))
+    return columns
+
+
+def _threshold_in_a_gap(values, low=0.1, high=0.9):
+    """A threshold at the widest gap between neighbouring values in the `low`-`high` quantile range, so that float32
+    rounding cannot move a token across it."""
+    ordered = values.sort().values
+    middle = ordered[int(low * len(ordered)) : int(high * len(ordered)) + 1]
+    gaps = middle[1:] - middle[:-1]
+    i = int(gaps.argmax())
+    assert gaps[i] > 2e-5  # float32 entropies of a 320-token vocabulary are within ~1e-6 of float64
+    return float((middle[i] + middle[i + 1]) / 2)
+
+
+def _hand_metrics(columns, *, entropy_threshold, monitor_threshold):
+    cat = {name: torch.cat(values) for name, values in columns.items()}
+    gate = (cat["teacher_entropy"] > entropy_threshold).double()
+    teacher_high = (cat["teacher_entropy"] > monitor_threshold).double()
+    n = len(gate)
+    return {
+        "eopd/teacher_entropy": float(cat["teacher_entropy"].sum()) / n,
+        "eopd/student_entropy": float(cat["student_entropy"].sum()) / n,
+        "eopd/high_entropy_ratio": float(gate.sum()) / n,
+        "eopd/reverse_kl": float(cat["reverse_kl"].sum()) / n,
+        "eopd/forward_kl": float(cat["forward_kl"].sum()) / n,
+        "eopd/forward_kl_high_entropy": float((gate * cat["forward_kl"]).sum()) / max(float(gate.sum()), 1.0),
+        "eopd/loss_base": float(cat["reverse_kl"].sum()) / n,
+        "eopd/loss_forward_gated": float((gate * cat["forward_top_k"]).sum()) / n,
+        "eopd/monitor/teacher_high_entropy_ratio": float(teacher_high.sum()) / n,
+        "eopd/monitor/student_high_entropy_ratio": float((cat["student_entropy"] > monitor_threshold).sum()) / n,
+        "eopd/monitor/forward_kl_teacher_high_entropy": (
+            float((teacher_high * cat["forward_kl"]).sum()) / max(float(teacher_high.sum()), 1.0)
+        ),
+    }
+
+
+# (per-device batch size, gradient accumulation steps, optimizer steps per log): the same 4 rows in every logged
+# window.
+SPLITS = [(4, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2), (1, 1, 4)]
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_logged_metrics_are_token_weighted_whatever_the_split(tiny, tokenizer, tmp_path, memory_efficient):
+    dataset = _uneven_dataset()  # completions of very different lengths: a mean of per-batch means would drift
+    coef, top_k = 0.5, 4
+    first = make_trainer(tiny, tokenizer, dataset, tmp_path / "probe")
+    columns = _per_token_float64(tiny, first.data_collator, list(dataset), top_k)
+    # Different thresholds for the gate and the monitor, so that neither set of metrics can stand in for the other.
+    entropy_threshold = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]), 0.1, 0.5)
+    monitor_threshold = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]), 0.5, 0.9)
+    expected = _hand_metrics(columns, entropy_threshold=entropy_threshold, monitor_threshold=monitor_threshold)
+
+    # The checks below can only fail on a mean of means if the rows' gated shares really differ.
+    row_ratios = [float((h > entropy_threshold).double().mean()) for h in columns["teacher_entropy"]]
+    assert abs(sum(row_ratios) / len(row_ratios) - expected["eopd/high_entropy_ratio"]) > 0.02
+    for key in ("eopd/high_entropy_ratio", "eopd/monitor/teacher_high_entropy_ratio"):
+        assert 0.0 < expected[key] < 1.0, key
+    assert expected["eopd/high_entropy_ratio"] != expected["eopd/monitor/teacher_high_entropy_ratio"]
+
+    for batch_size, accumulation, steps in SPLITS:
+        trainer = make_trainer(
+            tiny, tokenizer, dataset, tmp_path / f"{batch_size}x{accumulation}x{steps}",
+            per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=steps, logging_steps=steps, lmbda=0.0,
+            optim="sgd", learning_rate=0.0, entropy_threshold=entropy_threshold, forward_kl_coef=coef,
+            forward_kl_top_k=top_k, monitor_entropy_threshold=monitor_threshold,
+            memory_efficient_loss=memory_efficient,
+        )
+        trainer.train()
+        (log,) = [log for log in trainer.state.log_history if "loss" in log]
+        eval_log = trainer.evaluate(dataset)
+        split = f"batch {batch_size} x accumulation {accumulation} x {steps} steps per log"
+        for key in ALL_METRICS:
+            assert log[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (split, key)
+            assert eval_log[f"eval_{key}"] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), (split, key)
+        if steps > 1:
+            continue  # the Trainer's `loss` is then a mean of per-step values, not token-weighted (see README)
+        # The loss is read from its parts: base term + forward_kl_coef * gated forward term (top-k included).
+        assert log["loss"] == pytest.approx(log["eopd/loss_base"] + coef * log["eopd/loss_forward_gated"], rel=1e-5)
+        assert log["loss"] == pytest.approx(
+            expected["eopd/loss_base"] + coef * expected["eopd/loss_forward_gated"], rel=1e-5
+        )
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_opd_run_reports_high_entropy_shares_at_the_monitoring_threshold(tiny, tokenizer, tmp_path, memory_efficient):
+    """With the gate off (OPD) the gate's metrics are 0; the monitoring ones equal an EOPD run's on the same data."""
+    dataset = _uneven_dataset()
+    columns = _per_token_float64(tiny, make_trainer(tiny, tokenizer, dataset, tmp_path / "probe").data_collator,
+                                 list(dataset), top_k=4)
+    monitor_threshold = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]))
+    expected = _hand_metrics(columns, entropy_threshold=math.inf, monitor_threshold=monitor_threshold)
+    logs = {}
+    for name, threshold in (("opd", math.inf), ("eopd", 0.0)):
+        trainer = make_trainer(
+            tiny, tokenizer, dataset, tmp_path / name, max_steps=1, lmbda=0.0, optim="sgd", learning_rate=0.0,
+            entropy_threshold=threshold, monitor_entropy_threshold=monitor_threshold,
+            memory_efficient_loss=memory_efficient,
+        )
+        trainer.train()
+        (logs[name],) = [log for log in trainer.state.log_history if "loss" in log]
+    opd = logs["opd"]
+    assert opd["eopd/high_entropy_ratio"] == 0.0 and opd["eopd/forward_kl_high_entropy"] == 0.0
+    assert opd["eopd/loss_forward_gated"] == 0.0
+    assert 0.0 < expected["eopd/monitor/teacher_high_entropy_ratio"] < 1.0
+    for key in ("eopd/monitor/teacher_high_entropy_ratio", "eopd/monitor/student_high_entropy_ratio",
+                "eopd/monitor/forward_kl_teacher_high_entropy"):
+        assert opd[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+        assert logs["eopd"][key] == pytest.approx(opd[key], rel=1e-5, abs=1e-6), key
+    assert logs["eopd"]["eopd/high_entropy_ratio"] == 1.0  # every token gated at threshold 0: the gate moved
 
 
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
@@ -366,3 +564,98 @@ def test_logits_scaled_outside_the_head_are_detected(tiny, tokenizer, dataset, t
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     with pytest.warns(UserWarning, match="teacher's logits are not a plain projection"):
         assert not trainer._memory_efficient_is_exact(trainer.model, batch)
+
+
+@pytest.mark.parametrize("field", ["train_dataset", "eval_dataset"])
+def test_empty_dataset_is_named(tiny, tokenizer, dataset, tmp_path, field):
+    empty = dataset.select([])
+    kwargs = {"train_dataset": dataset, "eval_dataset": None, field: empty}
+    with pytest.raises(ValueError, match=rf"`{field}` is empty \(0 rows\)"):
+        EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=make_args(tmp_path),
+                    processing_class=tokenizer, **kwargs)
+
+
+@pytest.mark.parametrize("field", ["model", "teacher_model"])
+def test_model_path_that_does_not_exist_is_named(tiny, tokenizer, dataset, tmp_path, field):
+    missing = str(tmp_path / "no-such-model")
+    kwargs = {"model": tiny["student"], "teacher_model": tiny["teacher"], field: missing}
+    with pytest.raises(ValueError, match=rf"`{field}` is '{missing}', a local path that does not exist"):
+        EOPDTrainer(args=make_args(tmp_path), train_dataset=dataset, processing_class=tokenizer, **kwargs)
+
+
+def _prompt_ids(tokenizer, messages):
+    text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _long_prompt_dataset(prompt_words: int, completion_words: int, rows: int = 4):
+    return Dataset.from_list([
+        {"messages": [{"role": "user", "content": " ".join([f"q{i}"] * prompt_words)},
+                      {"role": "assistant", "content": " ".join(["7"] * completion_words)}]}
+        for i in range(rows)
+    ])
+
+
+def test_long_row_keeps_its_prompt_and_cuts_the_completion_with_a_count(tiny, tokenizer, tmp_path):
+    dataset = _long_prompt_dataset(prompt_words=20, completion_words=30)
+    row = dataset[0]
+    prompt_ids = _prompt_ids(tokenizer, row["messages"])
+    full_length = len(tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False),
+                                add_special_tokens=False)["input_ids"])
+    max_length = len(prompt_ids) + 5
+    assert full_length > max_length  # TRL's collator would cut this row's prompt from the left
+
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, max_length=max_length)
+    with pytest.warns(UserWarning, match=rf"4 of 4 rows in this batch .* longer than `max_length={max_length}`"):
+        batch = trainer.data_collator(list(dataset))
+    assert batch["prompts"][0].tolist() == list(prompt_ids)  # the whole prompt reaches generation
+    assert batch["input_ids"].shape[1] == max_length
+    assert int((batch["labels"][0] != -100).sum()) == 5  # the reference completion is what gets cut
+    # One step trains on it: the prompt the student generates from is the full one.
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_prompt_longer_than_max_length_is_an_error(tiny, tokenizer, tmp_path):
+    dataset = _long_prompt_dataset(prompt_words=40, completion_words=2)
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, max_length=16)
+    with pytest.raises(ValueError, match=r"A prompt has \d+ tokens, more than `max_length=16`"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("broken", ["student", "teacher"])
+def test_non_finite_weights_under_sampling_name_the_model(tiny, tokenizer, dataset, tmp_path, broken):
+    # The teacher only samples with seq_kd=True, on the batches that are not on-policy.
+    options = dict(lmbda=0.0, seq_kd=True) if broken == "teacher" else {}
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, **options)
+    model = trainer.model if broken == "student" else trainer.teacher_model
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=rf"Sampling from the {broken} .* NaN or inf") as error:
+        trainer.train()
+    assert "lm_head.weight" in str(error.value) or "embed_tokens.weight" in str(error.value)
+    assert isinstance(error.value.__cause__, RuntimeError)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_window_without_completion_tokens_is_zero_loss_without_gradient(tiny, tokenizer, tmp_path, memory_efficient):
+    """Every prompt fills `max_length`, so the dataset's completions are cut to nothing and no row has a loss token."""
+    dataset = _long_prompt_dataset(prompt_words=6, completion_words=3)
+    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": "same prompt"}, m["messages"][1]]}
+                                 for m in dataset])
+    prompt_length = len(_prompt_ids(tokenizer, dataset[0]["messages"]))
+    trainer = make_trainer(
+        tiny, tokenizer, dataset, tmp_path, max_length=prompt_length, lmbda=0.0, max_steps=1, optim="sgd",
+        learning_rate=1.0, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        memory_efficient_loss=memory_efficient,
+    )
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    empty = [str(w.message) for w in caught if "has no completion token" in str(w.message)]
+    assert len(empty) == 1, empty  # once for the window, not once per micro-batch
+    (log,) = [log for log in trainer.state.log_history if "loss" in log]
+    assert log["loss"] == 0.0 and log["eopd/reverse_kl"] == 0.0
+    for name, parameter in trainer.model.named_parameters():
+        assert torch.equal(parameter.detach(), before[name]), name

@@ -19,11 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .loss import EOPDStats, validate_eopd_options
+from .loss import DEFAULT_MONITOR_ENTROPY_THRESHOLD, EOPDStats, validate_eopd_options
 
 # Columns of the per-token statistics table filled chunk by chunk; summing whole columns at the end keeps the
 # reduction order close to the full-logits reference.
-_TEACHER_ENTROPY, _STUDENT_ENTROPY, _REVERSE_KL, _FORWARD_KL, _GATED_FORWARD_KL, _HIGH_ENTROPY, _LOSS = range(7)
+(
+    _TEACHER_ENTROPY,
+    _STUDENT_ENTROPY,
+    _REVERSE_KL,
+    _FORWARD_KL,
+    _GATED_FORWARD_KL,
+    _HIGH_ENTROPY,
+    _LOSS,
+    _BASE_USED,
+    _FORWARD_USED,
+    _TEACHER_HIGH_MONITOR,
+    _STUDENT_HIGH_MONITOR,
+    _FORWARD_KL_TEACHER_HIGH_MONITOR,
+) = range(12)
+_NUM_COLUMNS = 12
 
 
 @dataclass(frozen=True)
@@ -35,6 +49,7 @@ class _Options:
     temperature: float
     forward_kl_top_k: int | None
     reverse_kl_estimator: str
+    monitor_entropy_threshold: float
     student_logit_scale: float
     teacher_logit_scale: float
     student_softcap: float | None
@@ -100,7 +115,7 @@ def _eopd_chunks(
     need_hidden, need_weight, need_bias = needs_grad
     need_any = need_hidden or need_weight or need_bias
 
-    per_token = torch.zeros(num_tokens, 7, dtype=torch.float32, device=device)
+    per_token = torch.zeros(num_tokens, _NUM_COLUMNS, dtype=torch.float32, device=device)
     grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if need_hidden else None
     grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_weight else None
     grad_bias = (
@@ -199,7 +214,13 @@ def _eopd_chunks(
         stats[:, _FORWARD_KL] = forward_kl
         stats[:, _GATED_FORWARD_KL] = forward_kl * gate
         stats[:, _HIGH_ENTROPY] = gate
-        stats[:, _LOSS] = base_weight * base + forward_weight * forward
+        stats[:, _BASE_USED] = base_weight * base
+        stats[:, _FORWARD_USED] = gate * forward
+        stats[:, _LOSS] = stats[:, _BASE_USED] + coef * stats[:, _FORWARD_USED]
+        teacher_high_monitor = (teacher_entropy > opts.monitor_entropy_threshold).to(torch.float32)
+        stats[:, _TEACHER_HIGH_MONITOR] = teacher_high_monitor
+        stats[:, _STUDENT_HIGH_MONITOR] = student_entropy > opts.monitor_entropy_threshold
+        stats[:, _FORWARD_KL_TEACHER_HIGH_MONITOR] = forward_kl * teacher_high_monitor
 
         if not need_any:
             continue
@@ -323,6 +344,7 @@ def chunked_eopd_loss_and_stats(
     reverse_kl_estimator: str = "analytic",
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
+    monitor_entropy_threshold: float = DEFAULT_MONITOR_ENTROPY_THRESHOLD,
 ) -> tuple[Tensor, EOPDStats]:
     """EOPD loss and statistics computed from hidden states, a chunk of tokens at a time.
 
@@ -359,9 +381,11 @@ def chunked_eopd_loss_and_stats(
         entropy_threshold, forward_kl_coef, gate, beta, temperature, forward_kl_top_k, reverse_kl_estimator:
             As in [`eopd_loss`].
         num_items_in_batch (`int` or `torch.Tensor`, *optional*):
-            Divisor for the summed loss; defaults to `max(N, 1)`.
+            Divisor for the summed loss; defaults to `max(N, 1)`. 0 (no loss token in the whole window) gives 0.
         chunk_size (`int`, *optional*, defaults to `256`):
             Tokens per chunk. Peak memory grows as `2 * 2 * chunk_size * V` float32 values.
+        monitor_entropy_threshold (`float`, *optional*, defaults to `0.8`):
+            As in [`eopd_loss_and_stats`]: only the statistics' `*_monitor` fields depend on it.
 
     Returns:
         `tuple[torch.Tensor, EOPDStats]`: the scalar float32 loss (0 with a gradient path when `N == 0`) and the
@@ -375,6 +399,7 @@ def chunked_eopd_loss_and_stats(
         temperature=temperature,
         forward_kl_top_k=forward_kl_top_k,
         reverse_kl_estimator=reverse_kl_estimator,
+        monitor_entropy_threshold=monitor_entropy_threshold,
     )
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be an integer >= 1; got {chunk_size!r}.")
@@ -404,6 +429,11 @@ def chunked_eopd_loss_and_stats(
         )
 
     divisor = float(num_items_in_batch) if num_items_in_batch is not None else float(max(num_tokens, 1))
+    if not math.isfinite(divisor) or divisor < 0:
+        raise ValueError(f"`num_items_in_batch` must be a finite number >= 0; got {num_items_in_batch!r}.")
+    if divisor == 0.0:
+        # The whole accumulation window has no loss token, so this batch's summed loss is 0 too: keep it 0, not NaN.
+        divisor = 1.0
     opts = _Options(
         entropy_threshold=float(entropy_threshold),
         forward_kl_coef=float(forward_kl_coef),
@@ -412,6 +442,7 @@ def chunked_eopd_loss_and_stats(
         temperature=float(temperature),
         forward_kl_top_k=forward_kl_top_k,
         reverse_kl_estimator=reverse_kl_estimator,
+        monitor_entropy_threshold=float(monitor_entropy_threshold),
         student_logit_scale=float(student_logit_scale),
         teacher_logit_scale=float(teacher_logit_scale),
         student_softcap=None if student_softcap is None else float(student_softcap),
@@ -443,5 +474,10 @@ def chunked_eopd_loss_and_stats(
         reverse_kl=sums[_REVERSE_KL],
         forward_kl=sums[_FORWARD_KL],
         forward_kl_high_entropy=sums[_GATED_FORWARD_KL],
+        loss_base=sums[_BASE_USED],
+        loss_forward=sums[_FORWARD_USED],
+        num_teacher_high_entropy_monitor=sums[_TEACHER_HIGH_MONITOR].round().to(torch.int64),
+        num_student_high_entropy_monitor=sums[_STUDENT_HIGH_MONITOR].round().to(torch.int64),
+        forward_kl_teacher_high_entropy_monitor=sums[_FORWARD_KL_TEACHER_HIGH_MONITOR],
     )
     return loss, stats

@@ -43,6 +43,11 @@ class EOPDConfig(GKDConfig):
             `"analytic"`: GKD's generalized JSD with `beta` over the full vocabulary (beta=1 is the exact reverse KL).
             `"sampled"`: the paper's single-sample policy-gradient estimate on the student's sampled token; it requires
             `beta=1.0`, `lmbda=1.0` and `seq_kd=False`.
+        monitor_entropy_threshold (`float`, *optional*, defaults to `0.8`):
+            Entropy, in nats, above which a token counts as high-entropy in the `eopd/monitor/*` metrics (the teacher's
+            and the student's high-entropy shares, and the forward KL on the teacher's high-entropy tokens). It does
+            not depend on the gate, so OPD (`entropy_threshold=inf`) and EOPD runs report comparable values; 0.8 is
+            the paper's. It changes no loss value.
 
         > Parameters that control how the loss is computed
 
@@ -118,6 +123,13 @@ class EOPDConfig(GKDConfig):
             "choices": ["analytic", "sampled"],
         },
     )
+    monitor_entropy_threshold: float = field(
+        default=0.8,
+        metadata={
+            "help": "Entropy in nats above which a token counts as high-entropy in the `eopd/monitor/*` metrics, "
+            "whatever the gate, so OPD and EOPD runs compare (the paper uses 0.8). It changes no loss value."
+        },
+    )
     memory_efficient_loss: bool = field(
         default=True,
         metadata={
@@ -144,6 +156,8 @@ class EOPDConfig(GKDConfig):
             self.entropy_threshold = float(self.entropy_threshold)
         if isinstance(self.entropy_threshold, int) and not isinstance(self.entropy_threshold, bool):
             self.entropy_threshold = float(self.entropy_threshold)
+        if isinstance(self.monitor_entropy_threshold, int) and not isinstance(self.monitor_entropy_threshold, bool):
+            self.monitor_entropy_threshold = float(self.monitor_entropy_threshold)
         validate_eopd_options(
             entropy_threshold=self.entropy_threshold,
             forward_kl_coef=self.forward_kl_coef,
@@ -154,6 +168,7 @@ class EOPDConfig(GKDConfig):
             reverse_kl_estimator=self.reverse_kl_estimator,
             lmbda=self.lmbda,
             seq_kd=self.seq_kd,
+            monitor_entropy_threshold=self.monitor_entropy_threshold,
         )
         if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")

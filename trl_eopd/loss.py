@@ -30,6 +30,7 @@ def validate_eopd_options(
     reverse_kl_estimator: str,
     lmbda: float | None = None,
     seq_kd: bool | None = None,
+    monitor_entropy_threshold: float | None = None,
 ) -> None:
     """Raise a `ValueError` naming the field and the allowed values for the first invalid EOPD option.
 
@@ -55,6 +56,16 @@ def validate_eopd_options(
         raise ValueError(
             f"`forward_kl_top_k` must be None (full vocabulary) or an integer >= 1; got {forward_kl_top_k!r}."
         )
+    if monitor_entropy_threshold is not None and (
+        not isinstance(monitor_entropy_threshold, Real)
+        or isinstance(monitor_entropy_threshold, bool)
+        or not math.isfinite(monitor_entropy_threshold)
+        or monitor_entropy_threshold < 0
+    ):
+        raise ValueError(
+            f"`monitor_entropy_threshold` must be a finite number >= 0 in nats (the paper's analyses use 0.8); got "
+            f"{monitor_entropy_threshold!r}."
+        )
     if reverse_kl_estimator not in REVERSE_KL_ESTIMATORS:
         raise ValueError(f"`reverse_kl_estimator` must be one of {REVERSE_KL_ESTIMATORS}; got {reverse_kl_estimator!r}.")
     if reverse_kl_estimator == "sampled":
@@ -74,11 +85,20 @@ def validate_eopd_options(
             )
 
 
+DEFAULT_MONITOR_ENTROPY_THRESHOLD = 0.8
+
+
 @dataclass
 class EOPDStats:
     """Sums over the loss tokens of one batch, detached from the graph.
 
-    Sums (not means) are kept so that callers can add them across micro-batches and processes before dividing.
+    Sums (not means) are kept so that callers can add them across micro-batches, steps and processes and divide once:
+    a mean of per-batch means would weight a short batch's tokens more than a long batch's.
+
+    Fields about the gate (`num_high_entropy`, `forward_kl_high_entropy`) use the loss's `entropy_threshold`, so they
+    are 0 when the gate is off (plain OPD). The `*_monitor` fields use `monitor_entropy_threshold`, which does not
+    depend on the gate, so that OPD and EOPD runs can be compared by them. `loss_base` and `loss_forward` are the two
+    terms exactly as they enter the loss, so that loss * divisor = loss_base + forward_kl_coef * loss_forward.
     """
 
     num_tokens: torch.Tensor
@@ -88,6 +108,11 @@ class EOPDStats:
     reverse_kl: torch.Tensor
     forward_kl: torch.Tensor
     forward_kl_high_entropy: torch.Tensor
+    loss_base: torch.Tensor
+    loss_forward: torch.Tensor
+    num_teacher_high_entropy_monitor: torch.Tensor
+    num_student_high_entropy_monitor: torch.Tensor
+    forward_kl_teacher_high_entropy_monitor: torch.Tensor
 
     def to_tensor(self) -> torch.Tensor:
         """Pack into one float64 vector, so a single collective can reduce every statistic at once."""
@@ -101,6 +126,7 @@ class EOPDStats:
         """Per-token means, named as they are logged (`eopd/...`). Empty batches give 0.0, not NaN."""
         n = max(float(self.num_tokens), 1.0)
         n_high = max(float(self.num_high_entropy), 1.0)
+        n_teacher_high = max(float(self.num_teacher_high_entropy_monitor), 1.0)
         return {
             "eopd/teacher_entropy": float(self.teacher_entropy) / n,
             "eopd/student_entropy": float(self.student_entropy) / n,
@@ -108,6 +134,13 @@ class EOPDStats:
             "eopd/reverse_kl": float(self.reverse_kl) / n,
             "eopd/forward_kl": float(self.forward_kl) / n,
             "eopd/forward_kl_high_entropy": float(self.forward_kl_high_entropy) / n_high,
+            "eopd/loss_base": float(self.loss_base) / n,
+            "eopd/loss_forward_gated": float(self.loss_forward) / n,
+            "eopd/monitor/teacher_high_entropy_ratio": float(self.num_teacher_high_entropy_monitor) / n,
+            "eopd/monitor/student_high_entropy_ratio": float(self.num_student_high_entropy_monitor) / n,
+            "eopd/monitor/forward_kl_teacher_high_entropy": (
+                float(self.forward_kl_teacher_high_entropy_monitor) / n_teacher_high
+            ),
         }
 
 
@@ -149,6 +182,21 @@ def top_k_forward_kl_per_token(
     return (renormalised_teacher_log_probs.exp() * (renormalised_teacher_log_probs - student_log_probs_on_top)).sum(-1)
 
 
+def safe_divisor(num_items_in_batch: torch.Tensor | int | float, device: torch.device) -> torch.Tensor | float:
+    """`num_items_in_batch` as a divisor, with 0 read as 1.
+
+    A count of 0 means the whole accumulation window has no loss token, so every summed loss in it is 0: dividing by 1
+    keeps that 0 (with its gradient path) instead of 0 / 0 = NaN. Other values, fractional ones included (a process's
+    share of a global count), are used as given.
+    """
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(device)
+        return torch.where(num_items_in_batch == 0, torch.ones_like(num_items_in_batch), num_items_in_batch)
+    if num_items_in_batch < 0 or (isinstance(num_items_in_batch, float) and not math.isfinite(num_items_in_batch)):
+        raise ValueError(f"`num_items_in_batch` must be a finite number >= 0; got {num_items_in_batch!r}.")
+    return num_items_in_batch if num_items_in_batch != 0 else 1
+
+
 def _check_inputs(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor) -> None:
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -179,8 +227,13 @@ def eopd_loss_and_stats(
     forward_kl_top_k: int | None = None,
     reverse_kl_estimator: str = "analytic",
     num_items_in_batch: torch.Tensor | int | None = None,
+    monitor_entropy_threshold: float = DEFAULT_MONITOR_ENTROPY_THRESHOLD,
 ) -> tuple[torch.Tensor, EOPDStats]:
-    """Like [`eopd_loss`], and also returns the detached [`EOPDStats`] of the batch, computed from the same logits."""
+    """Like [`eopd_loss`], and also returns the detached [`EOPDStats`] of the batch, computed from the same logits.
+
+    `monitor_entropy_threshold` (nats) only affects the statistics: the `*_monitor` fields count and measure the tokens
+    whose entropy is above it, whatever the gate.
+    """
     validate_eopd_options(
         entropy_threshold=entropy_threshold,
         forward_kl_coef=forward_kl_coef,
@@ -189,6 +242,7 @@ def eopd_loss_and_stats(
         temperature=temperature,
         forward_kl_top_k=forward_kl_top_k,
         reverse_kl_estimator=reverse_kl_estimator,
+        monitor_entropy_threshold=monitor_entropy_threshold,
     )
     _check_inputs(student_logits, teacher_logits, labels)
 
@@ -219,16 +273,13 @@ def eopd_loss_and_stats(
         forward = top_k_forward_kl_per_token(student_log_probs, scaled_teacher, forward_kl_top_k)
 
     gate_weight = high_entropy.to(base.dtype)
-    if gate == "augment":
-        per_token_loss = base + forward_kl_coef * gate_weight * forward
-    else:
-        per_token_loss = (1.0 - gate_weight) * base + forward_kl_coef * gate_weight * forward
+    base_used = base if gate == "augment" else (1.0 - gate_weight) * base
+    forward_used = gate_weight * forward
+    per_token_loss = base_used + forward_kl_coef * forward_used
 
     loss_sum = per_token_loss.sum()
     if num_items_in_batch is not None:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            num_items_in_batch = num_items_in_batch.to(loss_sum.device)
-        loss = loss_sum / num_items_in_batch
+        loss = loss_sum / safe_divisor(num_items_in_batch, loss_sum.device)
     else:
         loss = loss_sum / loss_mask.sum().clamp_min(1)
 
@@ -247,6 +298,7 @@ def eopd_loss_and_stats(
             if forward_kl_top_k is None
             else generalized_jsd_per_token(student_log_probs, teacher_log_probs, 0.0)
         )
+        teacher_high_monitor = teacher_entropy > monitor_entropy_threshold
         stats = EOPDStats(
             num_tokens=loss_mask.sum(),
             num_high_entropy=high_entropy.sum(),
@@ -255,6 +307,11 @@ def eopd_loss_and_stats(
             reverse_kl=reverse_kl.sum(),
             forward_kl=full_forward_kl.sum(),
             forward_kl_high_entropy=(full_forward_kl * gate_weight).sum(),
+            loss_base=base_used.detach().sum(),
+            loss_forward=forward_used.detach().sum(),
+            num_teacher_high_entropy_monitor=teacher_high_monitor.sum(),
+            num_student_high_entropy_monitor=(student_entropy > monitor_entropy_threshold).sum(),
+            forward_kl_teacher_high_entropy_monitor=(full_forward_kl * teacher_high_monitor).sum(),
         )
     return loss, stats
 
@@ -309,7 +366,8 @@ def eopd_loss(
         reverse_kl_estimator (`str`, *optional*, defaults to `"analytic"`):
             `"analytic"` for the exact divergence, `"sampled"` for the paper's sampled policy-gradient estimate.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*):
-            Divisor for the summed loss, e.g. the loss-token count of a whole gradient-accumulation window.
+            Divisor for the summed loss, e.g. the loss-token count of a whole gradient-accumulation window. 0 (a
+            window without any loss token) gives a loss of 0, not NaN.
 
     Returns:
         `torch.Tensor`: the scalar loss. A batch with no loss token gives 0 with a gradient path.

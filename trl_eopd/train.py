@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._paths import missing_local_path
 from ._recipes import accelerate_config_path, list_accelerate_configs, list_recipes, recipe_path
 
 PROG = "trl-eopd train"
@@ -412,6 +413,8 @@ def load_datasets(script_args: EOPDScriptArguments, training_args):
     train = load_split(name, script_args.dataset_config, script_args.dataset_train_split)
     if script_args.max_train_samples is not None:
         train = train.select(range(min(script_args.max_train_samples, len(train))))
+    if len(train) == 0:
+        raise UsageError(f"dataset {script_args.dataset_name} has no rows to train on (check the split and filters).")
     train = to_messages(train, script_args, script_args.dataset_name, lmbda=training_args.lmbda)
 
     eval_dataset = None
@@ -446,6 +449,10 @@ def check_vocabularies(student: str, teacher: str, *, model_args, training_args)
     from transformers import AutoConfig
 
     def vocab(path: str, revision: str | None) -> int:
+        if missing_local_path(path):
+            raise UsageError(
+                f"model path {path!r} does not exist; give a folder saved with `save_pretrained` or a Hub id."
+            )
         try:
             config = AutoConfig.from_pretrained(
                 path, revision=revision, trust_remote_code=training_args.trust_remote_code

@@ -14,6 +14,8 @@ from torch import nn
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import is_peft_available
 
+from ._paths import check_model_path
+from .collator import PromptKeepingChatMLCollator
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, eopd_loss_and_stats
 from .projection import OutputProjection, backbone_of, find_output_projection, project
@@ -107,6 +109,18 @@ def _check_dataset_columns(dataset, name: str) -> None:
             )
 
 
+def _check_not_empty(dataset, name: str) -> None:
+    if dataset is None:
+        return
+    if isinstance(dataset, dict):
+        for key, split in dataset.items():
+            _check_not_empty(split, f"{name}[{key!r}]")
+        return
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"`{name}` is empty (0 rows): there is nothing to train or evaluate on. Check the dataset's "
+                         "split, filters and `max_train_samples`-style selections.")
+
+
 class EOPDTrainer(GKDTrainer):
     """Trainer for Entropy-Aware On-Policy Distillation (EOPD) of language models.
 
@@ -122,8 +136,11 @@ class EOPDTrainer(GKDTrainer):
     - applies `temperature` to the divergences and the entropy, not only to sampling;
     - by default computes the loss from hidden states a chunk of completion tokens at a time (see
       `EOPDConfig.memory_efficient_loss`), instead of full `(batch, seq, vocab)` logits for both models;
-    - logs `eopd/*` metrics (teacher and student entropy, high-entropy ratio, reverse and forward KL), gathered across
-      processes, in training and evaluation.
+    - logs `eopd/*` metrics (entropies, high-entropy shares at the gate's and at a gate-independent threshold, reverse
+      and forward KL, and the loss's two terms as used), token-weighted over every micro-batch, step and process since
+      the last log, in training and evaluation;
+    - keeps prompts longer than the room `max_length` leaves whole (cutting the reference completion instead, with a
+      warning), and names the model when sampling hits non-finite probabilities.
 
     Args:
         model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
@@ -194,10 +211,16 @@ class EOPDTrainer(GKDTrainer):
             )
         if teacher_model is None:
             raise ValueError("`teacher_model` is required: pass a model or a Hub id / local path.")
+        check_model_path(model, "model")
+        check_model_path(teacher_model, "teacher_model")
+        _check_not_empty(train_dataset, "train_dataset")
+        _check_not_empty(eval_dataset, "eval_dataset")
         if data_collator is None:
             _check_processing_class(processing_class)
             _check_dataset_columns(train_dataset, "train_dataset")
             _check_dataset_columns(eval_dataset, "eval_dataset")
+            # TRL's ChatML collator would cut long prompts from the left, silently; this one keeps them whole.
+            data_collator = PromptKeepingChatMLCollator(tokenizer=processing_class, max_length=args.max_length)
 
         with _without_migration_advice():
             super().__init__(
@@ -224,7 +247,11 @@ class EOPDTrainer(GKDTrainer):
             "temperature": args.temperature,
             "forward_kl_top_k": args.forward_kl_top_k,
             "reverse_kl_estimator": args.reverse_kl_estimator,
+            "monitor_entropy_threshold": args.monitor_entropy_threshold,
         }
+        # Per mode, the float64 sums of `EOPDStats` over every process since the last log (see `log`).
+        self._eopd_sums: dict[str, torch.Tensor] = {}
+        self._warned_empty_window_at_step = None
         self._forward_redirection = _ForwardRedirection()
         self._memory_efficient = args.memory_efficient_loss
         self._projection_verified = False
@@ -342,6 +369,7 @@ class EOPDTrainer(GKDTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         if mode == "train" and num_items_in_batch is not None:
+            self._warn_if_window_is_empty(num_items_in_batch)
             # DDP and DeepSpeed average gradients over processes, so each process divides by its share of the global
             # count; the average then equals the global per-token mean.
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
@@ -528,15 +556,60 @@ class EOPDTrainer(GKDTrainer):
                 f"EOPD loss is non-finite at global step {self.state.global_step} ({mode}): {detail}. Lower the "
                 "learning rate, check the models' dtypes (fp16 overflows easily; prefer bf16), or inspect the data."
             )
-        totals = EOPDStats.from_tensor(gathered[:, :-1].sum(0))
-        for name, value in totals.means().items():
-            self._metrics[mode][name].append(value)
+        # Sums, not means: every token since the last log weighs the same, whatever the micro-batch it came in, so
+        # the logged values do not depend on the batch size, the accumulation steps or the number of processes.
+        totals = gathered[:, :-1].sum(0)
+        previous = self._eopd_sums.get(mode)
+        self._eopd_sums[mode] = totals if previous is None else previous + totals
+
+    def _warn_if_window_is_empty(self, num_items_in_batch) -> None:
+        if self._warned_empty_window_at_step == self.state.global_step or float(num_items_in_batch) != 0:
+            return
+        self._warned_empty_window_at_step = self.state.global_step
+        warnings.warn(
+            f"EOPDTrainer: the gradient-accumulation window of step {self.state.global_step + 1} has no completion "
+            "token on any process (every completion is empty, e.g. generation stopped at once or `max_length` left "
+            "no room after the prompt). Its loss is 0 and its gradients are 0.",
+            stacklevel=3,
+        )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the `eopd/*` means over every token since the last log, then log as TRL does."""
+        mode = "train" if self.model.training else "eval"
+        sums = self._eopd_sums.pop(mode, None)
+        if sums is not None:
+            prefix = _metric_prefix(logs) if mode == "eval" else ""
+            logs.update({prefix + name: value for name, value in EOPDStats.from_tensor(sums.cpu()).means().items()})
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args, **kwargs):
+        # An evaluation reports its own tokens only, not leftovers of a `predict` or a manual `compute_loss` call.
+        self._eopd_sums.pop("eval", None)
+        return super().evaluation_loop(*args, **kwargs)
+
+    def generate_on_policy_outputs(self, model, inputs, generation_config, *args, **kwargs):
+        # torch's sampler reports non-finite probabilities without naming the model; the loss's own check names it,
+        # and sampling (the student's, or the teacher's with seq_kd) now does too.
+        try:
+            return super().generate_on_policy_outputs(model, inputs, generation_config, *args, **kwargs)
+        except RuntimeError as error:
+            if "probability tensor contains" not in str(error):
+                raise
+            raise FloatingPointError(_non_finite_sampling_report(self, model)) from error
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Without compute_metrics nobody reads evaluation logits; asking for them would force full-logits projections.
         if self.compute_metrics is None:
             prediction_loss_only = True
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+
+def _metric_prefix(logs: dict) -> str:
+    """`eval_` for `evaluate()`, `eval_<name>_` for a named eval dataset, matching the Trainer's `*_loss` key."""
+    for key in logs:
+        if key.endswith("_loss") and not key.startswith("eopd/"):
+            return key[: -len("loss")]
+    return "eval_"
 
 
 def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, chunk_size: int = 256) -> int:
@@ -546,6 +619,23 @@ def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, c
             logits = project(hidden[start : start + chunk_size].float(), projection)
             count += (~torch.isfinite(logits)).any(-1).sum().item()
     return count
+
+
+def _non_finite_sampling_report(trainer, model) -> str:
+    teachers = {id(trainer.teacher_model), id(trainer.accelerator.unwrap_model(trainer.teacher_model))}
+    role = "teacher (sampling because seq_kd=True)" if id(model) in teachers else "student (on-policy sampling)"
+    with torch.no_grad():
+        bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        cause = f"{len(bad)} of its weight tensors contain NaN or inf ({listed})"
+    else:
+        cause = "its weights are finite, so its logits overflowed (fp16 overflows easily; prefer bf16 or fp32)"
+    return (
+        f"Sampling from the {role} failed at global step {trainer.state.global_step}: its next-token probabilities "
+        f"are NaN or inf because {cause}. A NaN loss or a too-high learning rate in an earlier step is the usual "
+        "cause; lower the learning rate, or restart from a healthy checkpoint."
+    )
 
 
 def _non_finite_report(student: Callable[[], int], teacher: Callable[[], int]) -> str:

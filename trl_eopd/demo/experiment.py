@@ -75,6 +75,8 @@ def _distill(student_path: Path, teacher, tokenizer, settings: DemoSettings, met
     args = EOPDConfig(
         output_dir=str(output_dir),
         entropy_threshold=threshold,
+        # Both runs report their high-entropy shares at the evaluation's threshold, whether or not the gate is on.
+        monitor_entropy_threshold=settings.entropy_threshold,
         reverse_kl_estimator=settings.reverse_kl_estimator,
         per_device_train_batch_size=settings.batch_size,
         max_steps=settings.steps,

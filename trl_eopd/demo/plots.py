@@ -10,10 +10,10 @@ COLORS = {"teacher": "black", "student_init": "gray", "opd": "tab:red", "eopd": 
 LABELS = {"teacher": "teacher", "student_init": "student init", "opd": "OPD", "eopd": "EOPD"}
 CURVES = [
     ("eopd/student_entropy", "student token entropy (nats)"),
-    ("eopd/high_entropy_ratio", "share of tokens gated (teacher entropy > threshold)"),
+    ("eopd/monitor/student_high_entropy_ratio", "share of student tokens with entropy > 0.8 nats"),
     ("eopd/reverse_kl", "reverse KL(student || teacher)"),
     ("eopd/forward_kl", "forward KL(teacher || student)"),
-    ("eopd/forward_kl_high_entropy", "forward KL on gated (high-entropy) tokens"),
+    ("eopd/monitor/forward_kl_teacher_high_entropy", "forward KL on the teacher's high-entropy tokens"),
     ("eopd/teacher_entropy", "teacher token entropy on student rollouts"),
 ]
 
