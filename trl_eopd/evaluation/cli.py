@@ -22,7 +22,11 @@ def build_parser(prog: str = "trl-eopd eval") -> argparse.ArgumentParser:
             "the per-benchmark difference between two evaluated runs."
         ),
     )
-    parser.add_argument("--model", help="Checkpoint directory or Hugging Face Hub id to evaluate.")
+    parser.add_argument(
+        "--model",
+        help="Checkpoint directory or Hugging Face Hub id to evaluate, or `tiny://student` / `tiny://teacher` (the "
+        "tiny local models of `trl-eopd train`, built on first use; they answer nothing right, but check the pipeline).",
+    )
     parser.add_argument(
         "--benchmarks",
         nargs="+",
@@ -145,9 +149,16 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.model:
         parser.error("--model is required (or use --compare RUN_A RUN_B).")
+    from ..train import UsageError, resolve_tiny
+
+    try:
+        # `tiny://` names are the same download-free models `trl-eopd train` accepts.
+        model, tokenizer = resolve_tiny(args.model), resolve_tiny(args.tokenizer)
+    except UsageError as error:
+        parser.error(str(error))
     try:
         config = EvalConfig(
-            model=args.model,
+            model=model,
             benchmarks=_split_benchmarks(args.benchmarks),
             output_dir=args.output_dir or _default_output_dir(args.model),
             n=args.n,
@@ -160,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             batch_size=args.batch_size,
             dtype=args.dtype,
-            tokenizer=args.tokenizer,
+            tokenizer=tokenizer,
             prompt_template=args.prompt_template,
             use_chat_template=not args.no_chat_template,
             chat_template_kwargs=args.chat_template_kwargs,
