@@ -47,7 +47,7 @@ def test_train_help_lists_eopd_options_first():
     groups = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
     assert groups[:3] == [
         "options:",
-        "EOPD options (EOPDConfig; defaults are the paper's):",
+        "EOPD options (EOPDConfig's own fields):",
         "distillation options (inherited from TRL's GKDConfig):",
     ]
     eopd_section = text.split("EOPD options")[1].split("distillation options")[0]

@@ -158,7 +158,7 @@ def _group_options(parser, config_cls, script_cls, model_cls) -> None:
         return {f.name for f in dataclasses.fields(cls)} - excluded
 
     sections = [
-        ("EOPD options (EOPDConfig; defaults are the paper's)", names(config_cls, minus=(GKDConfig,))),
+        ("EOPD options (EOPDConfig's own fields)", names(config_cls, minus=(GKDConfig,))),
         ("distillation options (inherited from TRL's GKDConfig)", names(GKDConfig, minus=(SFTConfig,))),
         ("data and script options", names(script_cls)),
         ("model options (TRL's ModelConfig)", names(model_cls)),
