@@ -5,7 +5,13 @@ import warnings
 
 import pytest
 
-from trl_eopd._quiet import HARMLESS_LOG_RECORDS, HARMLESS_WARNINGS, harmless_warnings_silenced
+from trl_eopd._quiet import (
+    HARMLESS_LOG_RECORDS,
+    HARMLESS_PRINTS,
+    HARMLESS_WARNINGS,
+    harmless_prints_dropped,
+    harmless_warnings_silenced,
+)
 
 
 def _warned(message, category=FutureWarning):
@@ -53,6 +59,23 @@ def test_known_harmless_log_records_are_dropped_and_others_pass(caplog):
 def test_every_entry_says_why_it_is_harmless():
     for entry in HARMLESS_WARNINGS + HARMLESS_LOG_RECORDS:
         assert len(entry[2]) > 40
+    for entry in HARMLESS_PRINTS:
+        assert len(entry[1]) > 40
+
+
+def test_known_harmless_prints_are_dropped_and_other_lines_kept(capsys):
+    with harmless_prints_dropped():
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("rank 1: something real")
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully, and more")
+        print("no newline at the end", end="")
+    print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    assert capsys.readouterr().out == (
+        "rank 1: something real\n"
+        "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully, and more\n"
+        "no newline at the end"
+        "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully\n"
+    )
 
 
 def test_config_no_longer_warns_about_checkpointing_or_pinned_memory(tmp_path):

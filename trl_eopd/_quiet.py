@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 from contextlib import contextmanager
 
@@ -44,6 +45,52 @@ HARMLESS_LOG_RECORDS = [
         "TRL's GKD rollout asks generate() for a dict output next to its generation config; the output is the same.",
     ),
 ]
+
+
+# (regex matched against a whole line printed to stdout, why it is harmless)
+HARMLESS_PRINTS = [
+    (
+        r"DeepSpeed deepspeed\.ops\.comm\.deepspeed_shm_comm_op built successfully$",
+        "Every rank of a CPU DeepSpeed run prints it when DeepSpeed's shared-memory communication op loads (it was "
+        "compiled once, on the machine's first launch); a failed build raises instead.",
+    ),
+]
+
+
+class _PrintedLineFilter:
+    """Stands in for sys.stdout: forwards whole lines, except those matching a harmless pattern."""
+
+    def __init__(self, stream, patterns):
+        self.stream, self.patterns, self.pending = stream, [re.compile(p) for p in patterns], ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if not any(p.match(line) for p in self.patterns):
+                self.stream.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def harmless_prints_dropped():
+    """Within the block, drop the whole stdout lines listed in `HARMLESS_PRINTS`; everything else is printed."""
+    original = sys.stdout
+    sys.stdout = _PrintedLineFilter(original, [pattern for pattern, _ in HARMLESS_PRINTS])
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stdout = original
 
 
 class _DropMatching(logging.Filter):

@@ -267,8 +267,12 @@ def parse_args(argv: list[str] | None = None):
             unknown_flags.append(arg[2:].split("=", 1)[0])
     if unknown_flags and not any(a in ("-h", "--help") for a in argv):
         raise _unknown_key_error(unknown_flags, valid, "command-line option(s)")
+    from ._quiet import harmless_prints_dropped
+
     try:
-        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+        # Parsing the training arguments sets up the process group, where DeepSpeed prints from every rank.
+        with harmless_prints_dropped():
+            script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as e:
         # Validation errors from EOPDConfig / TrainingArguments __post_init__ (e.g. an invalid estimator combination).
         raise UsageError(str(e)) from None
