@@ -226,8 +226,8 @@ def plot(results: dict, path: Path) -> None:
             ax.set_xlabel("training step")
             ax.grid(alpha=0.3)
     fig.suptitle(
-        f"Toy experiment (the paper's Figure 1 setting): one categorical student over {config['vocab']} tokens trained "
-        f"on its own samples ({config['estimator']} reverse-KL estimator, seed {config['seed']}) against a fixed "
+        f"Toy experiment (the paper's Figure 1 setting): one categorical student over {config['vocab']} tokens "
+        f"trained on its own samples ({config['estimator']} reverse-KL estimator, seed {config['seed']}) against a fixed "
         f"teacher\nTop row: low-entropy teacher, EOPD's gate stays closed. Bottom row: high-entropy teacher with four "
         f"modes, where reverse KL can drop a mode and EOPD keeps all four.",
         fontsize=12,

@@ -10,7 +10,15 @@ from types import SimpleNamespace
 import pytest
 
 from trl_eopd import cli
-from trl_eopd.train import LAUNCH_HELP, UsageError, _announce_overwrite, launch_main, make_parser, parse_args, plan_launch
+from trl_eopd.train import (
+    LAUNCH_HELP,
+    UsageError,
+    _announce_overwrite,
+    launch_main,
+    make_parser,
+    parse_args,
+    plan_launch,
+)
 
 
 def test_mistyped_command_suggests_the_closest(capsys):

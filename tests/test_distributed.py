@@ -46,7 +46,9 @@ def tiny_env(tiny_assets):
     return env, paths
 
 
-def launch(env, accelerate_config: str, output_dir: Path, *extra: str, timeout: int = 420, via_cli: bool = False) -> str:
+def launch(
+    env, accelerate_config: str, output_dir: Path, *extra: str, timeout: int = 420, via_cli: bool = False
+) -> str:
     """`accelerate launch` spelled out as the README does, or (`via_cli`) `trl-eopd launch` exactly as a user types
     it on a CPU machine: no precision flag, which the packaged configs (bf16, for GPUs) would otherwise need."""
     if via_cli:

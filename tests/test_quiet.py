@@ -89,6 +89,7 @@ def test_config_no_longer_warns_about_checkpointing_or_pinned_memory(tmp_path):
     assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
     # Same setting as before, under transformers' new name.
     assert config.activation_checkpointing is True and config.gradient_checkpointing is True
-    assert EOPDConfig(output_dir=str(tmp_path), bf16=False, gradient_checkpointing=False).activation_checkpointing is False
+    old_name_off = EOPDConfig(output_dir=str(tmp_path), bf16=False, gradient_checkpointing=False)
+    assert old_name_off.activation_checkpointing is False
     if not torch.accelerator.is_available():
         assert config.dataloader_pin_memory is False

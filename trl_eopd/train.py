@@ -292,8 +292,8 @@ def check_launcher_precision(training_args) -> None:
     if mixed in ("bf16", "fp16") and not getattr(training_args, mixed):
         raise UsageError(
             f"the accelerate config asks DeepSpeed for {mixed} mixed precision but the training arguments have "
-            f"`{mixed}: false`. Pass `--mixed_precision no` to `accelerate launch` (as on CPU), or set `{mixed}: true` "
-            "in the recipe. `trl-eopd launch` passes `--mixed_precision no` by itself when no GPU is visible."
+            f"`{mixed}: false`. Pass `--mixed_precision no` to `accelerate launch` (as on CPU), or set "
+            f"`{mixed}: true` in the recipe. `trl-eopd launch` passes `--mixed_precision no` by itself when no GPU is visible."
         )
 
 
@@ -798,7 +798,8 @@ accelerate flags (passed to `accelerate launch`):
 
 examples:
   trl-eopd launch --accelerate_config zero3 --num_processes 2 --config tiny-cpu     # CPU check, no download
-  trl-eopd launch --accelerate_config zero3 --num_processes 8 --config qwen3-4b-dapo-eopd --gradient_accumulation_steps 8
+  trl-eopd launch --accelerate_config zero3 --num_processes 8 --config qwen3-4b-dapo-eopd \\
+      --gradient_accumulation_steps 8
 """
 
 

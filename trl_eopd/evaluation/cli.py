@@ -25,7 +25,8 @@ def build_parser(prog: str = "trl-eopd eval") -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         help="Checkpoint directory or Hugging Face Hub id to evaluate, or `tiny://student` / `tiny://teacher` (the "
-        "tiny local models of `trl-eopd train`, built on first use; they answer nothing right, but check the pipeline).",
+        "tiny local models of `trl-eopd train`, built on first use; they answer nothing right, but check the "
+        "pipeline).",
     )
     parser.add_argument(
         "--benchmarks",
