@@ -1,7 +1,10 @@
 """`trl-eopd demo`: the task's grader, the pass@k estimator, and a `--quick` run end to end through EOPDTrainer."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 from math import comb
 
 import pytest
@@ -52,10 +55,18 @@ def test_tokenizer_round_trips_and_the_prompt_is_a_prefix(tmp_path):
 
 
 @pytest.mark.slow
-def test_quick_demo_end_to_end(tmp_path, capsys):
-    from trl_eopd.demo.cli import main
-
-    assert main(["--quick", "--output-dir", str(tmp_path)]) == 0
+def test_quick_demo_end_to_end(tmp_path):
+    # A fresh process, as a user runs it: pytest's own warning filters would hide what the user sees.
+    env = {**os.environ, "PYTHONWARNINGS": "default", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "trl_eopd.cli", "demo", "--quick", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # Readable output: no per-step log dicts, no warnings, and a stage bar that reaches its end.
+    output = proc.stdout + proc.stderr
+    assert "{'loss'" not in output
+    assert "warn" not in output.lower(), output[-4000:]
+    stages = 2 * 4  # --quick: 2 seeds x (teacher eval, warm-up, OPD, EOPD)
+    assert f"| {stages}/{stages} [" in proc.stderr and f"/{stages + 1}" not in proc.stderr
     for name in ("training_curves.png", "pass_at_k.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     results = json.loads((tmp_path / "results.json").read_text())
@@ -86,4 +97,4 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
             for key in ("eopd/monitor/teacher_high_entropy_ratio", "eopd/monitor/student_high_entropy_ratio"):
                 assert all(0.0 <= entry[key] <= 1.0 for entry in logged), (method, key)
                 assert any(entry[key] > 0 for entry in logged), (method, key)
-    assert "pass@8" in capsys.readouterr().out
+    assert "pass@8" in proc.stdout

@@ -46,14 +46,24 @@ def tiny_env(tiny_assets):
     return env, paths
 
 
-def launch(env, accelerate_config: str, output_dir: Path, *extra: str, timeout: int = 420) -> str:
+def launch(
+    env, accelerate_config: str, output_dir: Path, *extra: str, timeout: int = 420, via_cli: bool = False
+) -> str:
+    """`accelerate launch` spelled out as the README does, or (`via_cli`) `trl-eopd launch` exactly as a user types
+    it on a CPU machine: no precision flag, which the packaged configs (bf16, for GPUs) would otherwise need."""
+    if via_cli:
+        launcher = [sys.executable, "-m", "trl_eopd.cli", "launch", "--accelerate_config", accelerate_config]
+    else:
+        launcher = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--config_file", str(accelerate_config_path(accelerate_config)),
+            "--mixed_precision", "no",
+        ]  # fmt: skip
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(accelerate_config_path(accelerate_config)),
+        *launcher,
         "--num_processes", "2",
-        "--mixed_precision", "no",
         "--main_process_port", str(_free_port()),
-        "-m", "trl_eopd.train",
+        *([] if via_cli else ["-m", "trl_eopd.train"]),
         "--config", "tiny-cpu",
         "--output_dir", str(output_dir),
         "--max_steps", str(STEPS),
@@ -79,9 +89,10 @@ def histories(output_dir: Path) -> list[list[dict]]:
 
 
 def assert_ranks_logged(log: str) -> None:
-    for rank in range(2):
-        assert f"[trl-eopd rank {rank}/2] device=cpu distributed_type=DistributedType.DEEPSPEED" in log
-        assert f"[trl-eopd rank {rank}/2] saved the student" in log
+    # Only rank 0 speaks; that rank 1 trained too shows in its own log history (`assert_metrics_gathered`).
+    assert log.count("[trl-eopd] 2 process(es), device=cpu, distributed_type=DEEPSPEED") == 1
+    assert log.count("[trl-eopd] saved the student") == 1
+    assert "Traceback" not in log
 
 
 def assert_metrics_gathered(output_dir: Path, steps: int = STEPS) -> None:
@@ -128,7 +139,23 @@ FALLBACK_WARNING = "falls back to the exact full-logits path"
 def zero3_run(tiny_env, tmp_path_factory):
     env, _ = tiny_env
     out = tmp_path_factory.mktemp("zero3") / "out"
-    return out, launch(env, "zero3", out, *ZERO3_ARGS)
+    return out, launch(env, "zero3", out, *ZERO3_ARGS, via_cli=True)
+
+
+# Messages a CPU ZeRO-3 run printed before they were fixed at their cause or silenced where they arise
+# (trl_eopd/_quiet.py); a new warning of any kind also fails the test, so that it gets looked at.
+NOISE = ("Warning", "warnings.warn", "Setting accelerator to CPU", "Gradient accumulation steps mismatch",
+         "generation-related arguments", "built successfully", "Traceback")
+
+
+def test_zero3_launch_on_cpu_needs_no_flag_and_prints_only_rank_0(zero3_run):
+    _, log = zero3_run
+    command = next(line for line in log.splitlines() if line.startswith("+ "))
+    assert "--mixed_precision no" in command
+    assert "no GPU visible: passing `--mixed_precision no`" in log
+    for noise in NOISE:
+        assert noise not in log, f"{noise!r} in the launch output:\n{log[-4000:]}"
+    assert_ranks_logged(log)
 
 
 def test_zero3_chunked_loss_trains_exactly_like_the_full_logits_loss(zero3_run, tiny_env, tmp_path):

@@ -515,3 +515,16 @@ def test_compare_protocol_mismatch(tiny_model_dir, tmp_path, capsys):
 
     with pytest.raises(EvaluationError, match="No evaluation summary"):
         compare_runs(tmp_path / "a", tmp_path / "missing")
+
+
+def test_tiny_names_work_as_in_train(tiny_assets, tmp_path, capsys):
+    # `trl-eopd train` advertises `tiny://student`; eval takes the same names instead of failing on a hub lookup.
+    out = tmp_path / "tiny"
+    argv = ["--model", "tiny://student", "--benchmarks", f"toy={FIXTURE}", "--n", "1", "--max-new-tokens", "4",
+            "--limit", "1", "--backend", "transformers", "--output-dir", str(out)]
+    assert main(argv) == 0
+    assert len(_read_jsonl(out / "results.jsonl")) == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "tiny://nothing", "--benchmarks", f"toy={FIXTURE}"])
+    assert exit_info.value.code == 2
+    assert "tiny://student" in capsys.readouterr().err

@@ -6,10 +6,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _bash_blocks():
+    return re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
 def opening_commands():
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    # The first block installs the CPU build of torch; the two commands follow it.
+    block = _bash_blocks()[1]
     return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+
+
+def test_cpu_torch_is_installed_before_the_first_command():
+    readme = (ROOT / "README.md").read_text()
+    install = _bash_blocks()[0].strip()
+    # PyTorch's own way of selecting the CPU build, at the version CI installs.
+    ci_pin = re.search(r'"(torch==[\d.]+)"', (ROOT / ".ci" / "run").read_text()).group(1)
+    assert install == f"pip install {ci_pin} --index-url https://download.pytorch.org/whl/cpu"
+    assert readme.index(install) < readme.index(opening_commands()[0])
+    between = readme[readme.index(install) : readme.index(opening_commands()[0])]
+    assert "Without it" in between and "CUDA" in between
 
 
 def test_readme_opens_with_two_commands():

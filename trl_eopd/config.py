@@ -150,6 +150,13 @@ class EOPDConfig(GKDConfig):
     )
 
     def __post_init__(self):
+        # TRL's configs default the deprecated `gradient_checkpointing` to True, so every config warned about it; the
+        # same value under transformers' new name says the same thing without the FutureWarning.
+        if getattr(self, "activation_checkpointing", False) is None:
+            self.activation_checkpointing = self.gradient_checkpointing
+        # Pinned host memory only speeds up copies to an accelerator; without one torch warns at every dataloader.
+        if self.dataloader_pin_memory and not _has_accelerator():
+            self.dataloader_pin_memory = False
         super().__post_init__()
         # Command-line and YAML parsers hand over strings and ints; normalise before validating.
         if isinstance(self.entropy_threshold, str):
@@ -172,3 +179,10 @@ class EOPDConfig(GKDConfig):
         )
         if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()

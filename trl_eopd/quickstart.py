@@ -1,4 +1,4 @@
-"""`trl-eopd quickstart`: a few EOPD steps on tiny models built locally, to check an install in under a minute.
+"""`trl-eopd quickstart`: a few EOPD steps on tiny models built locally, to check an install in about 10 seconds.
 
 The models are random, so the numbers only show that every part runs; `trl-eopd demo` is the one that shows EOPD
 doing something useful.
@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
 
+    from ._quiet import harmless_warnings_silenced, tell_deepspeed_when_cpu_only
+
+    tell_deepspeed_when_cpu_only()
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
@@ -49,9 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         eval_dataset=dataset.select(range(8)),
         processing_class=tokenizer,
     )
-    trainer.train()
-    trainer.evaluate()
-    trainer.save_model(f"{output_dir}/run/final")
+    with harmless_warnings_silenced():
+        trainer.train()
+        trainer.evaluate()
+        trainer.save_model(f"{output_dir}/run/final")
 
     rows = [log for log in trainer.state.log_history if "loss" in log]
     keys = ["loss", "eopd/teacher_entropy", "eopd/student_entropy", "eopd/high_entropy_ratio", "eopd/reverse_kl",

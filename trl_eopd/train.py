@@ -138,8 +138,46 @@ def make_parser(prog: str = PROG):
         f"Packaged accelerate configs for `trl-eopd launch --accelerate_config`: {', '.join(list_accelerate_configs())}. "
         "`tiny://student`, `tiny://teacher` and `tiny://train` name tiny local models and data built on first use "
         "(no download).",
+        usage=f"{prog} [-h] [--config RECIPE] [--OPTION VALUE ...]",
     )
+    _group_options(parser, EOPDConfig, EOPDScriptArguments, ModelConfig)
     return parser
+
+
+def _group_options(parser, config_cls, script_cls, model_cls) -> None:
+    """Show EOPD's own options first and the hundreds inherited from TRL and transformers last.
+
+    The parser lists fields in dataclass order, which puts EOPD's few fields after every TrainingArguments field.
+    """
+    import dataclasses
+
+    from trl.experimental.gkd import GKDConfig
+    from trl.trainer.sft_config import SFTConfig
+
+    def names(cls, minus=()):
+        excluded = {f.name for base in minus for f in dataclasses.fields(base)}
+        return {f.name for f in dataclasses.fields(cls)} - excluded
+
+    sections = [
+        ("EOPD options (EOPDConfig's own fields)", names(config_cls, minus=(GKDConfig,))),
+        ("distillation options (inherited from TRL's GKDConfig)", names(GKDConfig, minus=(SFTConfig,))),
+        ("data and script options", names(script_cls)),
+        ("model options (TRL's ModelConfig)", names(model_cls)),
+        ("training options (TRL's SFTConfig and transformers' TrainingArguments)", None),
+    ]
+    groups = [(parser.add_argument_group(title), members) for title, members in sections]
+    for action in list(parser._actions):
+        if action.dest in (argparse.SUPPRESS, "help") or not action.option_strings:
+            continue
+        target = next(group for group, members in groups if members is None or action.dest in members)
+        for container in parser._action_groups:
+            if action in container._group_actions and container is not target:
+                container._group_actions.remove(action)
+        target._group_actions.append(action)
+    # argparse prints groups in creation order: put the new ones right after the `options` group holding --help.
+    new_groups = [group for group, _ in groups]
+    rest = [g for g in parser._action_groups if g not in new_groups]
+    parser._action_groups[:] = rest + new_groups
 
 
 def _valid_keys(parser) -> list[str]:
@@ -230,12 +268,34 @@ def parse_args(argv: list[str] | None = None):
             unknown_flags.append(arg[2:].split("=", 1)[0])
     if unknown_flags and not any(a in ("-h", "--help") for a in argv):
         raise _unknown_key_error(unknown_flags, valid, "command-line option(s)")
+    from ._quiet import harmless_prints_dropped
+
     try:
-        script_args, training_args, model_args = parser.parse_args_and_config(argv)
+        # Parsing the training arguments sets up the process group, where DeepSpeed prints from every rank.
+        with harmless_prints_dropped():
+            script_args, training_args, model_args = parser.parse_args_and_config(argv)
     except ValueError as e:
         # Validation errors from EOPDConfig / TrainingArguments __post_init__ (e.g. an invalid estimator combination).
         raise UsageError(str(e)) from None
+    check_launcher_precision(training_args)
     return script_args, training_args, model_args
+
+
+def check_launcher_precision(training_args) -> None:
+    """Stop with one line when `accelerate launch` asked DeepSpeed for mixed precision that the recipe turned off.
+
+    The packaged accelerate configs say `mixed_precision: bf16` (GPU training), and a CPU recipe says `bf16: false`;
+    left alone, transformers finds the mismatch only after both models are built and every rank prints a traceback.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        return
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if mixed in ("bf16", "fp16") and not getattr(training_args, mixed):
+        raise UsageError(
+            f"the accelerate config asks DeepSpeed for {mixed} mixed precision but the training arguments have "
+            f"`{mixed}: false`. Pass `--mixed_precision no` to `accelerate launch` (as on CPU), or set "
+            f"`{mixed}: true` in the recipe. `trl-eopd launch` passes `--mixed_precision no` by itself when no GPU is visible."
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -537,9 +597,42 @@ def _resume_target(training_args) -> str | bool | None:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _is_main_process() -> bool:
+    # Read from the launcher's environment, so that it also works before (or without) a process group.
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def _log_rank(state, message: str) -> None:
-    # Every process prints, not only the main one: the line is how a launch proves each rank came up.
-    print(f"[trl-eopd rank {state.process_index}/{state.num_processes}] {message}", file=sys.stderr, flush=True)
+    # Only rank 0 speaks: every rank would print the same line. Each rank's own log history (see
+    # `save_verification_artifacts`) is what shows that all of them trained.
+    if state.is_main_process:
+        print(f"[trl-eopd] {message}", file=sys.stderr, flush=True)
+
+
+_FINISHED_RUN_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "training_args.bin")
+
+
+def _announce_overwrite(state, training_args) -> None:
+    """Say out loud when this run is about to replace a finished run's saved student (resuming is not replacing)."""
+    if not state.is_main_process or _resume_requested(training_args):
+        return
+    output_dir = Path(training_args.output_dir)
+    found = [name for name in _FINISHED_RUN_FILES if (output_dir / name).is_file()]
+    if found:
+        import time
+
+        saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((output_dir / found[0]).stat().st_mtime))
+        print(
+            f"[trl-eopd] warning: {output_dir} already holds a finished run (saved {saved}); this run will overwrite "
+            "it. Pass `--output_dir` elsewhere to keep it, or `--resume_from_checkpoint true` to continue it.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _resume_requested(training_args) -> bool:
+    value = training_args.resume_from_checkpoint
+    return value not in (None, "") and str(value).lower() not in ("false", "none")
 
 
 def _activation_checkpointing(training_args) -> bool:
@@ -583,7 +676,9 @@ def run(script_args: EOPDScriptArguments, training_args, model_args) -> None:
         raise UsageError("no teacher: set `teacher_model_name_or_path` (hub id, local folder or `tiny://teacher`).")
 
     state = PartialState()
-    _log_rank(state, f"device={state.device} distributed_type={state.distributed_type}")
+    _log_rank(state, f"{state.num_processes} process(es), device={state.device}, "
+                     f"distributed_type={state.distributed_type.value}")
+    _announce_overwrite(state, training_args)
 
     student = resolve_tiny(model_args.model_name_or_path)
     teacher = resolve_tiny(training_args.teacher_model_name_or_path)
@@ -599,6 +694,7 @@ def run(script_args: EOPDScriptArguments, training_args, model_args) -> None:
 
     from trl import get_peft_config, get_quantization_config
 
+    from ._quiet import harmless_warnings_silenced
     from .trainer import EOPDTrainer
 
     quantization_config = get_quantization_config(model_args)
@@ -626,31 +722,33 @@ def run(script_args: EOPDScriptArguments, training_args, model_args) -> None:
     training_args.teacher_model_init_kwargs = teacher_init_kwargs
     training_args.teacher_model_name_or_path = teacher
 
-    trainer = EOPDTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=get_peft_config(model_args),
-    )
-    _log_rank(state, f"training {student} from teacher {teacher} on {len(train_dataset)} rows")
-    trainer.train(resume_from_checkpoint=resume)
+    with harmless_warnings_silenced():
+        trainer = EOPDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=tokenizer,
+            peft_config=get_peft_config(model_args),
+        )
+        _log_rank(state, f"training {student} from teacher {teacher} on {len(train_dataset)} rows")
+        trainer.train(resume_from_checkpoint=resume)
 
-    if eval_dataset is not None:
-        metrics = trainer.evaluate()
-        trainer.log_metrics("eval", metrics)
-        trainer.save_metrics("eval", metrics)
+        if eval_dataset is not None:
+            metrics = trainer.evaluate()
+            trainer.log_metrics("eval", metrics)
+            trainer.save_metrics("eval", metrics)
 
-    trainer.save_model(training_args.output_dir)
+        trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
     trainer.accelerator.wait_for_everyone()
     _log_rank(state, f"saved the student to {training_args.output_dir}")
 
     if script_args.save_verification_artifacts:
-        _save_verification_artifacts(trainer, tokenizer, training_args.output_dir)
+        with harmless_warnings_silenced():
+            _save_verification_artifacts(trainer, tokenizer, training_args.output_dir)
 
     if hasattr(trainer, "end"):
         trainer.end()
@@ -658,34 +756,79 @@ def run(script_args: EOPDScriptArguments, training_args, model_args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`trl-eopd train`: parse the recipe and flags, then train. Returns 0, or exits with status 2 on bad input."""
+    from ._quiet import tell_deepspeed_when_cpu_only
+
+    tell_deepspeed_when_cpu_only()
     try:
         script_args, training_args, model_args = parse_args(argv)
         run(script_args, training_args, model_args)
     except UsageError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        # Under a launcher every rank finds the same problem; one copy of the message is enough.
+        if _is_main_process():
+            print(f"{PROG}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     return 0
 
 
-# Flags that belong to `accelerate launch` rather than to the training script.
+# Flags that belong to `accelerate launch` rather than to the training script (True: the flag takes a value).
 _LAUNCH_FLAGS = {
     "--num_processes": True, "--num_machines": True, "--machine_rank": True, "--main_process_ip": True,
     "--main_process_port": True, "--mixed_precision": True, "--gpu_ids": True, "--rdzv_backend": True,
     "--cpu": False, "--same_network": False,
 }
 
+LAUNCH_HELP = f"""\
+usage: trl-eopd launch --accelerate_config NAME|PATH [accelerate flags] --config RECIPE [training flags]
 
-def build_launch_command(argv: list[str]) -> list[str]:
-    """The `accelerate launch` command line for `trl-eopd launch` (see [`launch_main`])."""
+Run `accelerate launch` on `trl-eopd train` with a packaged (or your own) accelerate config. The accelerate flags
+below go to `accelerate launch`; every other flag goes to `trl-eopd train` (see `trl-eopd train --help`).
+
+options:
+  -h, --help            show this help message and exit
+  --accelerate_config NAME|PATH
+                        accelerate config: a YAML file or a packaged name: {", ".join(list_accelerate_configs())}
+
+accelerate flags (passed to `accelerate launch`):
+  --num_processes N     processes in all (one per GPU, times --num_machines)
+  --num_machines N      nodes taking part
+  --machine_rank N      rank of this node (0 .. num_machines - 1)
+  --main_process_ip IP  address of the node with machine_rank 0
+  --main_process_port PORT
+                        port on that node
+  --mixed_precision {{no,bf16,fp16}}
+                        overrides the config's (bf16 in the packaged ones). Without a visible GPU, `trl-eopd launch`
+                        passes `no` by itself: DeepSpeed on CPU trains in float32
+  --gpu_ids IDS, --rdzv_backend NAME, --same_network
+                        as for `accelerate launch`
+  --cpu                 accelerate's single-process CPU launcher; it turns DeepSpeed off, so do not pass it to run the
+                        DeepSpeed configs on CPU (they use DeepSpeed's CPU backend by themselves)
+
+examples:
+  trl-eopd launch --accelerate_config zero3 --num_processes 2 --config tiny-cpu     # CPU check, no download
+  trl-eopd launch --accelerate_config zero3 --num_processes 8 --config qwen3-4b-dapo-eopd \\
+      --gradient_accumulation_steps 8
+"""
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def plan_launch(argv: list[str], *, gpu: bool | None = None) -> tuple[list[str], list[str]]:
+    """The `accelerate launch` command line for `trl-eopd launch`, and notes for the user about what was added."""
     parser = argparse.ArgumentParser(prog="trl-eopd launch", add_help=False)
     parser.add_argument("--accelerate_config", "--accelerate-config", default=None)
     known, rest = parser.parse_known_args(argv)
     launch_args: list[str] = []
+    config_file = None
     if known.accelerate_config is not None:
         try:
-            launch_args += ["--config_file", str(accelerate_config_path(known.accelerate_config))]
+            config_file = accelerate_config_path(known.accelerate_config)
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
+        launch_args += ["--config_file", str(config_file)]
     train_args: list[str] = []
     i = 0
     while i < len(rest):
@@ -697,7 +840,34 @@ def build_launch_command(argv: list[str]) -> list[str]:
         else:
             train_args.append(rest[i])
             i += 1
-    return [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", "trl_eopd.train", *train_args]
+    notes = []
+    given = {a.split("=", 1)[0].replace("-", "_").replace("__", "--", 1) for a in launch_args}
+    if config_file is not None and "--mixed_precision" not in given and "--cpu" not in given:
+        wanted = _config_mixed_precision(config_file)
+        if wanted not in (None, "no") and not (_has_gpu() if gpu is None else gpu):
+            # bf16/fp16 mixed precision is a GPU setting; DeepSpeed on CPU trains in float32.
+            launch_args += ["--mixed_precision", "no"]
+            notes.append(f"no GPU visible: passing `--mixed_precision no` (the config asks for {wanted}); "
+                         "training runs in float32 on CPU.")
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "-m", "trl_eopd.train", *train_args]
+    return command, notes
+
+
+def _config_mixed_precision(path: Path) -> str | None:
+    import yaml
+
+    try:
+        with open(path) as f:
+            config = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return None  # accelerate reports an unreadable config itself
+    value = config.get("mixed_precision") if isinstance(config, dict) else None
+    return None if value is None else str(value).lower()
+
+
+def build_launch_command(argv: list[str]) -> list[str]:
+    """The `accelerate launch` command line for `trl-eopd launch` (see [`launch_main`])."""
+    return plan_launch(argv)[0]
 
 
 def launch_main(argv: list[str] | None = None) -> int:
@@ -710,15 +880,24 @@ def launch_main(argv: list[str] | None = None) -> int:
     import subprocess
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(LAUNCH_HELP, end="")
+        return 0
     try:
-        command = build_launch_command(argv)
+        command, notes = plan_launch(argv)
         # Resolve the recipe here too, so a bad recipe name fails before accelerate spawns anything.
         _extract_config(command[command.index("trl_eopd.train") + 1 :])
     except UsageError as e:
         print(f"trl-eopd launch: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    from ._quiet import tell_deepspeed_when_cpu_only
+
+    env = dict(os.environ)
+    tell_deepspeed_when_cpu_only(env)
+    for note in notes:
+        print(f"[trl-eopd] {note}", file=sys.stderr, flush=True)
     print("+ " + " ".join(command), file=sys.stderr, flush=True)
-    return subprocess.call(command)
+    return subprocess.call(command, env=env)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="eopd-demo", help="Where to write results.json and the PNGs.")
     parser.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda (default cpu).")
     parser.add_argument("--quick", action="store_true",
-                        help="A one-minute run of the whole pipeline on fewer problems, seeds and steps (for CI).")
+                        help="A 20-second run of the whole pipeline on fewer problems, seeds and steps (for CI).")
     parser.add_argument("--entropy-threshold", type=float, default=None,
                         help="EOPD's gate in nats (default 0.8, the paper's).")
     parser.add_argument("--reverse-kl-estimator", choices=["analytic", "sampled"], default=None,
@@ -35,12 +35,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; the numbers go to stdout and to `<output-dir>/results.json`. Returns the exit status."""
+    args = build_parser(prog="trl-eopd demo").parse_args(argv)
+
     import torch
+
+    from .._quiet import tell_deepspeed_when_cpu_only
+
+    tell_deepspeed_when_cpu_only()
     from transformers.utils import logging as hf_logging
 
     from .experiment import DemoSettings, format_table, run_demo
-
-    args = build_parser(prog="trl-eopd demo").parse_args(argv)
     overrides = {"steps": args.steps, "seeds": args.seeds, "device": args.device,
                  "entropy_threshold": args.entropy_threshold, "reverse_kl_estimator": args.reverse_kl_estimator}
     if args.quick:

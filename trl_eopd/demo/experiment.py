@@ -27,6 +27,8 @@ from .teacher import ASSETS_TEACHER, load_model, train_teacher
 METHODS = ("opd", "eopd")
 MODELS = ("teacher", "student_init", "opd", "eopd")
 KS = list(range(1, 9))
+# Per seed: teacher evaluation, student warm-up and evaluation, OPD run, EOPD run.
+STAGES_PER_SEED = 2 + len(METHODS)
 TABLE_METRICS = [
     ("pass@1", "pass@1"), ("pass@2", "pass@2"), ("pass@4", "pass@4"), ("pass@8", "pass@8"),
     ("distinct_correct", "distinct"), ("solution_coverage", "coverage"), ("token_entropy", "H tok"),
@@ -56,7 +58,7 @@ class DemoSettings:
 
     @classmethod
     def quick_settings(cls, **overrides) -> DemoSettings:
-        """Small enough for CI (about a minute), still every stage: warm-up, both trainings, evaluation, plots."""
+        """Small enough for CI (about 20 seconds), still every stage: warm-up, both trainings, evaluation, plots."""
         values = dict(steps=6, seeds=[0, 1], quick=True, num_eval_problems=24, num_eval_samples=8,
                       student_warmup_steps=30, batch_size=16)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -64,10 +66,12 @@ class DemoSettings:
 
 
 def _distill(student_path: Path, teacher, tokenizer, settings: DemoSettings, method: str, seed: int,
-             output_dir: Path):
+             output_dir: Path, on_step=None):
     from datasets import Dataset
+    from transformers import PrinterCallback, TrainerCallback
 
     from .. import EOPDConfig, EOPDTrainer
+    from .._quiet import harmless_warnings_silenced
 
     student = load_model(student_path)
     rows = training_rows_fn(set())(0, random.Random(50_000 + seed), settings.steps * settings.batch_size)
@@ -93,12 +97,23 @@ def _distill(student_path: Path, teacher, tokenizer, settings: DemoSettings, met
         bf16=False,
         use_cpu=settings.device == "cpu",
         dataloader_num_workers=0,
+        # The demo's own stage bar reports progress; the Trainer's bar and its per-step log dicts would bury it.
+        # Every logged value still lands in `log_history` and so in results.json and the plots.
+        disable_tqdm=True,
     )
     trainer = EOPDTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-    trainer.train()
+    trainer.remove_callback(PrinterCallback)
+    if on_step is not None:
+        class _ReportStep(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                on_step(state.global_step, state.max_steps)
+
+        trainer.add_callback(_ReportStep())
+    with harmless_warnings_silenced():
+        trainer.train()
     model = trainer.model
     model.eval()
     return model, trainer.state.log_history
@@ -145,7 +160,7 @@ def run_demo(settings: DemoSettings, output_dir: str | Path, log=print) -> dict:
 
     per_seed = {model: [] for model in MODELS}
     training_curves = {method: [] for method in METHODS}
-    stages = tqdm(total=len(settings.seeds) * 5, desc="demo", unit="stage")
+    stages = tqdm(total=len(settings.seeds) * STAGES_PER_SEED, desc="demo", unit="stage")
     for seed in settings.seeds:
         eval_seed = 1_000 + seed
         stages.set_postfix_str(f"seed {seed}: teacher eval")
@@ -165,14 +180,17 @@ def run_demo(settings: DemoSettings, output_dir: str | Path, log=print) -> dict:
         stages.update()
 
         for method in METHODS:
-            stages.set_postfix_str(f"seed {seed}: {method.upper()} distillation")
-            model, log_history = _distill(init_path, teacher, tokenizer, settings, method, seed,
-                                          output_dir / "runs" / f"{method}-seed{seed}")
+            label = f"seed {seed}: {method.upper()} distillation"
+            stages.set_postfix_str(label)
+            model, log_history = _distill(
+                init_path, teacher, tokenizer, settings, method, seed, output_dir / "runs" / f"{method}-seed{seed}",
+                on_step=lambda step, total, label=label: stages.set_postfix_str(f"{label}, step {step}/{total}"))
             training_curves[method].append(curves_from_log_history(log_history))
             per_seed[method].append(
                 {**evaluate(model.to(device), teacher, tokenizer, problems, seed=eval_seed, **eval_kwargs),
                  "log_history": log_history})
             stages.update()
+    stages.set_postfix_str("done")
     stages.close()
 
     summary = {}

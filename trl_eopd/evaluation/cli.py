@@ -7,7 +7,7 @@ import sys
 
 from transformers import HfArgumentParser
 
-from .runner import EvalConfig, EvaluationError
+from .runner import EvalConfig, EvaluationError, default_output_dir
 
 DESCRIPTION = (
     "Evaluate a checkpoint on math benchmarks with the EOPD paper's protocol (n samples per problem, temperature 1.0, "
@@ -61,6 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         print(format_comparison(comparison))
         return 0
 
+    if args.model and args.output_dir is None:
+        # Named after what the user typed, not after the cache folder a `tiny://` name resolves to.
+        args.output_dir = default_output_dir(args.model)
+    from ..train import UsageError, resolve_tiny
+
+    try:
+        # `tiny://` names are the same download-free models `trl-eopd train` accepts.
+        args.model, args.tokenizer = resolve_tiny(args.model), resolve_tiny(args.tokenizer)
+    except UsageError as error:
+        parser.error(str(error))
     try:
         (config,) = parser.parse_dict(vars(args), allow_extra_keys=True)
     except EvaluationError as error:

@@ -93,7 +93,12 @@ class EvalConfig:
     """
 
     model: str | None = field(
-        default=None, metadata={"help": "Checkpoint directory or Hugging Face Hub id to evaluate."}
+        default=None,
+        metadata={
+            "help": "Checkpoint directory or Hugging Face Hub id to evaluate, or `tiny://student` / `tiny://teacher` "
+            "(the tiny local models of `trl-eopd train`, built on first use; they answer nothing right, but check "
+            "the pipeline)."
+        },
     )
     benchmarks: list[str] = field(
         default_factory=benchmark_names,

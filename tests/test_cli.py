@@ -1,0 +1,150 @@
+"""The `trl-eopd` command as a newcomer meets it: help, typos, `launch` on a CPU machine, reruns into one folder."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from trl_eopd import cli
+from trl_eopd.train import (
+    LAUNCH_HELP,
+    UsageError,
+    _announce_overwrite,
+    launch_main,
+    make_parser,
+    parse_args,
+    plan_launch,
+)
+
+
+def test_mistyped_command_suggests_the_closest(capsys):
+    assert cli.main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'. Did you mean `trl-eopd train`?" in err
+    assert cli.main(["xyzzy"]) == 2
+    assert "Did you mean" not in capsys.readouterr().err
+
+
+def test_top_level_help_loads_no_heavy_library():
+    # What makes `trl-eopd --help` fast (scripts/bench_help.py times it): nothing heavy is imported to print it.
+    code = (
+        "import sys; from trl_eopd.cli import main; main(['--help']); "
+        "print('LOADED', sorted(m for m in ('torch', 'transformers', 'trl', 'datasets') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "usage: trl-eopd <command>" in out
+    assert "LOADED []" in out
+
+
+def test_package_names_still_import_on_demand():
+    import trl_eopd
+
+    assert trl_eopd.eopd_loss.__module__ == "trl_eopd.loss"
+    assert trl_eopd.EOPDConfig.__name__ == "EOPDConfig"
+    with pytest.raises(AttributeError):
+        trl_eopd.not_a_name  # noqa: B018
+
+
+def test_train_help_lists_eopd_options_first():
+    text = make_parser().format_help()
+    assert text.splitlines()[0] == "usage: trl-eopd train [-h] [--config RECIPE] [--OPTION VALUE ...]"
+    groups = [line for line in text.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert groups[:3] == [
+        "options:",
+        "EOPD options (EOPDConfig's own fields):",
+        "distillation options (inherited from TRL's GKDConfig):",
+    ]
+    eopd_section = text.split("EOPD options")[1].split("distillation options")[0]
+    for field in ("--entropy_threshold", "--forward_kl_coef", "--gate", "--forward_kl_top_k", "--reverse_kl_estimator",
+                  "--memory_efficient_loss", "--loss_chunk_size", "--teacher_eos_token"):
+        assert field in eopd_section, field
+    assert "--learning_rate" not in eopd_section
+    assert text.index("--lmbda") < text.index("--dataset_name") < text.index("--learning_rate")
+
+
+def test_launch_help_is_its_own_and_launches_nothing(capsys, monkeypatch):
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("--help must not launch anything"))
+    assert launch_main(["--accelerate_config", "zero3", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out == LAUNCH_HELP
+    assert out.startswith("usage: trl-eopd launch --accelerate_config")
+    assert out.index("--accelerate_config NAME|PATH") < out.index("--num_processes N") < out.index("examples:")
+    assert "was set to a value of" not in out
+
+
+@pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "multi_gpu"])
+def test_launch_without_gpu_turns_the_configs_bf16_off(config):
+    argv = ["--accelerate_config", config, "--num_processes", "2", "--config", "tiny-cpu"]
+    command, notes = plan_launch(argv, gpu=False)
+    launcher = command[: command.index("trl_eopd.train")]
+    assert launcher[launcher.index("--mixed_precision") + 1] == "no"
+    assert notes and "--mixed_precision no" in notes[0]
+    # With a GPU the config's bf16 stands, and a precision given by the user is never overridden.
+    command, notes = plan_launch(argv, gpu=True)
+    assert "--mixed_precision" not in command and not notes
+    command, _ = plan_launch([*argv, "--mixed-precision", "fp16"], gpu=False)
+    assert command.count("no") == 0 and command[command.index("--mixed-precision") + 1] == "fp16"
+
+
+def test_accelerate_launch_with_bf16_and_a_float32_recipe_fails_in_one_line(monkeypatch, capsys, tiny_assets):
+    from trl_eopd.train import main
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    # No LOCAL_RANK: the arguments would then set up a process group, which this check must come before anyway.
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "tiny-cpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bf16" in err[0] and "--mixed_precision no" in err[0], err
+    # The other ranks find the same problem and stay silent.
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        main(["--config", "tiny-cpu"])
+    assert capsys.readouterr().err == ""
+    # Precision that agrees passes the check.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    parse_args(["--config", "tiny-cpu"])
+    with pytest.raises(UsageError):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        parse_args(["--config", "tiny-cpu"])
+
+
+def _args(output_dir, resume=None):
+    return SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=resume)
+
+
+def test_rerun_into_a_finished_run_is_announced(tmp_path, capsys):
+    main_process = SimpleNamespace(is_main_process=True)
+    _announce_overwrite(main_process, _args(tmp_path / "fresh"))
+    (tmp_path / "empty").mkdir()
+    _announce_overwrite(main_process, _args(tmp_path / "empty"))
+    assert capsys.readouterr().err == ""
+
+    finished = tmp_path / "finished"
+    finished.mkdir()
+    (finished / "model.safetensors").write_bytes(b"x")
+    _announce_overwrite(main_process, _args(finished))
+    err = capsys.readouterr().err
+    assert f"{finished} already holds a finished run" in err and "will overwrite it" in err
+    # Resuming continues the run rather than replacing it; other ranks never speak.
+    _announce_overwrite(main_process, _args(finished, resume="true"))
+    _announce_overwrite(SimpleNamespace(is_main_process=False), _args(finished))
+    assert capsys.readouterr().err == ""
+
+
+def test_help_texts_quote_the_readme_times():
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    from trl_eopd import quickstart
+    from trl_eopd.demo.cli import build_parser
+
+    quick = next(a for a in build_parser()._actions if "--quick" in a.option_strings).help
+    assert "20-second" in quick and "`trl-eopd demo --quick` checks the same pipeline in about 20 seconds" in readme
+    assert "about 10 seconds" in quickstart.__doc__ and "For a 10-second install check" in readme
+    assert "minute" not in quick + quickstart.__doc__
