@@ -161,6 +161,7 @@ class VLLMRollouts:
             warnings.filterwarnings("ignore", message=".*TRL currently supports vLLM.*")
             from trl.generation.vllm_generation import VLLMGeneration
 
+        try:
             self.generation = VLLMGeneration(
                 model=self.model,
                 accelerator=self.accelerator,
@@ -193,6 +194,16 @@ class VLLMRollouts:
                 logprobs=0,
                 generation_kwargs={"stop_token_ids": self.stop_token_ids} if self.stop_token_ids else None,
             )
+        except OSError as error:  # the builtin ConnectionError and requests' both derive from it
+            if args.vllm_mode != "server":
+                raise
+            url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+            raise ConnectionError(
+                f"No vLLM server answered at {url} within `vllm_server_timeout={args.vllm_server_timeout}` seconds. "
+                f"Start one with `trl vllm-serve --model {name_or_path}` on that host, point "
+                "`vllm_server_base_url` (or `vllm_server_host`/`vllm_server_port`) at it, or use "
+                "`vllm_mode='colocate'`."
+            ) from error
         if args.vllm_mode == "colocate":
             self.max_model_length = self.generation.llm.llm_engine.model_config.max_model_len
         self._synced_at_step = None

@@ -35,7 +35,9 @@ def build_parser(prog: str = "trl-eopd eval") -> argparse.ArgumentParser:
     )
     parser.add_argument("--n", type=int, default=8, help="Samples per problem (default: %(default)s).")
     parser.add_argument("--k", type=int, default=None, help="k of Pass@k (at most --n; defaults to --n).")
-    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (default: %(default)s).")
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="Sampling temperature; 0 decodes greedily (default: %(default)s)."
+    )
     parser.add_argument(
         "--top-p", type=float, default=0.8, help="Nucleus sampling mass; top-k is always off (default: %(default)s)."
     )
