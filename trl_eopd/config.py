@@ -12,6 +12,7 @@ with warnings.catch_warnings():
     from trl.experimental.gkd import GKDConfig
 
 from .loss import validate_eopd_options
+from .vllm_rollouts import validate_vllm_options
 
 
 @dataclass
@@ -255,7 +256,5 @@ class EOPDConfig(GKDConfig):
         )
         if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")
-        if self.use_vllm:
-            from .vllm_rollouts import validate_vllm_options
-
-            validate_vllm_options(self)
+        # Checked even with `use_vllm=False`, so a recipe's typo surfaces before someone turns vLLM on.
+        validate_vllm_options(self)

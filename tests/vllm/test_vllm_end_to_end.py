@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _run(command: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group, and end the whole group if it outlives `timeout` (a hung collective
+    would otherwise leave the launcher's workers running)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s:\n{out[-6000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, out, "")
 
 
 def _env(**extra) -> dict:
@@ -64,7 +79,7 @@ def test_two_process_colocate_training(models, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
         str(Path(__file__).with_name("colocate_worker.py")), models["student"], models["teacher"], str(tmp_path),
     ]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=600)
+    proc = _run(command, _env(), timeout=300)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert rank0["world_size"] == 2
@@ -89,7 +104,7 @@ def test_train_cli_tiny_cpu_with_vllm(tiny_assets, tmp_path):
         "--use_vllm", "true", "--vllm_gpu_memory_utilization", "0.05", "--vllm_max_model_length", "256",
         "--max_steps", "2", "--output_dir", str(tmp_path / "out"),
     ]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=_env(TRL_EOPD_TINY_DIR=str(root)), timeout=600)
+    proc = _run(command, _env(TRL_EOPD_TINY_DIR=str(root)), timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert MISMATCH_METRIC in log and "eopd/reverse_kl" in log
