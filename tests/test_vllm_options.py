@@ -1,5 +1,7 @@
 """vLLM options that need no engine: the config fields against TRL's DistillationConfig, bad input, and the rollout
-batch layout against GKDTrainer's own post-processing of `generate` output. The real engine is tested in tests/vllm/."""
+batch layout against GKDTrainer's own post-processing of `generate` output.
+
+The real engine is tested in tests/vllm_engine/."""
 
 from __future__ import annotations
 

@@ -48,7 +48,9 @@ def validate_vllm_options(args) -> None:
     if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0.0 < fraction <= 1.0:
         raise ValueError(f"`vllm_gpu_memory_utilization` must be in (0, 1]; got {fraction!r}.")
     if not _is_positive_int(args.vllm_tensor_parallel_size):
-        raise ValueError(f"`vllm_tensor_parallel_size` must be an integer >= 1; got {args.vllm_tensor_parallel_size!r}.")
+        raise ValueError(
+            f"`vllm_tensor_parallel_size` must be an integer >= 1; got {args.vllm_tensor_parallel_size!r}."
+        )
     for name in ("vllm_server_port", "vllm_group_port"):
         port = getattr(args, name)
         if not _is_positive_int(port) or port > 65535:
@@ -131,8 +133,8 @@ def disable_cpu_weight_repacking() -> None:
 class VLLMRollouts:
     """The student's on-policy completions for an accumulation window, from TRL's `VLLMGeneration`.
 
-    Built by [`EOPDTrainer`] when `args.use_vllm` is set; the trainer calls [`roll_out`] with the prepared micro-batches
-    of each window.
+    Built by [`EOPDTrainer`] when `args.use_vllm` is set; the trainer calls [`roll_out`] with the prepared
+    micro-batches of each window.
     """
 
     def __init__(self, trainer):
@@ -240,12 +242,13 @@ class VLLMRollouts:
                 raise ValueError(self._too_long_message(length, limit, f"train_dataset row {index}"))
 
     def _too_long_message(self, prompt_length: int, limit: int, where: str) -> str:
-        field = "vllm_max_model_length" if self.trainer.args.vllm_max_model_length is not None else "the model's context"
+        configured = self.trainer.args.vllm_max_model_length is not None
+        field = "vllm_max_model_length" if configured else "the model's context length"
         return (
             f"{where} has a {prompt_length}-token prompt; with `max_new_tokens={self.max_new_tokens}` it needs "
             f"{prompt_length + self.max_new_tokens} tokens of context, more than {field} ({limit}). Raise "
-            "`vllm_max_model_length`, lower `max_new_tokens`, or shorten prompts with `max_length` (the collator keeps "
-            "the last `max_length` tokens)."
+            "`vllm_max_model_length`, lower `max_new_tokens`, or shorten prompts with `max_length` (the collator "
+            "keeps the last `max_length` tokens)."
         )
 
     def _check_prompt_lengths(self, prompts: list[list[int]]) -> None:
@@ -329,7 +332,7 @@ class VLLMRollouts:
         return args.logging_strategy == "steps" and bool(logging_steps) and upcoming % logging_steps == 0
 
     @torch.no_grad()
-    def _logprob_abs_diff(self, input_ids, attention_mask, labels, sampler_logprobs) -> tuple[torch.Tensor, torch.Tensor]:
+    def _logprob_abs_diff(self, input_ids, attention_mask, labels, sampler_logprobs):
         """Sum over the completion tokens of |vLLM's log-prob - the student's|, and the number of tokens."""
         from .projection import find_output_projection, project
         from trl.trainer.utils import maybe_gather_lm_head_ctx

@@ -9,6 +9,8 @@ when that environment is missing.
 import importlib.util
 import os
 
+# (The folder is not named `vllm`: tests/ is on sys.path, where such a folder would pass for the vllm package.)
+
 if importlib.util.find_spec("vllm") is None:
     collect_ignore_glob = ["test_*.py"]
 else:
@@ -33,4 +35,5 @@ def float32_engine(monkeypatch):
 
     import trl.generation.vllm_generation as vllm_generation
 
-    monkeypatch.setattr(vllm_generation, "LLM", functools.partial(vllm_generation.LLM, dtype="float32", enforce_eager=True))
+    float32_llm = functools.partial(vllm_generation.LLM, dtype="float32", enforce_eager=True)
+    monkeypatch.setattr(vllm_generation, "LLM", float32_llm)

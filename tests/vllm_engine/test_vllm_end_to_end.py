@@ -151,8 +151,9 @@ def test_eval_backend_vllm_matches_transformers(models, tmp_path):
     summaries, records = {}, {}
     for backend in ("transformers", "vllm"):
         out = tmp_path / backend
-        argv = ["--model", models["student"], "--benchmarks", f"toy={EVAL_FIXTURE}", "--n", "1", "--temperature", "0",
-                "--max-new-tokens", "16", "--dtype", "float32", "--backend", backend, "--output-dir", str(out)]  # fmt: skip
+        argv = ["--model", models["student"], "--benchmarks", f"toy={EVAL_FIXTURE}", "--n", "1",
+                "--temperature", "0", "--max-new-tokens", "16", "--dtype", "float32", "--backend", backend,
+                "--output-dir", str(out)]  # fmt: skip
         assert main(argv) == 0
         summaries[backend] = json.loads((out / "summary.json").read_text())["benchmarks"]
         records[backend] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
