@@ -194,7 +194,9 @@ class VLLMRollouts:
                 max_completion_length=args.max_new_tokens,
                 # The sampled token's log-probability (after temperature), for the mismatch metric.
                 logprobs=0,
-                generation_kwargs={"stop_token_ids": self.stop_token_ids} if self.stop_token_ids else None,
+                # Token ids are all the trainer reads: skipping the text saves engine time, and a vocabulary padded
+                # beyond the tokenizer (Qwen3's) can sample ids that have no text.
+                generation_kwargs={"stop_token_ids": self.stop_token_ids, "detokenize": False},
             )
         except OSError as error:  # the builtin ConnectionError and requests' both derive from it
             if args.vllm_mode != "server":
