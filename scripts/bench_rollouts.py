@@ -137,14 +137,39 @@ def build_trainer(name, args, tokenizer, paths, dataset, workdir):
         generation = trainer._vllm_rollouts.generation
         # Forced length: the end tokens stay banned until `--new-tokens` tokens are out.
         generation.generation_kwargs["min_tokens"] = args.new_tokens
+        generation.generate = _checked_vllm(generation.generate, args.new_tokens)
         trainer._vllm_rollouts.roll_out = timer.wrap(trainer._vllm_rollouts.roll_out)
     else:
         trainer.generation_config.min_new_tokens = args.new_tokens
-        trainer.generate_on_policy_outputs = timer.wrap(trainer.generate_on_policy_outputs)
+        trainer.generate_on_policy_outputs = timer.wrap(
+            _checked_generate(trainer.generate_on_policy_outputs, args.new_tokens)
+        )
     trainer.create_optimizer_and_scheduler(num_training_steps=args.warmup + args.repeats + 1)
     trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which this script stands in for
     trainer.model.train()
     return trainer, timer
+
+
+def _checked_vllm(generate, new_tokens):
+    def checked(*a, **k):
+        out = generate(*a, **k)
+        lengths = {len(completion) for completion in out[1]}
+        if lengths != {new_tokens}:
+            raise RuntimeError(f"vLLM completions of lengths {sorted(lengths)}, not {new_tokens}")
+        return out
+
+    return checked
+
+
+def _checked_generate(post_process, new_tokens):
+    def checked(model, inputs, generation_config):
+        input_ids, attention_mask, labels = post_process(model, inputs, generation_config)
+        completion_mask = attention_mask[:, inputs["prompts"].shape[1] :]
+        if completion_mask.shape[1] != new_tokens or not bool(completion_mask.all()):
+            raise RuntimeError(f"`generate` completions are not all {new_tokens} tokens long")
+        return input_ids, attention_mask, labels
+
+    return checked
 
 
 def one_step(trainer, timer, rows):
