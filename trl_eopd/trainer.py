@@ -123,7 +123,9 @@ class EOPDTrainer(GKDTrainer):
     - by default computes the loss from hidden states a chunk of completion tokens at a time (see
       `EOPDConfig.memory_efficient_loss`), instead of full `(batch, seq, vocab)` logits for both models;
     - logs `eopd/*` metrics (teacher and student entropy, high-entropy ratio, reverse and forward KL), gathered across
-      processes, in training and evaluation.
+      processes, in training and evaluation;
+    - with `args.use_vllm`, samples the on-policy completions with vLLM through TRL's `VLLMGeneration`, one engine call
+      per accumulation window (see `trl_eopd/vllm_rollouts.py`).
 
     Args:
         model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
