@@ -15,7 +15,6 @@ behind `DistillationTrainer` and `GRPOTrainer`. This module only decides what to
 from __future__ import annotations
 
 import importlib.util
-import logging
 import math
 import random
 import warnings
@@ -23,7 +22,6 @@ from numbers import Integral, Real
 
 import torch
 
-logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 VLLM_MODES = ("colocate", "server")
