@@ -12,6 +12,7 @@ with warnings.catch_warnings():
     from trl.experimental.gkd import GKDConfig
 
 from .loss import validate_eopd_options
+from .vllm_rollouts import validate_vllm_options
 
 
 @dataclass
@@ -66,6 +67,43 @@ class EOPDConfig(GKDConfig):
             from the student's EOS (e.g. `"<|endoftext|>"` for a base student). Generation then stops at either token,
             and the student's EOS in a completion is replaced by this token before either model scores the sequence,
             as in the paper's code.
+
+        > Parameters that control generation with vLLM (the names, defaults and meanings of TRL's `DistillationConfig`)
+
+        use_vllm (`bool`, *optional*, defaults to `False`):
+            Generate the student's on-policy completions with vLLM instead of `model.generate`, through TRL's
+            `VLLMGeneration`. Needs the `vllm` extra (`pip install "trl-eopd[vllm]"`). The student's weights are
+            pushed into the engine once per optimizer step, and one engine call serves the whole gradient-accumulation
+            window. Not combinable with `seq_kd=True` (the teacher's completions would still need `generate`).
+        vllm_mode (`str`, *optional*, defaults to `"colocate"`):
+            `"colocate"`: an engine inside every training process, sharing its accelerator. `"server"`: a separate
+            `trl vllm-serve` server, reached at `vllm_server_base_url` or `vllm_server_host`:`vllm_server_port`.
+        vllm_model_impl (`str`, *optional*, defaults to `"vllm"`):
+            Model implementation inside the engine: `"vllm"`, `"transformers"`, `"auto"` or `"terratorch"`.
+        vllm_enable_sleep_mode (`bool`, *optional*, defaults to `False`):
+            Colocate mode: release the engine's weights and KV cache between rollouts, so the optimizer step has the
+            memory. Saves accelerator memory at the cost of re-pushing the weights before each rollout.
+        vllm_structured_outputs_regex (`str` or `None`, *optional*, defaults to `None`):
+            Constrain completions to this regular expression (vLLM structured outputs).
+        vllm_server_base_url (`str` or `None`, *optional*, defaults to `None`):
+            Server mode: the server's base URL, e.g. `"http://10.0.0.2:8000"`. When set, host and port are ignored.
+        vllm_server_host (`str`, *optional*, defaults to `"0.0.0.0"`):
+            Server mode: the server's host.
+        vllm_server_port (`int`, *optional*, defaults to `8000`):
+            Server mode: the server's port.
+        vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
+            Server mode: seconds to wait for the server to answer before failing with an error naming the URL.
+        vllm_group_port (`int`, *optional*, defaults to `51216`):
+            Server mode: port of the communicator that streams the student's weights to the server.
+        vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
+            Colocate mode: share of each accelerator's memory the engine may take (weights, activations, KV cache).
+        vllm_max_model_length (`int` or `None`, *optional*, defaults to `None`):
+            Colocate mode: the engine's context length, prompt plus completion. `None` takes the model's. A prompt
+            longer than `vllm_max_model_length - max_new_tokens` is rejected with an error (vLLM would silently cut
+            its completion short).
+        vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
+            Colocate mode: processes that share one engine by tensor parallelism; must divide the number of
+            processes.
     """
 
     lmbda: float = field(
@@ -149,6 +187,67 @@ class EOPDConfig(GKDConfig):
         },
     )
 
+    # Parameters that control generation with vLLM. Names, defaults and meanings are TRL's `DistillationConfig`'s, so a
+    # TRL user already knows them; see `trl_eopd/vllm_rollouts.py`.
+    use_vllm: bool = field(
+        default=False,
+        metadata={
+            "help": "Generate on-policy completions with vLLM (TRL's VLLMGeneration) instead of `model.generate`. "
+            'Needs `pip install "trl-eopd[vllm]"`.'
+        },
+    )
+    vllm_mode: str = field(
+        default="colocate",
+        metadata={
+            "help": "`colocate`: an engine inside every training process; `server`: a separate `trl vllm-serve` "
+            "server.",
+            "choices": ["colocate", "server"],
+        },
+    )
+    vllm_model_impl: str = field(
+        default="vllm",
+        metadata={
+            "help": "Model implementation inside the engine.",
+            "choices": ["vllm", "transformers", "auto", "terratorch"],
+        },
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False,
+        metadata={"help": "Colocate mode: release the engine's weights and KV cache between rollouts."},
+    )
+    vllm_structured_outputs_regex: str | None = field(
+        default=None,
+        metadata={"help": "Constrain completions to this regular expression (vLLM structured outputs)."},
+    )
+    vllm_server_base_url: str | None = field(
+        default=None,
+        metadata={"help": "Server mode: base URL of the server; when set, host and port are ignored."},
+    )
+    vllm_server_host: str = field(default="0.0.0.0", metadata={"help": "Server mode: host of the server."})
+    vllm_server_port: int = field(default=8000, metadata={"help": "Server mode: port of the server."})
+    vllm_server_timeout: float = field(
+        default=240.0,
+        metadata={"help": "Server mode: seconds to wait for the server before failing with an error naming the URL."},
+    )
+    vllm_group_port: int = field(
+        default=51216,
+        metadata={"help": "Server mode: port of the communicator that streams the student's weights to the server."},
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata={"help": "Colocate mode: share of each accelerator's memory the engine may take."},
+    )
+    vllm_max_model_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Colocate mode: the engine's context length (prompt plus completion); defaults to the model's."
+        },
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1,
+        metadata={"help": "Colocate mode: processes sharing one engine by tensor parallelism."},
+    )
+
     def __post_init__(self):
         # TRL's configs default the deprecated `gradient_checkpointing` to True, so every config warned about it; the
         # same value under transformers' new name says the same thing without the FutureWarning.
@@ -179,6 +278,8 @@ class EOPDConfig(GKDConfig):
         )
         if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")
+        # Checked even with `use_vllm=False`, so a recipe's typo surfaces before someone turns vLLM on.
+        validate_vllm_options(self)
 
 
 def _has_accelerator() -> bool:

@@ -85,14 +85,18 @@ def build_tiny_model(
     tie_word_embeddings: bool = True,
     seed: int = 0,
     eos_token: str | list[str] | None = None,
+    head_dim: int | None = None,
 ):
-    """A randomly initialised Qwen3 causal LM sized to `tokenizer`'s vocabulary."""
+    """A randomly initialised Qwen3 causal LM sized to `tokenizer`'s vocabulary.
+
+    `head_dim` defaults to `hidden_size // num_attention_heads`; vLLM's CPU attention needs at least 32.
+    """
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     eos_tokens = [eos_token] if isinstance(eos_token, str) else (eos_token or [IM_END, EOS_TOKEN])
     eos_ids = [tokenizer.convert_tokens_to_ids(token) for token in eos_tokens]
-    head_dim = hidden_size // num_attention_heads
+    head_dim = head_dim or hidden_size // num_attention_heads
     config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -127,8 +131,9 @@ def save_tiny_setup(output_dir: str | os.PathLike, *, num_examples: int = 64, se
     teacher = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, seed=seed)
     # The student's head is untied (the teacher's is tied), so both layouts of an output layer are exercised; an
     # untied head is also the harder case for ZeRO-3, where nothing but the loss ever gathers it.
+    # Its attention heads are 32 wide, the smallest vLLM's CPU engine runs, so `use_vllm` works on the tiny recipe too.
     student = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               num_key_value_heads=1, tie_word_embeddings=False, seed=seed + 1)
+                               num_key_value_heads=1, tie_word_embeddings=False, seed=seed + 1, head_dim=32)
     for key, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(paths[key])
         tokenizer.save_pretrained(paths[key])

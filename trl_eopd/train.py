@@ -304,7 +304,9 @@ def check_launcher_precision(training_args) -> None:
 
 
 def tiny_dir() -> Path:
-    return Path(os.environ.get("TRL_EOPD_TINY_DIR", Path.home() / ".cache" / "trl_eopd" / "tiny"))
+    # Versioned: the cache is built once, so a change to the tiny models needs a new folder (v2: the student's
+    # attention heads became 32 wide, for vLLM's CPU engine).
+    return Path(os.environ.get("TRL_EOPD_TINY_DIR", Path.home() / ".cache" / "trl_eopd" / "tiny-v2"))
 
 
 def ensure_tiny_setup() -> dict[str, str]:

@@ -140,7 +140,9 @@ class EOPDTrainer(GKDTrainer):
       and forward KL, and the loss's two terms as used), token-weighted over every micro-batch, step and process since
       the last log, in training and evaluation;
     - keeps prompts longer than the room `max_length` leaves whole (cutting the reference completion instead, with a
-      warning), and names the model when sampling hits non-finite probabilities.
+      warning), and names the model when sampling hits non-finite probabilities;
+    - with `args.use_vllm`, samples the on-policy completions with vLLM through TRL's `VLLMGeneration`, one engine call
+      per accumulation window (see `trl_eopd/vllm_rollouts.py`).
 
     Args:
         model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
@@ -258,6 +260,11 @@ class EOPDTrainer(GKDTrainer):
         self._student_eos_to_replace, self._teacher_eos_id = self._configure_teacher_eos(args.teacher_eos_token)
         self._rng_checkpoint_to_restore = None
         self._rng_already_restored = False
+        self._vllm_rollouts = None
+        if args.use_vllm:
+            from .vllm_rollouts import VLLMRollouts
+
+            self._vllm_rollouts = VLLMRollouts(self)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation
@@ -314,6 +321,12 @@ class EOPDTrainer(GKDTrainer):
         inputs[_ROLLOUT_DONE] = True
         return inputs
 
+    def _roll_out_window(self, batches: list[dict]) -> list[dict]:
+        if self._vllm_rollouts is not None:
+            # One engine call for the whole window, after one weight push per optimizer step.
+            return self._vllm_rollouts.roll_out(batches)
+        return [self._roll_out(batch) for batch in batches]
+
     @staticmethod
     def _count_loss_tokens(batches: list[dict]) -> torch.Tensor:
         return sum((batch["labels"][:, 1:] != IGNORE_INDEX).sum() for batch in batches)
@@ -332,7 +345,7 @@ class EOPDTrainer(GKDTrainer):
             super()._load_rng_state(self._rng_checkpoint_to_restore)
             self._rng_checkpoint_to_restore = None
             self._rng_already_restored = True
-        batch_samples = [self._roll_out(self._prepare_inputs(batch)) for batch in batch_samples]
+        batch_samples = self._roll_out_window([self._prepare_inputs(batch) for batch in batch_samples])
         local_count = (
             self._count_loss_tokens(batch_samples) if batch_samples else torch.tensor(0, device=device)
         ).to(device)
@@ -355,7 +368,7 @@ class EOPDTrainer(GKDTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not inputs.pop(_ROLLOUT_DONE, False):
             # Reached outside the Trainer's loop (a custom loop, a benchmark): roll out now and count locally.
-            inputs = self._roll_out(self._prepare_inputs(inputs))
+            inputs = self._roll_out_window([self._prepare_inputs(inputs)])[0]
             inputs.pop(_ROLLOUT_DONE)
             num_items_in_batch = (
                 self._count_loss_tokens([inputs]) * self.current_gradient_accumulation_steps

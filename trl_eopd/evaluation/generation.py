@@ -118,7 +118,7 @@ class SamplingSettings:
         n (`int`):
             Samples per problem.
         temperature (`float`):
-            Sampling temperature.
+            Sampling temperature; 0 decodes greedily.
         top_p (`float`):
             Nucleus sampling mass. Top-k filtering is always off, whatever the checkpoint's generation config says.
         max_new_tokens (`int`):
@@ -296,11 +296,12 @@ class TransformersGenerator:
             output = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
-                do_sample=True,
-                temperature=s.temperature,
-                top_p=s.top_p,
+                # Temperature 0 is greedy decoding, as in vLLM.
+                do_sample=s.temperature > 0,
+                temperature=s.temperature if s.temperature > 0 else None,
+                top_p=s.top_p if s.temperature > 0 else None,
                 # transformers applies top_k=50 unless told otherwise; the protocol samples from the full nucleus.
-                top_k=0,
+                top_k=0 if s.temperature > 0 else None,
                 repetition_penalty=1.0,
                 max_new_tokens=s.max_new_tokens,
                 num_return_sequences=s.n,
@@ -331,9 +332,14 @@ class VLLMGenerator:
     """
 
     def __init__(self, model_name_or_path, tokenizer_name_or_path, sampling, stop_ids, dtype="auto"):
+        from transformers import AutoTokenizer
         from vllm import LLM, SamplingParams
 
         self.llm = LLM(model=model_name_or_path, tokenizer=tokenizer_name_or_path, dtype=dtype, seed=sampling.seed)
+        # Completions are decoded with the same tokenizer call as the transformers backend: vLLM's incremental
+        # detokenizer holds back a trailing partial UTF-8 character, so its text can differ for the same tokens.
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+        self.stop_ids = set(stop_ids)
         self.params = SamplingParams(
             n=sampling.n,
             temperature=sampling.temperature,
@@ -350,10 +356,12 @@ class VLLMGenerator:
         outputs = self.llm.generate(
             [{"prompt_token_ids": list(ids)} for ids in prompt_ids], self.params, use_tqdm=False
         )
-        return [
-            [
-                Completion(text=o.text, num_tokens=len(o.token_ids), finished=o.finish_reason != "length")
-                for o in output.outputs
-            ]
-            for output in outputs
-        ]
+        return [[self._completion(list(o.token_ids), o.finish_reason) for o in output.outputs] for output in outputs]
+
+    def _completion(self, tokens: list[int], finish_reason: str | None) -> Completion:
+        # A stopped completion ends with its stop token, which the text leaves out (as the transformers backend does).
+        finished = finish_reason != "length"
+        kept = tokens[:-1] if finished and tokens and tokens[-1] in self.stop_ids else tokens
+        return Completion(
+            text=self.tokenizer.decode(kept, skip_special_tokens=True), num_tokens=len(tokens), finished=finished
+        )

