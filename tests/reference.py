@@ -1,4 +1,5 @@
-"""An independent float64 implementation of the EOPD loss, written token by token from EOPD_SPEC.md.
+"""An independent float64 implementation of the EOPD loss, written token by token from the paper (arXiv 2603.07079)
+and the formula in the README's "How EOPD works" section.
 
 It deliberately shares no code with `trl_eopd`: it loops over tokens, builds distributions with explicit
 exp/normalise steps, and writes the generalized JSD from its definition, so a mistake in the package cannot hide in a

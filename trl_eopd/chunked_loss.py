@@ -8,12 +8,16 @@ nothing is recomputed and no chunk's logits outlive its iteration. Peak memory i
 float32 buffers plus the `(vocab, hidden)` weight gradient, whatever the number of tokens.
 
 The values match [`trl_eopd.eopd_loss_and_stats`] on full logits `softcap(scale * (hidden @ weight.T + bias))`.
+
+Layout: the projection (both models' tempered logits, and the way back to the student's parameters), the per-token
+terms (one short function per divergence), their closed-form gradients (one short function per divergence), then the
+chunk driver that strings them together, the autograd wrapper and the public function.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +60,9 @@ class _Options:
     teacher_softcap: float | None
 
 
+# ------------------------------------------------------------------------------------------------------ projection
+
+
 def _project_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
     """Write `hidden @ weight.T + bias` into the float32 buffer `out` (possibly a strided view)."""
     hidden = hidden.to(weight.dtype)
@@ -92,6 +99,286 @@ def _scale_into_tempered_logits(
     logits.mul_(softcap / temperature)
 
 
+def _project_chunk(
+    logits: Tensor,
+    student: tuple[Tensor, Tensor, Tensor | None],
+    teacher: tuple[Tensor, Tensor, Tensor | None],
+    opts: _Options,
+    softcap_derivative: Tensor | None,
+) -> None:
+    """Fill `logits[:, 0]` and `logits[:, 1]` with the student's and the teacher's tempered logits.
+
+    `student` and `teacher` are each `(hidden rows of this chunk, weight, bias)`.
+    """
+    student_logits, teacher_logits = logits[:, 0], logits[:, 1]
+    _project_into(student_logits, *student)
+    _project_into(teacher_logits, *teacher)
+    _scale_into_tempered_logits(
+        student_logits, opts.student_logit_scale, opts.student_softcap, opts.temperature, softcap_derivative
+    )
+    _scale_into_tempered_logits(teacher_logits, opts.teacher_logit_scale, opts.teacher_softcap, opts.temperature, None)
+
+
+def _add_projection_gradients(
+    grad: Tensor,
+    hidden: Tensor,
+    weight: Tensor,
+    grad_hidden: Tensor | None,
+    grad_weight: Tensor | None,
+    grad_bias: Tensor | None,
+    scale: float,
+) -> None:
+    """Push one chunk's logit gradient through `hidden @ weight.T + bias`, times `scale`.
+
+    `grad_hidden` is this chunk's rows and is overwritten; `grad_weight` and `grad_bias` accumulate over chunks.
+    """
+    if weight.dtype != torch.float32:
+        grad = grad.to(weight.dtype)
+    if grad_hidden is not None:
+        grad_hidden.copy_((grad @ weight).float().mul_(scale))
+    if grad_weight is not None:
+        if grad.dtype == torch.float32:
+            grad_weight.addmm_(grad.t(), hidden.float(), alpha=scale)
+        else:
+            grad_weight.add_(grad.t() @ hidden.to(grad.dtype), alpha=scale)
+    if grad_bias is not None:
+        grad_bias.add_(grad.float().sum(0), alpha=scale)
+
+
+# ------------------------------------------------------------------------------------------------ per-token terms
+
+
+@dataclass
+class _ChunkTerms:
+    """One chunk's per-token terms (shape `(n,)`) and the `(n, V)` tensors that their gradients need."""
+
+    student_probs: Tensor  # q
+    teacher_probs: Tensor  # p
+    log_ratio: Tensor  # log q - log p; the logit gradient is later assembled in its storage
+    teacher_entropy: Tensor
+    student_entropy: Tensor
+    reverse_kl: Tensor
+    forward_kl: Tensor
+    gate: Tensor  # 1.0 where the teacher's entropy is above the threshold
+    base_weight: Tensor
+    base: Tensor
+    forward: Tensor
+    # Only the option that needs them sets these.
+    sampled_ids: Tensor | None = None  # (n, 1)
+    sampled_log_ratio: Tensor | None = None  # log q(y) - log p(y)
+    top_ids: Tensor | None = None  # (n, k)
+    top_teacher_probs: Tensor | None = None  # p~, the teacher renormalised over its top-k tokens
+    student_minus_mixture: Tensor | None = None  # log q - log m
+    student_to_mixture: Tensor | None = None  # KL(q || m)
+
+
+def _row_dots(a: Tensor, b: Tensor) -> Tensor:
+    """`(a * b).sum(-1)` for `(n, V)` tensors, as a batched matmul that needs no `(n, V)` temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.size(0))
+
+
+def _top_k_forward_kl(student_log_probs: Tensor, teacher_log_probs: Tensor, top_k: int):
+    """KL(p~ || q), with the token ids of p~ and p~ itself."""
+    top_teacher_log_probs, top_ids = teacher_log_probs.topk(top_k, dim=-1)
+    renormalised_log_probs = F.log_softmax(top_teacher_log_probs, dim=-1)
+    renormalised_probs = renormalised_log_probs.exp()
+    value = (renormalised_probs * (renormalised_log_probs - student_log_probs.gather(-1, top_ids))).sum(-1)
+    return value, top_ids, renormalised_probs
+
+
+def _sampled_log_ratio(student_log_probs: Tensor, teacher_log_probs: Tensor, ids: Tensor) -> Tensor:
+    """log q(y) - log p(y) at the sampled tokens `ids` `(n, 1)`: the single-sample reverse-KL estimate."""
+    return (student_log_probs.gather(-1, ids) - teacher_log_probs.gather(-1, ids)).squeeze(-1)
+
+
+def _mixture_log_ratios(student_log_probs: Tensor, teacher_log_probs: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """(log q - log m, log p - log m) for the mixture m = beta * p + (1 - beta) * q."""
+    mixture_log_probs = torch.logaddexp(student_log_probs + math.log1p(-beta), teacher_log_probs + math.log(beta))
+    student_minus_mixture = student_log_probs - mixture_log_probs
+    return student_minus_mixture, mixture_log_probs.neg_().add_(teacher_log_probs)
+
+
+def _entropies_and_kls(probs: Tensor, log_probs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """H(p), H(q), KL(q || p) and KL(p || q) from `probs = (q, p)` and `log_probs = (log q - log p, log p)`.
+
+    One batched 2x2 matmul gives all four dot products `<probs_i, log_probs_j>` per token.
+    """
+    dots = torch.bmm(probs, log_probs.transpose(1, 2))
+    teacher_entropy = -dots[:, 1, 1]
+    student_entropy = -(dots[:, 0, 0] + dots[:, 0, 1])
+    return teacher_entropy, student_entropy, dots[:, 0, 0], -dots[:, 1, 0]
+
+
+def _per_token_terms(
+    probs: Tensor, log_probs: Tensor, targets: Tensor, opts: _Options, top_k: int | None
+) -> _ChunkTerms:
+    """Every per-token term of the loss, from the tempered logits `(n, 2, V)` held in `probs`.
+
+    With q the student's and p the teacher's distribution, each token's loss is
+
+        base_weight * base + forward_kl_coef * gate * forward,
+        gate = 1[H(p) > entropy_threshold],  base_weight = 1 ("augment") or 1 - gate ("switch"),
+        base = KL(q || p), the generalized JSD of `beta`, or log q(y) - log p(y) ("sampled"),
+        forward = KL(p || q), or KL(p~ || q) with p~ the teacher renormalised over its `top_k` tokens,
+
+    as in [`eopd_loss_and_stats`]. `probs` is overwritten with (q, p) and `log_probs` with (log q - log p, log p).
+    """
+    torch.log_softmax(probs, dim=-1, out=log_probs)
+    student_log_probs, teacher_log_probs = log_probs[:, 0], log_probs[:, 1]
+    sampled = opts.reverse_kl_estimator == "sampled"
+    beta = opts.beta
+    top_ids = top_teacher_probs = sampled_ids = sampled_log_ratio = student_minus_mixture = student_to_mixture = None
+
+    # Whatever needs log q itself is read here, before its storage becomes log q - log p.
+    if top_k is not None:
+        forward_top_k, top_ids, top_teacher_probs = _top_k_forward_kl(student_log_probs, teacher_log_probs, top_k)
+    if sampled:
+        sampled_ids = targets.unsqueeze(-1)
+        sampled_log_ratio = _sampled_log_ratio(student_log_probs, teacher_log_probs, sampled_ids)
+    elif 0.0 < beta < 1.0:
+        student_minus_mixture, teacher_minus_mixture = _mixture_log_ratios(student_log_probs, teacher_log_probs, beta)
+
+    torch.exp(log_probs, out=probs)
+    student_probs, teacher_probs = probs[:, 0], probs[:, 1]
+    log_ratio = student_log_probs.sub_(teacher_log_probs)
+    teacher_entropy, student_entropy, reverse_kl, forward_kl = _entropies_and_kls(probs, log_probs)
+
+    if sampled:
+        base = sampled_log_ratio
+    elif beta == 1.0:
+        base = reverse_kl
+    elif beta == 0.0:
+        base = forward_kl
+    else:
+        student_to_mixture = _row_dots(student_probs, student_minus_mixture)
+        base = beta * _row_dots(teacher_probs, teacher_minus_mixture) + (1.0 - beta) * student_to_mixture
+    gate = (teacher_entropy > opts.entropy_threshold).to(torch.float32)
+    return _ChunkTerms(
+        student_probs=student_probs,
+        teacher_probs=teacher_probs,
+        log_ratio=log_ratio,
+        teacher_entropy=teacher_entropy,
+        student_entropy=student_entropy,
+        reverse_kl=reverse_kl,
+        forward_kl=forward_kl,
+        gate=gate,
+        base_weight=torch.ones_like(gate) if opts.gate == "augment" else 1.0 - gate,
+        base=base,
+        forward=forward_kl if top_k is None else forward_top_k,
+        sampled_ids=sampled_ids,
+        sampled_log_ratio=sampled_log_ratio,
+        top_ids=top_ids,
+        top_teacher_probs=top_teacher_probs,
+        student_minus_mixture=student_minus_mixture,
+        student_to_mixture=student_to_mixture,
+    )
+
+
+def _record_stats(stats: Tensor, terms: _ChunkTerms, opts: _Options) -> None:
+    """Fill this chunk's rows of the per-token statistics table."""
+    stats[:, _TEACHER_ENTROPY] = terms.teacher_entropy
+    stats[:, _STUDENT_ENTROPY] = terms.student_entropy
+    stats[:, _REVERSE_KL] = terms.reverse_kl
+    stats[:, _FORWARD_KL] = terms.forward_kl
+    stats[:, _GATED_FORWARD_KL] = terms.forward_kl * terms.gate
+    stats[:, _HIGH_ENTROPY] = terms.gate
+    stats[:, _BASE_USED] = terms.base_weight * terms.base
+    stats[:, _FORWARD_USED] = terms.gate * terms.forward
+    stats[:, _LOSS] = stats[:, _BASE_USED] + opts.forward_kl_coef * stats[:, _FORWARD_USED]
+    teacher_high_monitor = (terms.teacher_entropy > opts.monitor_entropy_threshold).to(torch.float32)
+    stats[:, _TEACHER_HIGH_MONITOR] = teacher_high_monitor
+    stats[:, _STUDENT_HIGH_MONITOR] = terms.student_entropy > opts.monitor_entropy_threshold
+    stats[:, _FORWARD_KL_TEACHER_HIGH_MONITOR] = terms.forward_kl * teacher_high_monitor
+
+
+# ---------------------------------------------------------------------------------------- closed-form gradients
+
+
+@dataclass
+class _LogitGradient:
+    """Gradient of a chunk's summed loss w.r.t. the tempered student logits, kept as
+
+        q * (matrix + q_coef) - p_coef * p + sum of scatters,
+
+    with per-token `q_coef` and `p_coef`. Each divergence below adds its share for a per-token weight `w`; only the
+    base term has a `matrix` (held in the chunk's log-ratio storage), so no `(n, V)` buffer is added per term.
+    """
+
+    q_coef: Tensor
+    p_coef: Tensor | None = None
+    matrix: Tensor | None = None
+    scatters: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+
+
+def _add_reverse_kl_gradient(grad: _LogitGradient, terms: _ChunkTerms, w: Tensor, w_is_one: bool) -> None:
+    # d KL(q || p) / ds = q * (log q - log p - KL(q || p)); an all-ones `w` ("augment") skips a (n, V) multiply
+    grad.matrix = terms.log_ratio if w_is_one else terms.log_ratio.mul_(w.unsqueeze(-1))
+    grad.q_coef -= w * terms.reverse_kl
+
+
+def _add_forward_kl_gradient(grad: _LogitGradient, terms: _ChunkTerms, w: Tensor) -> None:
+    # d KL(p || q) / ds = q - p
+    grad.q_coef += w
+    grad.p_coef = w if grad.p_coef is None else grad.p_coef + w
+
+
+def _add_generalized_jsd_gradient(grad: _LogitGradient, terms: _ChunkTerms, w: Tensor, beta: float) -> None:
+    # d JSD_beta / ds = (1 - beta) * q * (a - <q, a>), with a = log q - log m
+    matrix_weight = (1.0 - beta) * w
+    grad.matrix = torch.mul(terms.student_minus_mixture, matrix_weight.unsqueeze(-1), out=terms.log_ratio)
+    grad.q_coef -= matrix_weight * terms.student_to_mixture
+
+
+def _add_sampled_reverse_kl_gradient(grad: _LogitGradient, terms: _ChunkTerms, w: Tensor) -> None:
+    # d [k * log q(y)] / ds = k * (onehot(y) - q), with k = log q(y) - log p(y) held constant
+    weighted_log_ratio = w * terms.sampled_log_ratio
+    grad.q_coef -= weighted_log_ratio
+    grad.scatters.append((terms.sampled_ids, weighted_log_ratio.unsqueeze(-1)))
+
+
+def _add_top_k_forward_kl_gradient(grad: _LogitGradient, terms: _ChunkTerms, w: Tensor) -> None:
+    # d KL(p~ || q) / ds = q * sum(p~) - scatter(p~)
+    grad.q_coef += w * terms.top_teacher_probs.sum(-1)
+    grad.scatters.append((terms.top_ids, terms.top_teacher_probs * -w.unsqueeze(-1)))
+
+
+def _student_logit_gradient(
+    terms: _ChunkTerms, opts: _Options, top_k: int | None, softcap_derivative: Tensor | None
+) -> Tensor:
+    """d(sum of the chunk's per-token losses) / d(tempered student logits), written over `terms.log_ratio`."""
+    grad = _LogitGradient(q_coef=torch.zeros_like(terms.gate))
+    if opts.reverse_kl_estimator == "sampled":
+        _add_sampled_reverse_kl_gradient(grad, terms, terms.base_weight)
+    elif opts.beta == 1.0:
+        _add_reverse_kl_gradient(grad, terms, terms.base_weight, w_is_one=opts.gate == "augment")
+    elif opts.beta == 0.0:
+        _add_forward_kl_gradient(grad, terms, terms.base_weight)
+    else:
+        _add_generalized_jsd_gradient(grad, terms, terms.base_weight, opts.beta)
+    forward_weight = opts.forward_kl_coef * terms.gate
+    if top_k is None:
+        _add_forward_kl_gradient(grad, terms, forward_weight)
+    else:
+        _add_top_k_forward_kl_gradient(grad, terms, forward_weight)
+
+    # The statistics are recorded, so log q - log p may be overwritten (it is the matrix itself when there is one).
+    out = terms.log_ratio
+    if grad.matrix is not None:
+        out.add_(grad.q_coef.unsqueeze(-1)).mul_(terms.student_probs)
+    else:
+        torch.mul(terms.student_probs, grad.q_coef.unsqueeze(-1), out=out)
+    if grad.p_coef is not None:
+        out.addcmul_(terms.teacher_probs, grad.p_coef.unsqueeze(-1), value=-1.0)
+    for ids, values in grad.scatters:
+        out.scatter_add_(-1, ids, values)
+    if softcap_derivative is not None:
+        out.mul_(softcap_derivative)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- chunk driver
+
+
 def _eopd_chunks(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -114,19 +401,19 @@ def _eopd_chunks(
     num_tokens, vocab_size = targets.numel(), student_weight.size(0)
     need_hidden, need_weight, need_bias = needs_grad
     need_any = need_hidden or need_weight or need_bias
+    top_k = None if opts.forward_kl_top_k is None else min(opts.forward_kl_top_k, vocab_size)
 
-    per_token = torch.zeros(num_tokens, _NUM_COLUMNS, dtype=torch.float32, device=device)
-    grad_hidden = torch.zeros(student_hidden.shape, dtype=torch.float32, device=device) if need_hidden else None
-    grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if need_weight else None
-    grad_bias = (
-        torch.zeros(student_bias.shape, dtype=torch.float32, device=device)
-        if need_bias and student_bias is not None
-        else None
-    )
+    def zeros(shape):
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    per_token = zeros((num_tokens, _NUM_COLUMNS))
+    grad_hidden = zeros(student_hidden.shape) if need_hidden else None
+    grad_weight = zeros(student_weight.shape) if need_weight else None
+    grad_bias = zeros(student_bias.shape) if need_bias and student_bias is not None else None
 
     rows = min(chunk_size, num_tokens)
     # Student and teacher share one (rows, 2, vocab) buffer so that a single log-softmax, a single exp and one batched
-    # 2x2 matmul (all four dot products per token) serve both models.
+    # 2x2 matmul serve both models.
     probs_buffer = torch.empty(rows, 2, vocab_size, dtype=torch.float32, device=device)
     log_probs_buffer = torch.empty_like(probs_buffer)
     softcap_derivative_buffer = (
@@ -134,152 +421,39 @@ def _eopd_chunks(
         if need_any and opts.student_softcap is not None
         else None
     )
-
-    beta, tau, coef = opts.beta, opts.temperature, opts.forward_kl_coef
-    sampled = opts.reverse_kl_estimator == "sampled"
-    top_k = None if opts.forward_kl_top_k is None else min(opts.forward_kl_top_k, vocab_size)
-    mixed_beta = not sampled and 0.0 < beta < 1.0
     # d(loss)/d(projection) = d(loss)/d(tempered logits) * logit_scale / temperature (times the softcap's derivative,
     # elementwise), over the reduction's constant divisor: the scalars are folded into one factor that is applied to
     # the small (chunk, hidden) and (vocab, hidden) results, never to a vocabulary-sized chunk.
-    grad_scale = opts.student_logit_scale / tau / divisor
+    grad_scale = opts.student_logit_scale / opts.temperature / divisor
 
     for start in range(0, num_tokens, chunk_size):
         end = min(start + chunk_size, num_tokens)
         n = end - start
         probs, log_probs = probs_buffer[:n], log_probs_buffer[:n]
-        student_logits, teacher_logits = probs[:, 0], probs[:, 1]
         softcap_derivative = None if softcap_derivative_buffer is None else softcap_derivative_buffer[:n]
+        student_rows = student_hidden[start:end]
 
-        _project_into(student_logits, student_hidden[start:end], student_weight, student_bias)
-        _project_into(teacher_logits, teacher_hidden[start:end], teacher_weight, teacher_bias)
-        _scale_into_tempered_logits(
-            student_logits, opts.student_logit_scale, opts.student_softcap, tau, softcap_derivative
+        _project_chunk(
+            probs,
+            (student_rows, student_weight, student_bias),
+            (teacher_hidden[start:end], teacher_weight, teacher_bias),
+            opts,
+            softcap_derivative,
         )
-        _scale_into_tempered_logits(teacher_logits, opts.teacher_logit_scale, opts.teacher_softcap, tau, None)
-
-        torch.log_softmax(probs, dim=-1, out=log_probs)
-        student_log_probs, teacher_log_probs = log_probs[:, 0], log_probs[:, 1]
-
-        # Everything that needs log q itself is read before log q is overwritten by log q - log p below.
-        if top_k is not None:
-            top_teacher_log_probs, top_ids = teacher_log_probs.topk(top_k, dim=-1)
-            renormalised_teacher_log_probs = F.log_softmax(top_teacher_log_probs, dim=-1)
-            renormalised_teacher_probs = renormalised_teacher_log_probs.exp()
-            forward_top_k = (
-                renormalised_teacher_probs * (renormalised_teacher_log_probs - student_log_probs.gather(-1, top_ids))
-            ).sum(-1)
-        if sampled:
-            y = targets[start:end].unsqueeze(-1)
-            log_ratio = (student_log_probs.gather(-1, y) - teacher_log_probs.gather(-1, y)).squeeze(-1)
-        if mixed_beta:
-            mixture_log_probs = torch.logaddexp(
-                student_log_probs + math.log1p(-beta), teacher_log_probs + math.log(beta)
+        terms = _per_token_terms(probs, log_probs, targets[start:end], opts, top_k)
+        _record_stats(per_token[start:end], terms, opts)
+        if need_any:
+            # Pushed through the projection now, while this chunk's hidden states are at hand.
+            grad = _student_logit_gradient(terms, opts, top_k, softcap_derivative)
+            _add_projection_gradients(
+                grad,
+                student_rows,
+                student_weight,
+                None if grad_hidden is None else grad_hidden[start:end],
+                grad_weight,
+                grad_bias,
+                grad_scale,
             )
-            student_minus_mixture = student_log_probs - mixture_log_probs
-            teacher_minus_mixture = mixture_log_probs.neg_().add_(teacher_log_probs)
-
-        torch.exp(log_probs, out=probs)
-        student_probs, teacher_probs = probs[:, 0], probs[:, 1]
-        log_ratio_all = student_log_probs.sub_(teacher_log_probs)  # log q - log p, in place of log q
-
-        # dots[:, i, j] = <probs_i, log_probs_j> with probs = (q, p) and log_probs = (log q - log p, log p).
-        dots = torch.bmm(probs, log_probs.transpose(1, 2))
-        reverse_kl = dots[:, 0, 0]
-        forward_kl = -dots[:, 1, 0]
-        teacher_entropy = -dots[:, 1, 1]
-        student_entropy = -(dots[:, 0, 0] + dots[:, 0, 1])
-
-        high_entropy = teacher_entropy > opts.entropy_threshold
-        gate = high_entropy.to(torch.float32)
-        base_weight = torch.ones_like(gate) if opts.gate == "augment" else 1.0 - gate
-        forward_weight = coef * gate
-
-        if sampled:
-            base = log_ratio
-        elif beta == 1.0:
-            base = reverse_kl
-        elif beta == 0.0:
-            base = forward_kl
-        else:
-            student_to_mixture = torch.bmm(student_probs.unsqueeze(1), student_minus_mixture.unsqueeze(2)).view(n)
-            teacher_to_mixture = torch.bmm(teacher_probs.unsqueeze(1), teacher_minus_mixture.unsqueeze(2)).view(n)
-            base = beta * teacher_to_mixture + (1.0 - beta) * student_to_mixture
-        forward = forward_kl if top_k is None else forward_top_k
-
-        stats = per_token[start:end]
-        stats[:, _TEACHER_ENTROPY] = teacher_entropy
-        stats[:, _STUDENT_ENTROPY] = student_entropy
-        stats[:, _REVERSE_KL] = reverse_kl
-        stats[:, _FORWARD_KL] = forward_kl
-        stats[:, _GATED_FORWARD_KL] = forward_kl * gate
-        stats[:, _HIGH_ENTROPY] = gate
-        stats[:, _BASE_USED] = base_weight * base
-        stats[:, _FORWARD_USED] = gate * forward
-        stats[:, _LOSS] = stats[:, _BASE_USED] + coef * stats[:, _FORWARD_USED]
-        teacher_high_monitor = (teacher_entropy > opts.monitor_entropy_threshold).to(torch.float32)
-        stats[:, _TEACHER_HIGH_MONITOR] = teacher_high_monitor
-        stats[:, _STUDENT_HIGH_MONITOR] = student_entropy > opts.monitor_entropy_threshold
-        stats[:, _FORWARD_KL_TEACHER_HIGH_MONITOR] = forward_kl * teacher_high_monitor
-
-        if not need_any:
-            continue
-
-        # Gradient of the chunk's summed loss w.r.t. the tempered student logits s, written as
-        #   grad = q * (matrix + q_coef) - p_coef * p + sparse,
-        # where every coefficient is per token. Per term:
-        #   reverse KL          q * (log q - log p - KL(q||p))
-        #   forward KL          q - p
-        #   generalized JSD     (1 - beta) * q * (a - <q, a>), a = log q - log m
-        #   sampled estimator   k * (onehot(y) - q)
-        #   top-k forward KL    q * sum(p~) - scatter(p~)
-        grad = log_ratio_all  # reuses log q's storage: the statistics above no longer need it
-        q_coef = forward_weight.clone() if top_k is None else forward_weight * renormalised_teacher_probs.sum(-1)
-        p_coef = forward_weight if top_k is None else None
-        has_matrix = False
-        if sampled:
-            q_coef -= base_weight * log_ratio
-        elif beta == 1.0:
-            if opts.gate == "switch":
-                grad.mul_(base_weight.unsqueeze(-1))
-            q_coef -= base_weight * reverse_kl
-            has_matrix = True
-        elif beta == 0.0:
-            q_coef += base_weight
-            p_coef = base_weight if p_coef is None else p_coef + base_weight
-        else:
-            matrix_weight = (1.0 - beta) * base_weight
-            student_mean = torch.bmm(student_probs.unsqueeze(1), student_minus_mixture.unsqueeze(2)).view(n)
-            torch.mul(student_minus_mixture, matrix_weight.unsqueeze(-1), out=grad)
-            q_coef -= matrix_weight * student_mean
-            has_matrix = True
-
-        if has_matrix:
-            grad.add_(q_coef.unsqueeze(-1)).mul_(student_probs)
-        else:
-            torch.mul(student_probs, q_coef.unsqueeze(-1), out=grad)
-        if p_coef is not None:
-            grad.addcmul_(teacher_probs, p_coef.unsqueeze(-1), value=-1.0)
-        if sampled:
-            grad.scatter_add_(-1, y, (base_weight * log_ratio).unsqueeze(-1))
-        if top_k is not None:
-            grad.scatter_add_(-1, top_ids, renormalised_teacher_probs * -forward_weight.unsqueeze(-1))
-        if softcap_derivative is not None:
-            grad.mul_(softcap_derivative)
-
-        # Push the logit gradient through the projection now, while this chunk's hidden states are at hand.
-        hidden = student_hidden[start:end]
-        if student_weight.dtype != torch.float32:
-            grad = grad.to(student_weight.dtype)
-        if need_hidden:
-            grad_hidden[start:end] = (grad @ student_weight).float().mul_(grad_scale)
-        if need_weight:
-            if grad.dtype == torch.float32:
-                grad_weight.addmm_(grad.t(), hidden.float(), alpha=grad_scale)
-            else:
-                grad_weight.add_(grad.t() @ hidden.to(grad.dtype), alpha=grad_scale)
-        if grad_bias is not None:
-            grad_bias.add_(grad.float().sum(0), alpha=grad_scale)
 
     sums = per_token.sum(0)
     loss = sums[_LOSS] / divisor

@@ -1,8 +1,9 @@
 """Entropy-aware on-policy distillation loss on full logits.
 
 This module is pure: it holds no trainer state and can be used on any pair of already-shifted logits. The formula is
-the one in `EOPD_SPEC.md` (arXiv 2603.07079): a base divergence on every loss token plus a forward KL on the tokens
-where the teacher's entropy exceeds a threshold.
+the paper's (Entropy-Aware On-Policy Distillation, arXiv 2603.07079), written out in the README's "How EOPD works"
+section: a base divergence on every loss token plus a forward KL on the tokens where the teacher's entropy exceeds a
+threshold.
 """
 
 from __future__ import annotations

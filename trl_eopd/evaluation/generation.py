@@ -13,8 +13,9 @@ from typing import Any
 # wording of such a prompt. Its hash goes into every result, so a run with another wording is never compared to it.
 DEFAULT_PROMPT_TEMPLATE = "{problem}\n\nPlease reason step by step, and put your final answer within \\boxed{}."
 
-# Chat models end a turn with one of these rather than with the tokenizer's EOS. A base student trained to chat
-# (the EOS pitfall in the spec) can emit either, and decoding past the end of its turn only wastes the token budget.
+# Chat models end a turn with one of these rather than with the tokenizer's EOS. A base student trained to chat (its
+# EOS is `<|endoftext|>`, its chat teacher's `<|im_end|>`) can emit either, and decoding past the end of its turn only
+# wastes the token budget.
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
 
 
