@@ -30,10 +30,10 @@ def make_parser(prog: str = PROG):
     from trl.trainer.sft_config import SFTConfig
 
     from ._compat import regroup_help
-    from .config import EOPDConfig
-
-    # After `.config`, which imports it with TRL's experimental-API warning silenced (see config.py).
-    from trl.experimental.gkd import GKDConfig
+    from .config import (
+        EOPDConfig,
+        GKDConfig,  # imported there with TRL's experimental-API warning silenced
+    )
 
     parser = TrlParser(
         (EOPDScriptArguments, EOPDConfig, ModelConfig),
