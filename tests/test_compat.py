@@ -74,16 +74,6 @@ def test_transformers_restores_rng_after_get_batch_samples():
     )
 
 
-def test_trl_logs_the_metrics_it_collects_in_underscore_metrics():
-    from trl import SFTTrainer
-
-    gkd = _gkd_trainer()
-    assert issubclass(gkd, SFTTrainer)
-    assert "self._metrics" in inspect.getsource(SFTTrainer.__init__) and "_metrics" in inspect.getsource(
-        SFTTrainer.log
-    ), "_compat.record_train_metric: SFTTrainer no longer averages `self._metrics` into its logs."
-
-
 def test_gkd_migration_advice_is_where_the_filter_looks(caplog):
     gkd_module = inspect.getmodule(_gkd_trainer())
     assert gkd_module.__name__ == _compat.GKD_LOGGER, (
@@ -135,6 +125,6 @@ def test_trl_model_cards_read_the_trainer_class_attributes():
         assert attribute in vars(EOPDTrainer)
 
 
-@pytest.mark.parametrize("name", ["forward_redirection", "training_step_without_gkd_rollout", "record_train_metric"])
+@pytest.mark.parametrize("name", ["forward_redirection", "training_step_without_gkd_rollout"])
 def test_compat_entries_exist(name):
     assert callable(getattr(_compat, name))

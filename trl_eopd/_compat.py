@@ -85,15 +85,6 @@ class RestoresRngBeforeRollouts:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRL: metrics averaged and logged by TRL's trainers (`SFTTrainer._metrics`)
-
-
-def record_train_metric(trainer, name: str, value: float) -> None:
-    """Add one value to TRL's per-log averages of training metric `name`."""
-    trainer._metrics["train"][name].append(value)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # TRL: GKDTrainer's advice to migrate to DistillationTrainer (a log record matched by its text)
 #
 # GKDTrainer logs it whenever lmbda=1 and temperature=1, EOPD's defaults. DistillationTrainer has no entropy gate, so

@@ -550,6 +550,12 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         if sums is not None:
             prefix = _metric_prefix(logs) if mode == "eval" else ""
             logs.update({prefix + name: value for name, value in EOPDStats.from_tensor(sums.cpu()).means().items()})
+        if mode == "train" and self._vllm_rollouts is not None and self._vllm_rollouts.mismatch_values:
+            from .vllm_rollouts import MISMATCH_METRIC
+
+            values = self._vllm_rollouts.mismatch_values
+            logs[MISMATCH_METRIC] = sum(values) / len(values)
+            values.clear()
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, **kwargs):

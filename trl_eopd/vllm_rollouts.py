@@ -200,6 +200,8 @@ class VLLMRollouts:
         if args.vllm_mode == "colocate":
             self.max_model_length = self.generation.llm.llm_engine.model_config.max_model_len
         self._synced_at_step = None
+        # One value per measured optimizer step since the last log; the trainer logs their mean (see `log`).
+        self.mismatch_values: list[float] = []
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checks
@@ -307,7 +309,7 @@ class VLLMRollouts:
         if measure:
             totals = self.accelerator.reduce(torch.stack([abs_diff_sum, token_count]), reduction="sum")
             if totals[1] > 0:
-                _compat.record_train_metric(self.trainer, MISMATCH_METRIC, (totals[0] / totals[1]).item())
+                self.mismatch_values.append((totals[0] / totals[1]).item())
         return batches
 
     # ----------------------------------------------------------------------------------------------------------------
