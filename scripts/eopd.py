@@ -1,14 +1,14 @@
-"""Train with EOPD from a YAML recipe; a thin wrapper over `trl_eopd.train` for `accelerate launch`.
+"""Train with EOPD from a YAML recipe: the script to give `accelerate launch` for several processes.
 
-    accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 scripts/eopd.py \
-        --config recipes/qwen3-1.7b-math-eopd.yaml
+    accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 scripts/eopd.py \\
+        --config recipes/qwen3-4b-dapo-eopd.yaml
 
-It is equivalent to `trl-eopd train ...` and to `accelerate launch ... -m trl_eopd.train ...`.
+On one process, `trl-eopd train --config ...` runs the same code (`trl_eopd/train.py`: `make_parser` and `main`).
 """
 
 import sys
 
-from trl_eopd.train import main
+from trl_eopd.train import cli_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli_main())

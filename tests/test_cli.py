@@ -10,15 +10,10 @@ from types import SimpleNamespace
 import pytest
 
 from trl_eopd import cli
-from trl_eopd.train import (
-    LAUNCH_HELP,
-    UsageError,
-    _announce_overwrite,
-    launch_main,
-    make_parser,
-    parse_args,
-    plan_launch,
-)
+from trl_eopd.errors import UsageError
+from trl_eopd.launch import LAUNCH_HELP, launch_main, plan_launch
+from trl_eopd.preflight import announce_overwrite as _announce_overwrite
+from trl_eopd.train import make_parser, parse_args
 
 
 def test_mistyped_command_suggests_the_closest(capsys):
@@ -91,7 +86,7 @@ def test_launch_without_gpu_turns_the_configs_bf16_off(config):
 
 
 def test_accelerate_launch_with_bf16_and_a_float32_recipe_fails_in_one_line(monkeypatch, capsys, tiny_assets):
-    from trl_eopd.train import main
+    from trl_eopd.train import cli_main as main
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")

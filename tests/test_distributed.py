@@ -1,10 +1,10 @@
 """Real multi-process runs of the shipped accelerate configs, on CPU, with the tiny local models.
 
 Each run is `accelerate launch --config_file <packaged zero2.yaml / zero3.yaml> --num_processes 2
---mixed_precision no -m trl_eopd.train --config tiny-cpu ...`: the configs are used as shipped, only the process count
+--mixed_precision no scripts/eopd.py --config tiny-cpu ...`: the configs are used as shipped, only the process count
 and precision are overridden. (accelerate's `--cpu` flag is not passed: it selects accelerate's single-process
 launcher and turns DeepSpeed off. Without GPUs, DeepSpeed falls back to its CPU accelerator by itself, and
-`trl_eopd.train` picks the gloo process group for it.)
+`trl-eopd train` picks the gloo process group for it.)
 
 The runs are module-scoped fixtures shared by the checks; together they take about three minutes on two cores. The
 first DeepSpeed launch on a machine also compiles DeepSpeed's shared-memory CPU communication op (a few minutes,
@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
 
 STEPS = 2
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "eopd.py"
 EOPD_KEYS = ("eopd/teacher_entropy", "eopd/student_entropy", "eopd/high_entropy_ratio", "eopd/reverse_kl")
 
 
@@ -40,6 +41,8 @@ def tiny_env(tiny_assets):
         "TRL_EOPD_TINY_DIR": str(root),
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
+        # Each run writes its per-rank log history and probe logits for the checks below (trl_eopd/_testing.py).
+        "TRL_EOPD_TEST_ARTIFACTS": "1",
         # Each run picks its own rendezvous port, so two runs never collide.
         "MASTER_PORT": "0",
     }
@@ -49,8 +52,9 @@ def tiny_env(tiny_assets):
 def launch(
     env, accelerate_config: str, output_dir: Path, *extra: str, timeout: int = 420, via_cli: bool = False
 ) -> str:
-    """`accelerate launch` spelled out as the README does, or (`via_cli`) `trl-eopd launch` exactly as a user types
-    it on a CPU machine: no precision flag, which the packaged configs (bf16, for GPUs) would otherwise need."""
+    """`accelerate launch` on `scripts/eopd.py` as the README does, or (`via_cli`) the deprecated `trl-eopd launch`
+    exactly as a user types it on a CPU machine: no precision flag, which the packaged configs (bf16, for GPUs) would
+    otherwise need."""
     if via_cli:
         launcher = [sys.executable, "-m", "trl_eopd.cli", "launch", "--accelerate_config", accelerate_config]
     else:
@@ -63,11 +67,10 @@ def launch(
         *launcher,
         "--num_processes", "2",
         "--main_process_port", str(_free_port()),
-        *([] if via_cli else ["-m", "trl_eopd.train"]),
+        *([] if via_cli else [str(SCRIPT)]),
         "--config", "tiny-cpu",
         "--output_dir", str(output_dir),
         "--max_steps", str(STEPS),
-        "--save_verification_artifacts",
         *extra,
     ]  # fmt: skip
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=timeout)

@@ -14,16 +14,13 @@ from pathlib import Path
 import pytest
 
 from trl_eopd import _recipes
-from trl_eopd.train import (
-    EOPDScriptArguments,
-    UsageError,
-    apply_chat_template_kwargs,
-    build_launch_command,
-    launch_main,
-    main,
-    parse_args,
-    to_messages,
-)
+from trl_eopd.data import to_messages
+from trl_eopd.errors import UsageError
+from trl_eopd.launch import build_launch_command, launch_main
+from trl_eopd.script_arguments import EOPDScriptArguments
+from trl_eopd.tokenizer_setup import apply_chat_template_kwargs
+from trl_eopd.train import cli_main as main
+from trl_eopd.train import parse_args
 
 PAPER_RECIPES = [
     f"qwen3-{size}-{variant}" for size in ("0.6b-math", "1.7b-math", "4b-dapo") for variant in ("eopd", "opd")
@@ -277,10 +274,11 @@ def test_chat_template_kwargs_are_fixed_in_the_template(tiny):
 def test_tiny_cpu_recipe_trains_and_saves(tiny, tmp_path):
     """The README's smoke test, as a user runs it: a fresh process, the packaged recipe, no download."""
     out = tmp_path / "run"
-    env = {**os.environ, "TRL_EOPD_TINY_DIR": os.environ["TRL_EOPD_TINY_DIR"], "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "TRL_EOPD_TINY_DIR": os.environ["TRL_EOPD_TINY_DIR"], "CUDA_VISIBLE_DEVICES": "",
+           "TRL_EOPD_TEST_ARTIFACTS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "trl_eopd.train", "--config", "tiny-cpu", "--output_dir", str(out),
-         "--max_steps", "2", "--save_verification_artifacts"],
+         "--max_steps", "2"],
         capture_output=True, text=True, env=env, check=False, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

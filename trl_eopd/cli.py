@@ -12,9 +12,9 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("trl_eopd.demo.cli:main", "OPD vs EOPD on a built-in synthetic reasoning task, on CPU, with no download."),
-    "quickstart": ("trl_eopd.quickstart:main", "Train an EOPD student for a few steps on tiny local models; print metrics."),
-    "train": ("trl_eopd.train:main", "Train with a recipe: `trl-eopd train --config recipe.yaml` (accelerate-launchable)."),
-    "launch": ("trl_eopd.train:launch_main", "Run `accelerate launch` on `trl-eopd train` with a packaged accelerate config."),
+    "quickstart": ("trl_eopd.quickstart:main", "Install check: a few EOPD steps on tiny local models; print metrics."),
+    "train": ("trl_eopd.train:cli_main", "Train with a recipe on one process: `trl-eopd train --config recipe.yaml`."),
+    "launch": ("trl_eopd.launch:launch_main", "Deprecated: use `accelerate launch ... scripts/eopd.py --config ...`."),
     "eval": ("trl_eopd.evaluation.cli:main", "Avg@k / Pass@k of a checkpoint on MATH500, AIME, AMC, Minerva, OlympiadBench."),
 }
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import textwrap
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import is_peft_available
 
+from . import _compat
 from ._paths import check_model_path
 from .collator import PromptKeepingChatMLCollator
 from .config import EOPDConfig
@@ -24,38 +24,15 @@ with warnings.catch_warnings():
     # See config.py: the TRL minor is pinned, so the experimental-API warning is noise for our users.
     warnings.filterwarnings("ignore", message=".*trl.experimental.*")
     from trl.experimental.gkd import GKDTrainer
-from trl.models.utils import _ForwardRedirection, unwrap_model_for_generation
+from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 if is_peft_available():
     from peft import PeftConfig
 
 
-logger = logging.getLogger(__name__)
-
 # Set on batches whose completions were already generated for the whole accumulation window in `get_batch_samples`.
 _ROLLOUT_DONE = "eopd_rollout_done"
-
-# GKDTrainer logs this advice whenever lmbda=1 and temperature=1, which are EOPD's defaults. DistillationTrainer has no
-# entropy gate, so following it would silently drop EOPD; we filter exactly that record.
-_MIGRATION_WARNING_LOGGER = "trl.experimental.gkd.gkd_trainer"
-_MIGRATION_WARNING_MARKER = "DistillationTrainer"
-
-
-class _DropMigrationAdvice(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return _MIGRATION_WARNING_MARKER not in record.getMessage()
-
-
-@contextmanager
-def _without_migration_advice():
-    target = logging.getLogger(_MIGRATION_WARNING_LOGGER)
-    log_filter = _DropMigrationAdvice()
-    target.addFilter(log_filter)
-    try:
-        yield
-    finally:
-        target.removeFilter(log_filter)
 
 
 def _tokenizer_of(processing_class):
@@ -121,7 +98,7 @@ def _check_not_empty(dataset, name: str) -> None:
                          "split, filters and `max_train_samples`-style selections.")
 
 
-class EOPDTrainer(GKDTrainer):
+class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
     """Trainer for Entropy-Aware On-Policy Distillation (EOPD) of language models.
 
     EOPD trains the student with a reverse KL on its own samples at every token, plus a forward KL at the tokens where
@@ -224,7 +201,7 @@ class EOPDTrainer(GKDTrainer):
             # TRL's ChatML collator would cut long prompts from the left, silently; this one keeps them whole.
             data_collator = PromptKeepingChatMLCollator(tokenizer=processing_class, max_length=args.max_length)
 
-        with _without_migration_advice():
+        with _compat.without_gkd_migration_advice():
             super().__init__(
                 model=model,
                 teacher_model=teacher_model,
@@ -254,12 +231,10 @@ class EOPDTrainer(GKDTrainer):
         # Per mode, the float64 sums of `EOPDStats` over every process since the last log (see `log`).
         self._eopd_sums: dict[str, torch.Tensor] = {}
         self._warned_empty_window_at_step = None
-        self._forward_redirection = _ForwardRedirection()
+        self._forward_redirection = _compat.forward_redirection()
         self._memory_efficient = args.memory_efficient_loss
         self._projection_verified = False
         self._student_eos_to_replace, self._teacher_eos_id = self._configure_teacher_eos(args.teacher_eos_token)
-        self._rng_checkpoint_to_restore = None
-        self._rng_already_restored = False
         self._vllm_rollouts = None
         if args.use_vllm:
             from .vllm_rollouts import VLLMRollouts
@@ -338,43 +313,25 @@ class EOPDTrainer(GKDTrainer):
         generating here, for the whole window at once, lets the count cover the completions actually trained on.
         """
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        if self._rng_checkpoint_to_restore is not None:
-            # transformers restores the checkpoint's random state only after this method returns, but the rollouts
-            # below are the first thing to draw from it: restore it now, so a resumed run samples what an
-            # uninterrupted run would have, and skip transformers' later (now redundant) restore.
-            super()._load_rng_state(self._rng_checkpoint_to_restore)
-            self._rng_checkpoint_to_restore = None
-            self._rng_already_restored = True
-        batch_samples = self._roll_out_window([self._prepare_inputs(batch) for batch in batch_samples])
+        # A resumed run must sample what an uninterrupted one would: the rollouts below are the first random draws.
+        self._restore_rng_before_rollouts()
+        on_device = [send_to_device(batch, self.accelerator.device) for batch in batch_samples]
+        batch_samples = self._roll_out_window(on_device)
         local_count = (
             self._count_loss_tokens(batch_samples) if batch_samples else torch.tensor(0, device=device)
         ).to(device)
         return batch_samples, self.accelerator.reduce(local_count, reduction="sum")
 
-    def _inner_training_loop(self, *args, **kwargs):
-        self._rng_checkpoint_to_restore = kwargs.get("resume_from_checkpoint")
-        try:
-            return super()._inner_training_loop(*args, **kwargs)
-        finally:
-            self._rng_checkpoint_to_restore = None
-            self._rng_already_restored = False
-
-    def _load_rng_state(self, checkpoint):
-        if self._rng_already_restored:
-            self._rng_already_restored = False
-            return
-        super()._load_rng_state(checkpoint)
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not inputs.pop(_ROLLOUT_DONE, False):
             # Reached outside the Trainer's loop (a custom loop, a benchmark): roll out now and count locally.
-            inputs = self._roll_out_window([self._prepare_inputs(inputs)])[0]
+            inputs = self._roll_out_window([send_to_device(inputs, self.accelerator.device)])[0]
             inputs.pop(_ROLLOUT_DONE)
             num_items_in_batch = (
                 self._count_loss_tokens([inputs]) * self.current_gradient_accumulation_steps
             ) * self.accelerator.num_processes
         # GKDTrainer.training_step would generate again; its parent runs the forward/backward we want.
-        return super(GKDTrainer, self).training_step(model, inputs, num_items_in_batch)
+        return _compat.training_step_without_gkd_rollout(self, model, inputs, num_items_in_batch)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Loss
@@ -593,6 +550,12 @@ class EOPDTrainer(GKDTrainer):
         if sums is not None:
             prefix = _metric_prefix(logs) if mode == "eval" else ""
             logs.update({prefix + name: value for name, value in EOPDStats.from_tensor(sums.cpu()).means().items()})
+        if mode == "train" and self._vllm_rollouts is not None and self._vllm_rollouts.mismatch_values:
+            from .vllm_rollouts import MISMATCH_METRIC
+
+            values = self._vllm_rollouts.mismatch_values
+            logs[MISMATCH_METRIC] = sum(values) / len(values)
+            values.clear()
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, **kwargs):

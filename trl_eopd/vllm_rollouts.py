@@ -22,6 +22,7 @@ from numbers import Integral, Real
 
 import torch
 
+from . import _compat
 
 IGNORE_INDEX = -100
 VLLM_MODES = ("colocate", "server")
@@ -117,17 +118,6 @@ def _stop_token_ids(eos_token_id) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else sorted(set(eos_token_id))
 
 
-def disable_cpu_weight_repacking() -> None:
-    """Keep vLLM's CPU linear layers on their plain weights, so that TRL's weight sync can write into them.
-
-    On CPU, vLLM repacks linear weights for oneDNN at load time and then exposes no loader for them, and the first
-    sync fails with "'Parameter' object has no attribute 'weight_loader'". GPU engines never take this path.
-    """
-    import vllm._custom_ops as vllm_ops
-
-    vllm_ops._supports_onednn = False
-
-
 class VLLMRollouts:
     """The student's on-policy completions for an accumulation window, from TRL's `VLLMGeneration`.
 
@@ -155,7 +145,8 @@ class VLLMRollouts:
         self._check_dataset_fits(trainer)
 
         if self.accelerator.device.type == "cpu":
-            disable_cpu_weight_repacking()
+            # vLLM's oneDNN-packed CPU weights cannot receive the student's (see `_compat`).
+            _compat.disable_vllm_cpu_weight_repacking()
         with warnings.catch_warnings():
             # TRL warns that it was tested up to an older vLLM minor; the tests here run the installed one.
             warnings.filterwarnings("ignore", message=".*TRL currently supports vLLM.*")
@@ -209,6 +200,8 @@ class VLLMRollouts:
         if args.vllm_mode == "colocate":
             self.max_model_length = self.generation.llm.llm_engine.model_config.max_model_len
         self._synced_at_step = None
+        # One value per measured optimizer step since the last log; the trainer logs their mean (see `log`).
+        self.mismatch_values: list[float] = []
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checks
@@ -316,7 +309,7 @@ class VLLMRollouts:
         if measure:
             totals = self.accelerator.reduce(torch.stack([abs_diff_sum, token_count]), reduction="sum")
             if totals[1] > 0:
-                self.trainer._metrics["train"][MISMATCH_METRIC].append((totals[0] / totals[1]).item())
+                self.mismatch_values.append((totals[0] / totals[1]).item())
         return batches
 
     # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""One check per entry of `trl_eopd/_compat.py`: what trl-eopd relies on in TRL's, transformers' and argparse's private
+internals still holds. A failure names the entry to revisit after an upgrade (the vLLM entry is checked in
+`tests/vllm_engine/test_compat_vllm.py`)."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from trl_eopd import _compat
+
+
+def _gkd_trainer():
+    from trl.experimental.gkd import GKDTrainer
+
+    return GKDTrainer
+
+
+def test_forward_redirection_runs_the_method_inside_the_wrapper_forward():
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.inner(*args, **kwargs)
+
+    inner = nn.Linear(2, 2)
+    wrapper = Wrapper(inner)
+    original_forward = inner.forward
+    out = _compat.forward_redirection()(wrapper, inner, lambda x: x * 3, torch.ones(2))
+    assert wrapper.calls == 1 and torch.equal(out, torch.full((2,), 3.0)), (
+        "_compat.forward_redirection: TRL's _ForwardRedirection no longer runs the method inside the wrapper's forward"
+    )
+    assert inner.forward == original_forward, "_compat.forward_redirection: the inner module's forward is left patched"
+
+
+def test_gkd_training_step_still_rolls_out_and_its_parent_runs_the_step():
+    gkd = _gkd_trainer()
+    source = inspect.getsource(gkd.training_step)
+    # If GKD stopped sampling inside training_step, EOPDTrainer could call it directly instead of skipping it.
+    assert "generate_on_policy_outputs" in source, (
+        "_compat.training_step_without_gkd_rollout: GKDTrainer.training_step no longer samples completions; "
+        "EOPDTrainer may call super().training_step again."
+    )
+    parent_step = super(gkd, gkd).training_step
+    params = list(inspect.signature(parent_step).parameters)
+    assert params[:1] == ["self"] and ("num_items_in_batch" in params or "kwargs" in params), (
+        f"_compat.training_step_without_gkd_rollout: the parent of GKDTrainer has training_step{tuple(params)}, "
+        "not (model, inputs, num_items_in_batch)."
+    )
+
+
+def test_transformers_restores_rng_after_get_batch_samples():
+    from transformers import Trainer
+
+    assert callable(getattr(Trainer, "_load_rng_state", None)), (
+        "_compat.RestoresRngBeforeRollouts: transformers' Trainer has no `_load_rng_state` any more."
+    )
+    assert list(inspect.signature(Trainer._load_rng_state).parameters) == ["self", "checkpoint"]
+    assert list(inspect.signature(Trainer.train).parameters)[1] == "resume_from_checkpoint"
+    # The method holding the epoch's loop (`_run_epoch` in transformers 5.24) fetches a window, then restores.
+    loops = [inspect.getsource(m) for _, m in inspect.getmembers(Trainer, inspect.isfunction)]
+    loops = [src for src in loops if "self.get_batch_samples(" in src]
+    assert any("self._load_rng_state(" in src[src.index("self.get_batch_samples("):] for src in loops), (
+        "_compat.RestoresRngBeforeRollouts: transformers no longer restores the random state after "
+        "`get_batch_samples`; check where it does now and whether restoring it before the rollouts is still needed."
+    )
+
+
+def test_gkd_migration_advice_is_where_the_filter_looks(caplog):
+    gkd_module = inspect.getmodule(_gkd_trainer())
+    assert gkd_module.__name__ == _compat.GKD_LOGGER, (
+        f"_compat.without_gkd_migration_advice: GKDTrainer now lives in {gkd_module.__name__}, not "
+        f"{_compat.GKD_LOGGER}; the filter would miss its advice."
+    )
+    assert _compat.MIGRATION_ADVICE_MARKER in inspect.getsource(_gkd_trainer().__init__), (
+        "_compat.without_gkd_migration_advice: GKDTrainer no longer advises DistillationTrainer; the filter can go."
+    )
+    logger = logging.getLogger(_compat.GKD_LOGGER)
+    with caplog.at_level(logging.WARNING, logger=_compat.GKD_LOGGER), _compat.without_gkd_migration_advice():
+        logger.warning("Consider migrating to DistillationTrainer.")
+        logger.warning("another warning")
+    assert [r.getMessage() for r in caplog.records] == ["another warning"]
+
+
+def test_chat_template_variables_fixed_in_the_template_win():
+    from trl_eopd.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = "{% if flag is defined and flag is false %}OFF{% else %}ON{% endif %}"
+    _compat.fix_chat_template_variables(tokenizer, {"flag": False})
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert rendered == "OFF", (
+        f"_compat.fix_chat_template_variables: transformers rendered {rendered!r}; a top-level Jinja `set` no longer "
+        "fixes a template variable."
+    )
+
+
+def test_argparse_help_can_be_regrouped():
+    parser = argparse.ArgumentParser(prog="p", usage="p")
+    for name in ("late", "early"):
+        parser.add_argument(f"--{name}")
+    for attribute in ("_actions", "_action_groups"):
+        assert isinstance(getattr(parser, attribute, None), list), f"_compat.regroup_help: argparse lost {attribute}"
+    _compat.regroup_help(parser, [("first", {"early"}), ("rest", None)])
+    text = parser.format_help()
+    assert text.index("first:") < text.index("--early") < text.index("rest:") < text.index("--late"), text
+
+
+def test_trl_model_cards_read_the_trainer_class_attributes():
+    from trl_eopd import EOPDTrainer
+
+    source = inspect.getsource(_gkd_trainer().create_model_card)
+    for attribute in ("_tag_names", "_name", "_paper"):
+        assert f"self.{attribute}" in source, (
+            f"EOPDTrainer.{attribute}: TRL's create_model_card no longer reads it."
+        )
+        assert attribute in vars(EOPDTrainer)
+
+
+@pytest.mark.parametrize("name", ["forward_redirection", "training_step_without_gkd_rollout"])
+def test_compat_entries_exist(name):
+    assert callable(getattr(_compat, name))

@@ -1,0 +1,162 @@
+"""Every private name of TRL, transformers, argparse and vLLM that trl-eopd relies on, and nothing else.
+
+Each entry says what it relies on and why no public API does the job. `tests/test_compat.py` checks every assumption
+against the installed libraries and fails naming the entry, so that moving the `trl<1.17` pin (or upgrading
+transformers or vLLM) shows at once which of these needs work. The vLLM entry is checked in the vLLM environment
+(`tests/vllm_engine/test_compat_vllm.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL: running a function inside a wrapped model's forward (`trl.models.utils._ForwardRedirection`)
+#
+# The chunked loss projects hidden states with the output layer's weight instead of calling the model; it must run
+# inside the DDP / DeepSpeed wrapper's forward so that DDP arms its gradient hooks and ZeRO-3 gathers the parameters.
+# TRL's DistillationTrainer does the same with this helper; no public API reroutes a call through a wrapper's forward.
+
+
+def forward_redirection():
+    """A callable `(wrapper, unwrapped, method, *args, **kwargs)` running `method(*args, **kwargs)` inside
+    `wrapper`'s forward."""
+    from trl.models.utils import _ForwardRedirection
+
+    return _ForwardRedirection()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL: GKDTrainer's training step without its rollout (`super(GKDTrainer, self).training_step`)
+#
+# `GKDTrainer.training_step` samples completions and then runs its parent's step. EOPDTrainer samples the whole
+# accumulation window earlier (in `get_batch_samples`, so the token count covers the sampled completions), so it must
+# run the parent's step without GKD's second rollout. GKD offers no switch for that.
+
+
+def training_step_without_gkd_rollout(trainer, model, inputs, num_items_in_batch):
+    from trl.experimental.gkd import GKDTrainer
+
+    return super(GKDTrainer, trainer).training_step(model, inputs, num_items_in_batch)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers: restoring a checkpoint's random state before the first rollout (`Trainer._load_rng_state`)
+#
+# On resume, transformers restores the random state after `get_batch_samples` returns, but EOPD's rollouts happen
+# inside it and are the first to draw. The mixin restores the state there instead and skips transformers' later
+# restore, so that a resumed run samples what an uninterrupted run would have.
+
+
+class RestoresRngBeforeRollouts:
+    """Mixin for a `Trainer` subclass: call `_restore_rng_before_rollouts()` where the first random draw happens."""
+
+    _rng_checkpoint_to_restore = None
+    _rng_already_restored = False
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            # transformers resolves `True` the same way (and reports a missing checkpoint itself).
+            checkpoint = get_last_checkpoint(self.args.output_dir) if checkpoint else None
+        self._rng_checkpoint_to_restore = checkpoint
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._rng_checkpoint_to_restore = None
+            self._rng_already_restored = False
+
+    def _restore_rng_before_rollouts(self) -> None:
+        if self._rng_checkpoint_to_restore is None:
+            return
+        super()._load_rng_state(self._rng_checkpoint_to_restore)
+        self._rng_checkpoint_to_restore = None
+        self._rng_already_restored = True
+
+    def _load_rng_state(self, checkpoint):
+        if self._rng_already_restored:
+            self._rng_already_restored = False
+            return
+        super()._load_rng_state(checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL: GKDTrainer's advice to migrate to DistillationTrainer (a log record matched by its text)
+#
+# GKDTrainer logs it whenever lmbda=1 and temperature=1, EOPD's defaults. DistillationTrainer has no entropy gate, so
+# following the advice would silently drop EOPD. Only that record is dropped, only while GKDTrainer is built.
+
+GKD_LOGGER = "trl.experimental.gkd.gkd_trainer"
+MIGRATION_ADVICE_MARKER = "DistillationTrainer"
+
+
+class _DropMigrationAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return MIGRATION_ADVICE_MARKER not in record.getMessage()
+
+
+@contextmanager
+def without_gkd_migration_advice():
+    target = logging.getLogger(GKD_LOGGER)
+    log_filter = _DropMigrationAdvice()
+    target.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        target.removeFilter(log_filter)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# transformers: chat-template variables fixed inside the template (a Jinja `set` prefix)
+#
+# GKD's collator (and vLLM, and evaluation) render the chat template without extra variables, so a variable such as
+# Qwen3's `enable_thinking` has to live in the template; a top-level `set` wins over the (absent) render-time value,
+# and the saved tokenizer keeps it. This relies on transformers rendering the template string as one Jinja template.
+
+
+def fix_chat_template_variables(tokenizer, variables: dict) -> None:
+    prefix = "".join(f"{{%- set {key} = {json.dumps(value)} %}}" for key, value in variables.items())
+    tokenizer.chat_template = prefix + tokenizer.chat_template
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# argparse: help sections in EOPD's order (`_actions`, `_action_groups`, `_group_actions`)
+#
+# HfArgumentParser lists fields in dataclass order, which puts EOPD's few fields after the hundreds inherited from
+# TrainingArguments; argparse has no public way to move an action into another group.
+
+
+def regroup_help(parser, sections: list[tuple[str, set[str] | None]]) -> None:
+    """Move every option into the first section naming its destination (`None`: the rest), sections after `options`."""
+    import argparse
+
+    groups = [(parser.add_argument_group(title), members) for title, members in sections]
+    for action in list(parser._actions):
+        if action.dest in (argparse.SUPPRESS, "help") or not action.option_strings:
+            continue
+        target = next(group for group, members in groups if members is None or action.dest in members)
+        for container in parser._action_groups:
+            if action in container._group_actions and container is not target:
+                container._group_actions.remove(action)
+        target._group_actions.append(action)
+    # argparse prints groups in creation order: put the new ones right after the `options` group holding --help.
+    new_groups = [group for group, _ in groups]
+    rest = [g for g in parser._action_groups if g not in new_groups]
+    parser._action_groups[:] = rest + new_groups
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# vLLM (CPU build): linear layers kept on their plain weights (`vllm._custom_ops._supports_onednn`)
+#
+# On CPU, vLLM repacks linear weights for oneDNN at load time and then exposes no loader for them, so TRL's weight sync
+# fails with "'Parameter' object has no attribute 'weight_loader'". GPU engines never take this path.
+
+
+def disable_vllm_cpu_weight_repacking() -> None:
+    import vllm._custom_ops as vllm_ops
+
+    vllm_ops._supports_onednn = False
