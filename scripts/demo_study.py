@@ -82,6 +82,50 @@ def aggregate_study(output_dir: Path) -> dict:
     return study
 
 
+PAIRED_COLUMNS = [("pass@1", "pass@1"), ("pass@8", "pass@8"), ("distinct_correct", "distinct correct / problem"),
+                  ("token_entropy", "token entropy (nats)"), ("high_entropy_ratio_own", "high-entropy share (own)")]
+MODEL_LABELS = {"teacher": "teacher", "student_init": "student init", "opd": "OPD", "eopd": "EOPD"}
+
+
+def _interval(stat: dict) -> str:
+    if stat["ci_low"] is None:
+        return f"{stat['mean']:+.3f} (1 seed)"
+    return f"{stat['mean']:+.3f} [{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}] ({stat['wins']}/{stat['n_seeds']})"
+
+
+def markdown_tables(study: dict) -> str:
+    """The README's study tables, printed from study.json so that every quoted number has a command behind it."""
+    protocols = [("", "top-p 0.8 (paper)"), ("top_p1/", "top-p 1")]
+    lines = ["EOPD - OPD, paired by seed: mean [95% t interval] (seeds where EOPD was higher / seeds)", "",
+             "| student | evaluation | " + " | ".join(name for _, name in PAIRED_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(PAIRED_COLUMNS)]
+    for regime, data in study.items():
+        for prefix, protocol in protocols:
+            cells = [_interval(data["paired_difference"][prefix + key]) for key, _ in PAIRED_COLUMNS]
+            lines.append(f"| {regime} ({data['n_seeds']} seeds) | {protocol} | " + " | ".join(cells) + " |")
+    lines += ["", "Each method minus its initial student, paired by seed, top-p 0.8: mean [95% t interval]", "",
+              "| student | method | pass@1 | pass@8 | distinct correct / problem |", "|---|---|---|---|---|"]
+    for regime, data in study.items():
+        for method in ("opd", "eopd"):
+            gains = data["gain_over_init"][method]
+            lines.append(f"| {regime} | {MODEL_LABELS[method]} | " + " | ".join(
+                _interval(gains[key]) for key in ("pass@1", "pass@8", "distinct_correct")) + " |")
+    for prefix, protocol in protocols:
+        lines += ["", f"Every model, {protocol}: mean ± std over seeds", "",
+                  "| student | model | " + " | ".join(name for _, name in PAIRED_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(PAIRED_COLUMNS)]
+        for regime, data in study.items():
+            for model, label in MODEL_LABELS.items():
+                stats = data["summary"][model]
+                cells = [f"{stats[prefix + key]['mean']:.3f} ± {stats[prefix + key]['std']:.3f}"
+                         for key, _ in PAIRED_COLUMNS]
+                lines.append(f"| {regime} | {label} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"{regime}: seeds {data['seeds'][0]}-{data['seeds'][-1]} ({data['n_seeds']}), "
+                     f"{data['wall_time_s'] / 60:.0f} min of seed runs, {data['wall_time_s'] / data['n_seeds']:.0f} s "
+                     "per seed" for regime, data in study.items()]
+    return "\n".join(lines)
+
+
 class _StageReporter:
     """Shows the running seed's stage on the seed bar; the bar itself advances once per finished seed."""
 
@@ -111,12 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="The demo's --quick settings (a pipeline check in seconds per seed, not a result).")
     parser.add_argument("--aggregate-only", action="store_true", help="Only rebuild study.json and the figures.")
+    parser.add_argument("--markdown", action="store_true",
+                        help="With --aggregate-only: also print the study's tables in Markdown (as quoted in the README).")
     args = parser.parse_args(argv)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.aggregate_only:
         study = aggregate_study(args.output_dir)
         print(f"{len(study)} regime(s): " + ", ".join(f"{r} ({d['n_seeds']} seeds)" for r, d in study.items()))
+        if args.markdown and study:
+            print(markdown_tables(study))
         return 0
 
     import torch

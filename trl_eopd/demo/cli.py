@@ -50,7 +50,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; the numbers go to stdout and to `<output-dir>/results.json`. Returns the exit status."""
-    args = build_parser(prog="trl-eopd demo").parse_args(argv)
+    parser = build_parser(prog="trl-eopd demo")
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -74,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             settings = DemoSettings(**overrides)
     except ValueError as error:
-        print(f"trl-eopd demo: error: {error}")
-        return 2
+        parser.error(str(error))
 
     # One thread: these models are too small to gain from more, and a fixed count keeps the floating-point results,
     # and so the printed table, the same on every machine.

@@ -88,6 +88,8 @@ class DemoSettings:
                                             and not 0 < self.secondary_eval_top_p <= 1):
             raise ValueError(f"eval_top_p and secondary_eval_top_p must be in (0, 1]; got {self.eval_top_p} and "
                              f"{self.secondary_eval_top_p}.")
+        if self.student_layers < 1 or self.steps < 1:
+            raise ValueError(f"student_layers and steps must be >= 1; got {self.student_layers} and {self.steps}.")
         if self.num_eval_samples < 8:
             raise ValueError(f"num_eval_samples must be >= 8 (pass@8 needs 8 samples); got {self.num_eval_samples}.")
         if self.secondary_eval_top_p == self.eval_top_p:
