@@ -42,6 +42,7 @@ class EOPDConfig(GKDConfig):
             method, and because the full-vocabulary term asks the student to cover even the teacher's long tail on
             every gated token, mass that no practical sampler (the paper evaluates at top-p 0.8) ever draws; the
             renormalised top-16 keeps only the teacher's plausible branches, which is the mode-covering EOPD wants.
+            (The repository's demo study runs top-16; it does not measure top-16 against the full vocabulary.)
         reverse_kl_estimator (`str`, *optional*, defaults to `"analytic"`):
             `"analytic"`: GKD's generalized JSD with `beta` over the full vocabulary (beta=1 is the exact reverse KL).
             `"sampled"`: the paper's single-sample policy-gradient estimate on the student's sampled token; it requires
