@@ -16,7 +16,8 @@ def test_defaults_are_the_papers():
     assert config.entropy_threshold == 0.8
     assert config.forward_kl_coef == 1.0
     assert config.gate == "augment"
-    assert config.forward_kl_top_k is None
+    assert config.forward_kl_top_k == 16
+    assert make(forward_kl_top_k=None).forward_kl_top_k is None  # the full vocabulary stays one value away
     assert config.reverse_kl_estimator == "analytic"
     assert (config.lmbda, config.beta, config.temperature) == (1.0, 1.0, 1.0)
     assert config.memory_efficient_loss is True

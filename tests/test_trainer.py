@@ -127,13 +127,15 @@ def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp
     # The swapped script trains with EOPD's loss at the paper's defaults: its first logged loss and metrics equal the
     # EOPD loss recomputed from the initial models' full logits on the very completions it sampled.
     assert (trainer.args.lmbda, trainer.args.beta, trainer.args.temperature) == (1.0, 1.0, 1.0)
+    assert trainer.args.forward_kl_top_k == 16
     batch, trained_loss = recorded[0]
     student = AutoModelForCausalLM.from_pretrained(tiny["student"]).eval()
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
     model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         student_logits, teacher_logits = student(**model_inputs).logits, teacher(**model_inputs).logits
-    expected, stats = eopd_loss_and_stats(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:])
+    expected, stats = eopd_loss_and_stats(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
+                                          forward_kl_top_k=16)
     first_log = trainer.state.log_history[0]
     torch.testing.assert_close(trained_loss, expected, rtol=1e-5, atol=1e-6)
     assert first_log["loss"] == pytest.approx(float(expected), rel=1e-5)

@@ -10,10 +10,13 @@ DESCRIPTION = """\
 Distil a small student from a small teacher on a synthetic reasoning task (reach a target sum with numbers from a
 given set; every problem has several valid solutions and every answer is checked), twice from the same
 initialisation: with OPD (reverse KL only, entropy_threshold=inf) and with EOPD (forward KL added on tokens where the
-teacher's entropy exceeds the threshold). Both runs go through EOPDTrainer. Prints, for the teacher and both students,
-the mean and standard deviation over seeds of pass@k (k = 1..8, unbiased estimator), the distinct correct solutions
-per problem, token entropy, the share of high-entropy tokens and the forward KL on the teacher's high-entropy tokens;
-writes training curves and pass@k plots (PNG) and every number (results.json) into --output-dir."""
+teacher's entropy exceeds the threshold, over the teacher's top-16 tokens as in the paper). Both runs go through
+EOPDTrainer. Evaluation follows the paper: temperature 1.0, top-p 0.8, 16 samples per problem, unbiased pass@k; the
+same numbers at top-p 1.0 are reported beside them. Prints, for the teacher and both students, the mean and standard
+deviation over seeds of pass@k (k = 1..8), the distinct correct solutions per problem, token entropy, the share of
+high-entropy tokens and the forward KL on the teacher's high-entropy tokens, then the paired difference EOPD - OPD per
+metric with its 95% interval over seeds; writes the figures (PNG) and every number (results.json) into --output-dir.
+scripts/demo_study.py runs the same comparison over 20+ seeds."""
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -29,13 +32,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--entropy-threshold", type=float, default=None,
                         help="EOPD's gate in nats (default 0.8, the paper's).")
     parser.add_argument("--reverse-kl-estimator", choices=["analytic", "sampled"], default=None,
-                        help="Base term of both methods (default analytic, EOPDConfig's default).")
+                        help="Base term of both methods (default analytic, EOPDConfig's default; sampled is the paper's "
+                        "single-sample estimator).")
+    parser.add_argument("--learning-rate", type=float, default=None,
+                        help="Distillation learning rate (default 1e-3 with the analytic base term, 3e-4 with the "
+                        "sampled one, whose noisier gradient needs a smaller step).")
+    parser.add_argument("--forward-kl-top-k", type=int, default=None,
+                        help="EOPD's forward KL over the teacher's top-k tokens (default 16, the paper's); 0 for the "
+                        "full vocabulary.")
+    parser.add_argument("--eval-top-p", type=float, default=None,
+                        help="Nucleus mass of the evaluation sampler (default 0.8, the paper's); the demo also reports "
+                        "top-p 1.0 beside it.")
+    parser.add_argument("--student-layers", type=int, default=None,
+                        help="Depth of the student (default 2; the teacher has 4).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; the numbers go to stdout and to `<output-dir>/results.json`. Returns the exit status."""
-    args = build_parser(prog="trl-eopd demo").parse_args(argv)
+    parser = build_parser(prog="trl-eopd demo")
+    args = parser.parse_args(argv)
 
     import torch
 
@@ -45,12 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from .experiment import DemoSettings, format_table, run_demo
+    from .experiment import PAIRED_METRICS, format_paired, secondary_prefix
     overrides = {"steps": args.steps, "seeds": args.seeds, "device": args.device,
-                 "entropy_threshold": args.entropy_threshold, "reverse_kl_estimator": args.reverse_kl_estimator}
-    if args.quick:
-        settings = DemoSettings.quick_settings(**overrides)
-    else:
-        settings = DemoSettings(**{k: v for k, v in overrides.items() if v is not None})
+                 "entropy_threshold": args.entropy_threshold, "reverse_kl_estimator": args.reverse_kl_estimator,
+                 "learning_rate": args.learning_rate, "eval_top_p": args.eval_top_p,
+                 "student_layers": args.student_layers}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.forward_kl_top_k is not None:
+        overrides["forward_kl_top_k"] = args.forward_kl_top_k or None
+    try:
+        if args.quick:
+            settings = DemoSettings.quick_settings(**overrides)
+        else:
+            settings = DemoSettings(**overrides)
+    except ValueError as error:
+        parser.error(str(error))
 
     # One thread: these models are too small to gain from more, and a fixed count keeps the floating-point results,
     # and so the printed table, the same on every machine.
@@ -69,12 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"EOPD demo: {settings.steps} distillation steps x batch {settings.batch_size}, seeds {settings.seeds}, "
           f"{settings.num_eval_problems} held-out problems x {settings.num_eval_samples} samples, "
-          f"threshold {settings.entropy_threshold} nats, base term {settings.reverse_kl_estimator!r}")
-    print("mean ± std over seeds; hiH own / hiH tchr: share of the model's rollout tokens where its own / the "
-          "teacher's entropy exceeds the threshold; fKL hiH: forward KL on the teacher's high-entropy tokens")
+          f"threshold {settings.entropy_threshold} nats, forward KL top-k {settings.forward_kl_top_k}, base term "
+          f"{settings.reverse_kl_estimator!r} at lr {settings.learning_rate:g}, {settings.student_layers}-layer student")
+    print(f"Evaluation: temperature 1.0, top-p {settings.eval_top_p:g}. mean ± std over seeds; hiH own / hiH tchr: "
+          "share of the model's rollout tokens where its own / the teacher's entropy exceeds the threshold; fKL hiH: "
+          "forward KL on the teacher's high-entropy tokens")
     print(format_table(results["summary"]))
-    print(f"\nWrote {output_dir / 'results.json'}, {output_dir / 'training_curves.png'}, "
-          f"{output_dir / 'pass_at_k.png'} in {time.time() - start:.0f}s.")
+    prefixes = [""]
+    if settings.secondary_eval_top_p is not None:
+        prefixes.append(secondary_prefix(settings.secondary_eval_top_p))
+    print(f"\nPaired by seed (same initial student), 95% t interval over {len(settings.seeds)} seeds; "
+          f"'{prefixes[-1]}' rows: evaluation at top-p {settings.secondary_eval_top_p}")
+    print(format_paired(results["paired_difference"], PAIRED_METRICS, prefixes))
+    names = ", ".join(str(output_dir / name) for name in
+                      ("results.json", "training_curves.png", "pass_at_k.png", "paired_difference.png", "mechanism.png"))
+    print(f"\nWrote {names} in {time.time() - start:.0f}s.")
     return 0
 
 

@@ -14,8 +14,8 @@ __all__ = ["evaluate", "grade", "pass_at_k", "sample_completions", "token_statis
 
 
 def sample_completions(model, tokenizer, problems: list[Problem], *, num_samples: int, seed: int, max_new_tokens: int,
-                       batch_size: int = 1024):
-    """`num_samples` completions per problem at temperature 1 (top-k 0, top-p 1), with their loss masks.
+                       top_p: float = 1.0, batch_size: int = 1024):
+    """`num_samples` completions per problem at temperature 1 (top-k 0, nucleus mass `top_p`), with their loss masks.
 
     Returns `(sequences, labels)`: `labels` holds the completion tokens up to and including the first
     `<|im_end|>` and -100 elsewhere, the convention of the trainer's on-policy batches.
@@ -26,7 +26,7 @@ def sample_completions(model, tokenizer, problems: list[Problem], *, num_samples
                   add_special_tokens=False)["input_ids"]
         for p in problems
     ]
-    sampling = SamplingSettings(n=num_samples, temperature=1.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    sampling = SamplingSettings(n=num_samples, temperature=1.0, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     generator = TransformersGenerator(model, tokenizer, sampling, [eos_id])
     # `batch_size` counts sequences; every prompt brings `num_samples` of them.
     prompts_per_call = max(batch_size // num_samples, 1)
@@ -111,11 +111,15 @@ def token_statistics(model, teacher, sequences, labels, *, entropy_threshold: fl
 
 
 def evaluate(model, teacher, tokenizer, problems, *, num_samples: int, seed: int, max_new_tokens: int,
-             entropy_threshold: float, ks=range(1, 9)) -> dict:
-    """Every number the demo reports for one model and one sampling seed."""
+             entropy_threshold: float, ks=range(1, 9), top_p: float = 1.0) -> dict:
+    """Every number the demo reports for one model, one sampling seed and one nucleus mass `top_p`.
+
+    The entropy numbers are measured on the rollouts sampled here, so with `top_p < 1` they describe the truncated
+    sampler's output; the model's own distribution at every position is still scored in full.
+    """
     model.eval()
     sequences, labels = sample_completions(
-        model, tokenizer, problems, num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens
+        model, tokenizer, problems, num_samples=num_samples, seed=seed, max_new_tokens=max_new_tokens, top_p=top_p
     )
     result = grade(tokenizer, problems, labels, num_samples, ks)
     result.update(token_statistics(model, teacher, sequences, labels, entropy_threshold=entropy_threshold))

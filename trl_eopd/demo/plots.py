@@ -1,6 +1,7 @@
-"""PNG figures of the demo: training curves from `trainer.state.log_history`, and pass@k by k.
+"""PNG figures of the demo: training curves from `trainer.state.log_history`, pass@k by k, the paired difference
+EOPD - OPD per metric, and the mechanism (distinct solutions, entropy) per model.
 
-`python -m trl_eopd.demo.plots eopd-demo` redraws both figures from a finished run's `results.json`.
+`python -m trl_eopd.demo.plots eopd-demo` redraws the figures from a finished run's `results.json`.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ def plot_training_curves(runs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pass_at_k(summary: dict[str, dict], ks: list[int], path: Path) -> None:
+def plot_pass_at_k(summary: dict[str, dict], ks: list[int], path: Path, top_p: float | None = None) -> None:
     """`summary[model]["pass@k"]` holds `{"mean", "std"}`; one line per model with ±std error bars."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -98,10 +99,119 @@ def plot_pass_at_k(summary: dict[str, dict], ks: list[int], path: Path) -> None:
     ax.set_ylim(0, 1.02)
     count = next(iter(seeds)) if len(seeds) == 1 and None not in seeds else None
     over = f"{count} seeds" if count else "seeds"
-    ax.set_title(f"Demo: pass@k on held-out target-sum problems\n(point: mean over {over}; error bar: ±1 standard "
-                 "deviation across seeds)", fontsize=10)
+    protocol = f", temperature 1, top-p {top_p:g}" if top_p is not None else ""
+    ax.set_title(f"Demo: pass@k on held-out target-sum problems{protocol}\n(point: mean over {over}; error bar: ±1 "
+                 "standard deviation across seeds)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# (metric, panel title, unit) of the paired-difference and mechanism figures.
+PAIRED_PANELS = [
+    ("pass@1", "pass@1", "difference in share of samples correct"),
+    ("pass@8", "pass@8", "difference in share of problems solved"),
+    ("distinct_correct", "distinct correct solutions per problem", "difference in solutions per problem"),
+    ("token_entropy", "token entropy on own rollouts", "difference in nats"),
+    ("high_entropy_ratio_own", "share of own tokens with entropy > 0.8", "difference in share of tokens"),
+]
+MECHANISM_PANELS = [
+    ("distinct_correct", "distinct correct solutions per problem\n(among its samples)", "solutions per problem"),
+    ("token_entropy", "token entropy on the model's own rollouts", "entropy (nats per token)"),
+    ("high_entropy_ratio_own", "share of the model's own tokens\nwith its entropy > 0.8 nats", "share of tokens"),
+]
+
+
+def _protocol_prefixes(stats: dict) -> list[tuple[str, str]]:
+    """(key prefix, label) of every evaluation protocol present: the paper's first, then `top_p1/` if measured."""
+    prefixes = [("", "")]
+    for key in stats:
+        if key.startswith("top_p") and "/" in key:
+            prefix = key.split("/")[0] + "/"
+            if prefix not in [p for p, _ in prefixes]:
+                prefixes.append((prefix, prefix.rstrip("/").replace("top_p", "top-p ")))
+    return prefixes
+
+
+def plot_paired_differences(regimes: dict[str, dict], path: Path, top_p: float = 0.8) -> None:
+    """`regimes[label]` is a `paired_difference` dict; one panel per metric, one row per regime and protocol, each a
+    mean EOPD - OPD with its 95% interval over seeds."""
+    plt = _pyplot()
+    height = 1.2 + 0.5 * 2 * len(regimes)
+    fig, grid = plt.subplots(2, 3, figsize=(16, 2 * height + 1.2))
+    axes = list(grid.flat)
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    for ax, (metric, title, unit) in zip(axes, PAIRED_PANELS):
+        rows = []
+        for i, (regime, paired) in enumerate(regimes.items()):
+            for prefix, label in _protocol_prefixes(paired):
+                stat = paired.get(prefix + metric)
+                if stat is None:
+                    continue
+                protocol = label or f"top-p {top_p:g} (paper)"
+                name = f"{regime}, {protocol}" if regime else protocol
+                rows.append((name, stat, palette[i % len(palette)], prefix != ""))
+        for y, (name, stat, color, secondary) in enumerate(reversed(rows)):
+            mean = stat["mean"]
+            if stat["ci_low"] is not None:
+                ax.errorbar(mean, y, xerr=[[mean - stat["ci_low"]], [stat["ci_high"] - mean]], fmt="s" if secondary
+                            else "o", color=color, capsize=4, mfc="white" if secondary else color)
+            else:
+                ax.plot(mean, y, "o", color=color)
+            ax.annotate(f"{stat['wins']}/{stat['n_seeds']}", (mean, y), textcoords="offset points", xytext=(0, 7),
+                        ha="center", fontsize=7, color=color)
+        ax.axvline(0, color="black", lw=1)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([name for name, *_ in reversed(rows)] if ax in (axes[0], axes[3]) else [""] * len(rows),
+                           fontsize=8)
+        ax.set_ylim(-0.7, len(rows) - 0.3)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"EOPD − OPD ({unit})", fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+    axes[-1].axis("off")
+    axes[-1].text(0, 0.5, "How to read: each row is one student regime and one evaluation\nprotocol; the marker is the "
+                  "mean over seeds of EOPD − OPD,\nthe bar its 95% t interval. An interval that crosses the black\n"
+                  "line at 0 means no difference was detected. Filled circle:\nthe paper's protocol (top-p "
+                  f"{top_p:g}); open square: top-p 1.\nNumber above a marker: seeds where EOPD was higher.",
+                  fontsize=9, va="center")
+    n_seeds = {stat["n_seeds"] for paired in regimes.values() for stat in paired.values()}
+    fig.suptitle("EOPD − OPD from the same initial student, paired by seed: mean and 95% t interval over "
+                 f"{'/'.join(map(str, sorted(n_seeds)))} seeds (right of 0: EOPD higher; "
+                 "label: seeds where EOPD was higher)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_mechanism(regimes: dict[str, dict], path: Path) -> None:
+    """`regimes[label]` is a demo `summary`; bars per model (teacher, initial student, OPD, EOPD) for the paper's
+    mechanism: how many different correct solutions a model finds and how spread its own token distribution is."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(regimes), len(MECHANISM_PANELS), figsize=(13, 3.6 * len(regimes)), squeeze=False)
+    for row, (regime, summary) in enumerate(regimes.items()):
+        # The students' own distribution (top-p 1, what they are trained on) when it was measured.
+        prefixes = _protocol_prefixes(summary["teacher"])
+        prefix, label = next(((p, lab) for p, lab in prefixes if p == "top_p1/"), prefixes[0])
+        for ax, (metric, title, unit) in zip(axes[row], MECHANISM_PANELS):
+            models = [m for m in COLORS if m in summary]
+            for x, model in enumerate(models):
+                stat = summary[model][prefix + metric]
+                ax.bar(x, stat["mean"], color=COLORS[model], alpha=0.8)
+                ax.errorbar(x, stat["mean"], yerr=stat["std"], color="black", capsize=4)
+                values = stat.get("values", [])
+                ax.plot([x] * len(values), values, ".", color="black", alpha=0.35, ms=3)
+                ax.annotate(f"{stat['mean']:.3f}", (x, stat["mean"]), textcoords="offset points", xytext=(12, 2),
+                            fontsize=7)
+            ax.set_xticks(range(len(models)))
+            ax.set_xticklabels([LABELS[m] for m in models])
+            ax.set_ylabel(unit)
+            ax.set_title(f"{regime}: {title}" if regime else title, fontsize=9)
+            ax.grid(alpha=0.3, axis="y")
+    sampler = label or "the evaluation's sampler"
+    fig.suptitle(f"Does the student keep the teacher's spread? Rollouts sampled at temperature 1, {sampler}; "
+                 "bar: mean over seeds, error bar ±1 std, dots: seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -119,7 +229,11 @@ def replot(output_dir: str | Path) -> list[Path]:
     ks = sorted(int(key.split("@")[1]) for key in summary["teacher"] if key.startswith("pass@"))
     paths = [output_dir / "training_curves.png", output_dir / "pass_at_k.png"]
     plot_training_curves(runs, paths[0])
-    plot_pass_at_k(summary, ks, paths[1])
+    plot_pass_at_k(summary, ks, paths[1], top_p=results["settings"].get("eval_top_p"))
+    if "paired_difference" in results:
+        paths += [output_dir / "paired_difference.png", output_dir / "mechanism.png"]
+        plot_paired_differences({"": results["paired_difference"]}, paths[2], top_p=results["settings"]["eval_top_p"])
+        plot_mechanism({"": summary}, paths[3])
     return paths
 
 
