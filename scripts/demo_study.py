@@ -120,9 +120,9 @@ def markdown_tables(study: dict) -> str:
                 cells = [f"{stats[prefix + key]['mean']:.3f} ± {stats[prefix + key]['std']:.3f}"
                          for key, _ in PAIRED_COLUMNS]
                 lines.append(f"| {regime} | {label} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"{regime}: seeds {data['seeds'][0]}-{data['seeds'][-1]} ({data['n_seeds']}), "
+    lines += [""] + [f"- {regime}: seeds {data['seeds'][0]}-{data['seeds'][-1]} ({data['n_seeds']}), "
                      f"{data['wall_time_s'] / 60:.0f} min of seed runs, {data['wall_time_s'] / data['n_seeds']:.0f} s "
-                     "per seed" for regime, data in study.items()]
+                     "per seed." for regime, data in study.items()]
     return "\n".join(lines)
 
 
