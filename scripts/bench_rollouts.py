@@ -46,35 +46,23 @@ def parse_args(argv=None):
 
 
 def build_models(args, workdir):
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    from trl_eopd.tiny import IM_END, build_tiny_tokenizer
+    from trl_eopd.tiny import build_tiny_model, build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     heads = args.hidden_size // args.head_dim
     paths = {}
     for role, seed in (("student", args.seed), ("teacher", args.seed + 1)):
-        config = Qwen3Config(
-            # Much wider than the tokenizer, as padded vocabularies are; the extra ids are never decoded.
-            vocab_size=args.vocab_size,
+        model = build_tiny_model(
+            tokenizer,
             hidden_size=args.hidden_size,
-            intermediate_size=3 * args.hidden_size,
             num_hidden_layers=args.num_layers,
             num_attention_heads=heads,
             num_key_value_heads=max(1, heads // 2),
             head_dim=args.head_dim,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-        )
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
-        model.generation_config = GenerationConfig(
-            eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id],
-            pad_token_id=tokenizer.pad_token_id,
+            # Much wider than the tokenizer, as padded vocabularies are; the extra ids are never decoded.
+            vocab_size=args.vocab_size,
+            intermediate_size=3 * args.hidden_size,
+            seed=seed,
         )
         paths[role] = os.path.join(workdir, role)
         model.save_pretrained(paths[role])

@@ -86,10 +86,14 @@ def build_tiny_model(
     seed: int = 0,
     eos_token: str | list[str] | None = None,
     head_dim: int | None = None,
+    vocab_size: int | None = None,
+    intermediate_size: int | None = None,
 ):
     """A randomly initialised Qwen3 causal LM sized to `tokenizer`'s vocabulary.
 
-    `head_dim` defaults to `hidden_size // num_attention_heads`; vLLM's CPU attention needs at least 32.
+    `head_dim` defaults to `hidden_size // num_attention_heads`; vLLM's CPU attention needs at least 32. `vocab_size`
+    (default: the tokenizer's) may be larger, as padded vocabularies are; `intermediate_size` defaults to twice the
+    hidden size.
     """
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
@@ -98,9 +102,9 @@ def build_tiny_model(
     eos_ids = [tokenizer.convert_tokens_to_ids(token) for token in eos_tokens]
     head_dim = head_dim or hidden_size // num_attention_heads
     config = Qwen3Config(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size or len(tokenizer),
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
