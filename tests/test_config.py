@@ -71,3 +71,40 @@ def test_every_eopd_field_has_help_text():
     for f in eopd_fields:
         assert len(f.metadata.get("help", "")) > 20, f.name
         assert f"{f.name} (" in EOPDConfig.__doc__, f"{f.name} is missing from the class docstring"
+
+
+# A teacher served by vLLM (trl_eopd/teacher_server.py): what it cannot train exactly is refused at construction.
+SERVED = dict(teacher_model_server_url="http://127.0.0.1:8000", reverse_kl_estimator="sampled")
+
+
+def test_a_served_teacher_config_with_the_papers_recipe_is_accepted():
+    config = make(**SERVED)
+    assert config.teacher_model_server_url == "http://127.0.0.1:8000"
+    assert config.teacher_top_logprobs >= config.forward_kl_top_k
+    assert config.teacher_model_server_timeout > 0 and config.teacher_model_server_retries >= 0
+    assert make(**SERVED, forward_kl_top_k=8, teacher_top_logprobs=8).teacher_top_logprobs == 8
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(reverse_kl_estimator="analytic"), r"`reverse_kl_estimator='analytic'` needs the teacher's full"),
+        (dict(reverse_kl_estimator="analytic", beta=0.5), r"`beta=0.5` \(a generalized JSD\) needs the teacher's full"),
+        (dict(forward_kl_top_k=None), r"`forward_kl_top_k=None` \(the full-vocabulary forward KL\) needs"),
+        (dict(teacher_top_logprobs=8), r"`teacher_top_logprobs=8` is below `forward_kl_top_k=16`"),
+        (dict(temperature=2.0), r"`temperature=2.0` cannot be applied to a served teacher"),
+        (dict(memory_efficient_loss=False), r"`memory_efficient_loss=False` is not available with"),
+        (dict(teacher_model_server_url="localhost:8000"), r"`teacher_model_server_url` must be an http\(s\) base URL"),
+        (dict(teacher_top_logprobs=0), r"`teacher_top_logprobs` must be an integer >= 1"),
+        (dict(teacher_model_server_timeout=0), r"`teacher_model_server_timeout` must be a finite number of seconds"),
+        (dict(teacher_model_server_retries=-1), r"`teacher_model_server_retries` must be an integer >= 0"),
+    ],
+)
+def test_a_served_teacher_refuses_what_it_cannot_compute(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make(**{**SERVED, **kwargs})
+
+
+def test_without_a_served_teacher_its_restrictions_do_not_apply():
+    config = make(reverse_kl_estimator="analytic", forward_kl_top_k=None, temperature=2.0, teacher_top_logprobs=4)
+    assert config.teacher_model_server_url is None

@@ -160,3 +160,58 @@ def disable_vllm_cpu_weight_repacking() -> None:
     import vllm._custom_ops as vllm_ops
 
     vllm_ops._supports_onednn = False
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL: formatting one `/v1/completions` choice's prompt log-probs (`VLLMClient._format_sequence_logprobs`)
+#
+# A served teacher's answer is parsed as TRL's own `get_sequence_logprobs` parses it (completion region, sorted by rank,
+# padded to `top_logprobs`, the actual token's log-prob). The public method needs vLLM installed to build its client;
+# this static helper does not.
+
+
+def format_sequence_logprobs(choice: dict, sequence: list[int], prompt_length: int, top_logprobs: int) -> dict:
+    from trl.generation.vllm_client import VLLMClient
+
+    return VLLMClient._format_sequence_logprobs(choice, sequence, prompt_length, top_logprobs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL: GKDTrainer.__init__ without a teacher (`trl.experimental.gkd.gkd_trainer.prepare_deepspeed`)
+#
+# GKDTrainer.__init__ always loads and prepares `teacher_model`. With a served teacher there is none: a parameter-free
+# stand-in carrying the student's config passes its vocabulary check, and the module-level `prepare_deepspeed` that
+# GKD calls on the teacher is bypassed for it (DeepSpeed cannot initialise a model without parameters). The caller
+# drops the stand-in afterwards. GKD offers no switch for a teacher that is elsewhere.
+
+
+def served_teacher_stand_in(trainer):
+    """What GKDTrainer.__init__ reads of a teacher (`.config`): the student's, read once the student is built."""
+    import torch
+
+    class _ServedTeacherStandIn(torch.nn.Module):
+        _eopd_served_teacher_stand_in = True
+
+        @property
+        def config(self):
+            return trainer.model.config
+
+    return _ServedTeacherStandIn()
+
+
+@contextmanager
+def gkd_init_without_teacher():
+    import trl.experimental.gkd.gkd_trainer as gkd_trainer
+
+    prepare_deepspeed = gkd_trainer.prepare_deepspeed
+
+    def prepare_unless_stand_in(model, accelerator):
+        if getattr(model, "_eopd_served_teacher_stand_in", False):
+            return model
+        return prepare_deepspeed(model, accelerator)
+
+    gkd_trainer.prepare_deepspeed = prepare_unless_stand_in
+    try:
+        yield
+    finally:
+        gkd_trainer.prepare_deepspeed = prepare_deepspeed

@@ -12,6 +12,7 @@ with warnings.catch_warnings():
     from trl.experimental.gkd import GKDConfig
 
 from .loss import validate_eopd_options
+from .teacher_server import DEFAULT_TEACHER_TOP_LOGPROBS, validate_teacher_server_options
 from .vllm_rollouts import validate_vllm_options
 
 
@@ -71,6 +72,28 @@ class EOPDConfig(GKDConfig):
             from the student's EOS (e.g. `"<|endoftext|>"` for a base student). Generation then stops at either token,
             and the student's EOS in a completion is replaced by this token before either model scores the sequence,
             as in the paper's code.
+
+        > Parameters that control a teacher served by vLLM (see `docs/teacher_server.md`)
+
+        teacher_model_server_url (`str` or `None`, *optional*, defaults to `None`):
+            Base URL of an OpenAI-compatible vLLM server hosting the teacher (TRL's name), e.g.
+            `"http://10.0.0.3:8000"`, started with `--max-logprobs -1 --logprobs-mode processed_logprobs`. No teacher
+            is then loaded in the training processes: the teacher's top log-probabilities of every completion token
+            are fetched from the server once per accumulation window. `teacher_model` may then be `None`, or a name
+            used only for checks. Requires `reverse_kl_estimator="sampled"`, an integer `forward_kl_top_k`,
+            `temperature=1.0` and `memory_efficient_loss=True`; the gate uses an estimate of the teacher's entropy.
+        teacher_top_logprobs (`int`, *optional*, defaults to `32`):
+            With `teacher_model_server_url`: how many of the teacher's top log-probabilities are fetched per token
+            (the `top_logprobs` of TRL's `VLLMClient.get_sequence_logprobs`). At least `forward_kl_top_k`; the extra
+            entries only sharpen the teacher-entropy estimate behind the gate. The default is the smallest fetch
+            count at which the estimated gate agreed with the exact one on every token measured (see
+            `scripts/teacher_gate_agreement.py`).
+        teacher_model_server_timeout (`float`, *optional*, defaults to `240.0`):
+            With `teacher_model_server_url`: seconds to wait for the server to come up at start, and for each
+            request's answer.
+        teacher_model_server_retries (`int`, *optional*, defaults to `3`):
+            With `teacher_model_server_url`: how many times a failed request is retried (with a growing pause)
+            before training stops with an error naming the URL and the global step.
 
         > Parameters that control generation with vLLM (the names, defaults and meanings of TRL's `DistillationConfig`)
 
@@ -193,6 +216,32 @@ class EOPDConfig(GKDConfig):
         },
     )
 
+    # A teacher served by vLLM; see `trl_eopd/teacher_server.py`. `teacher_model_server_url` is TRL's name
+    # (`ServerDistillationConfig`); TRL's `loss_top_k` also sets the loss's support, which EOPD keeps in
+    # `forward_kl_top_k`, so the fetch count takes the name of the client's `top_logprobs` argument instead.
+    teacher_model_server_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of a vLLM server hosting the teacher (started with `--max-logprobs -1 --logprobs-mode "
+            "processed_logprobs`). No teacher is loaded locally; needs reverse_kl_estimator=sampled and temperature=1."
+        },
+    )
+    teacher_top_logprobs: int = field(
+        default=DEFAULT_TEACHER_TOP_LOGPROBS,
+        metadata={
+            "help": "With a served teacher: the teacher's top log-probabilities fetched per token (>= "
+            "forward_kl_top_k); the extra ones sharpen the entropy estimate behind the gate."
+        },
+    )
+    teacher_model_server_timeout: float = field(
+        default=240.0,
+        metadata={"help": "With a served teacher: seconds to wait for the server at start and for each answer."},
+    )
+    teacher_model_server_retries: int = field(
+        default=3,
+        metadata={"help": "With a served teacher: retries of a failed request before training stops with an error."},
+    )
+
     # Parameters that control generation with vLLM. Names, defaults and meanings are TRL's `DistillationConfig`'s, so a
     # TRL user already knows them; see `trl_eopd/vllm_rollouts.py`.
     use_vllm: bool = field(
@@ -286,6 +335,7 @@ class EOPDConfig(GKDConfig):
             raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")
         # Checked even with `use_vllm=False`, so a recipe's typo surfaces before someone turns vLLM on.
         validate_vllm_options(self)
+        validate_teacher_server_options(self)
 
 
 def _has_accelerator() -> bool:

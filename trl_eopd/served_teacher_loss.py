@@ -1,0 +1,443 @@
+"""The EOPD loss with a served teacher: the student's hidden states against the teacher's top-k log-probabilities.
+
+A vLLM server returns, per completion token, the teacher's top-K log-probabilities with their ids and the
+log-probability of the sampled token (see `trl_eopd/teacher_server.py`). From them, exactly as with a local teacher:
+
+- the sampled reverse-KL estimate `log q(y) - log p(y)` and its policy gradient (the paper's OPD term);
+- the forward KL over the teacher's top-k, renormalised, against the student's full-vocabulary log-softmax gathered
+  at the teacher's ids (the `forward_kl_top_k` term of [`eopd_loss_and_stats`]).
+
+Only the gate differs: the teacher's entropy is not returned, so it is estimated from the top-K and the tail mass
+`m = 1 - sum of the top-K probabilities`. Its bounds over a vocabulary of V tokens are
+
+    H_topK - m log m            (the tail on a single token, the least entropy it can add)
+    H_topK - m log(m / (V - K)) (the tail spread evenly, the most)
+
+and the gate takes their midpoint by default (`entropy_estimate`): measured on the teachers of the tests
+(`scripts/teacher_gate_agreement.py`), it agreed with the exact gate at least as often as either bound or the
+top-K entropy alone. Wherever the estimated gate equals the exact one, loss and gradients equal the local teacher's.
+
+The student side is the chunked loss's (`trl_eopd/chunked_loss.py`): its projection and closed-form gradient helpers
+are reused, so no `(tokens, vocab)` logits outlive their chunk and the backward pass does no vocabulary-sized work.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .chunked_loss import (
+    _add_projection_gradients,
+    _ChunkedEOPDFunction,
+    _ChunkTerms,
+    _Options,
+    _project_into,
+    _row_dots,
+    _scale_into_tempered_logits,
+    _student_logit_gradient,
+)
+from .loss import DEFAULT_MONITOR_ENTROPY_THRESHOLD, validate_eopd_options
+
+ENTROPY_ESTIMATES = ("midpoint", "lower", "upper", "top_k")
+
+(
+    _TEACHER_ENTROPY_ESTIMATE,
+    _TEACHER_TAIL_MASS,
+    _STUDENT_ENTROPY,
+    _SAMPLED_REVERSE_KL,
+    _FORWARD_KL_TOP_K,
+    _FORWARD_KL_TOP_K_GATED,
+    _GATE,
+    _BASE_USED,
+    _FORWARD_USED,
+    _LOSS,
+    _STUDENT_HIGH_MONITOR,
+    _TEACHER_HIGH_MONITOR_ESTIMATE,
+) = range(12)
+_NUM_COLUMNS = 12
+
+
+@dataclass
+class ServedTeacherStats:
+    """Sums over a batch's loss tokens of what a served teacher lets one compute honestly (detached tensors).
+
+    Nothing here needs the teacher's full distribution: its entropy is the gate's estimate (named so), the forward KL
+    is the top-k one the loss uses, and the reverse KL is the sampled estimate. `loss_base` and `loss_forward` enter
+    the loss as loss * divisor = loss_base + forward_kl_coef * loss_forward.
+    """
+
+    num_tokens: Tensor
+    num_high_entropy: Tensor
+    teacher_entropy_estimate: Tensor
+    teacher_tail_mass: Tensor
+    student_entropy: Tensor
+    sampled_reverse_kl: Tensor
+    forward_kl_top_k: Tensor
+    forward_kl_top_k_high_entropy: Tensor
+    loss_base: Tensor
+    loss_forward: Tensor
+    num_student_high_entropy_monitor: Tensor
+    num_teacher_high_entropy_monitor_estimate: Tensor
+
+    def to_tensor(self) -> Tensor:
+        """Pack into one float64 vector, so a single collective reduces every statistic."""
+        return torch.stack([getattr(self, f.name).detach().to(torch.float64).reshape(()) for f in fields(self)])
+
+    @classmethod
+    def from_tensor(cls, packed: Tensor) -> ServedTeacherStats:
+        return cls(*packed.unbind(-1))
+
+    def means(self) -> dict[str, float]:
+        """Per-token means, named as they are logged (`eopd/...`). Empty batches give 0.0, not NaN."""
+        n = max(float(self.num_tokens), 1.0)
+        n_high = max(float(self.num_high_entropy), 1.0)
+        return {
+            "eopd/teacher_entropy_estimate": float(self.teacher_entropy_estimate) / n,
+            "eopd/teacher_tail_mass": float(self.teacher_tail_mass) / n,
+            "eopd/student_entropy": float(self.student_entropy) / n,
+            "eopd/high_entropy_ratio": float(self.num_high_entropy) / n,
+            "eopd/reverse_kl_sampled": float(self.sampled_reverse_kl) / n,
+            "eopd/forward_kl_top_k": float(self.forward_kl_top_k) / n,
+            "eopd/forward_kl_top_k_high_entropy": float(self.forward_kl_top_k_high_entropy) / n_high,
+            "eopd/loss_base": float(self.loss_base) / n,
+            "eopd/loss_forward_gated": float(self.loss_forward) / n,
+            "eopd/monitor/student_high_entropy_ratio": float(self.num_student_high_entropy_monitor) / n,
+            "eopd/monitor/teacher_high_entropy_ratio_estimate": (
+                float(self.num_teacher_high_entropy_monitor_estimate) / n
+            ),
+        }
+
+
+def teacher_entropy_bounds(top_log_probs: Tensor, vocab_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(lower, upper, top_k_entropy, tail_mass)` of the teacher's entropy in nats, from its top-K log-probabilities.
+
+    `top_log_probs` is `(N, K)` (any order; -inf for a zero probability). The tail mass `m` outside the top-K adds at
+    least `-m log m` (all on one token) and at most `-m log(m / (V - K))` (spread evenly) to the top-K entropy.
+    Computed in float64.
+    """
+    log_probs = top_log_probs.double()
+    probs = log_probs.exp()
+    top_k_entropy = -torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs)).sum(-1)
+    tail_mass = (1.0 - probs.sum(-1)).clamp_min(0.0)
+    tail_on_one_token = -torch.where(tail_mass > 0, tail_mass * tail_mass.log(), torch.zeros_like(tail_mass))
+    tail_tokens = vocab_size - top_log_probs.size(-1)
+    spread = tail_mass * math.log(tail_tokens) if tail_tokens > 1 else torch.zeros_like(tail_mass)
+    lower = top_k_entropy + tail_on_one_token
+    return lower, lower + spread, top_k_entropy, tail_mass
+
+
+def estimate_teacher_entropy(top_log_probs: Tensor, vocab_size: int, estimate: str = "midpoint") -> Tensor:
+    """The teacher-entropy estimate behind the served-teacher gate (float64, `(N,)`); see `teacher_entropy_bounds`."""
+    if estimate not in ENTROPY_ESTIMATES:
+        raise ValueError(f"`entropy_estimate` must be one of {ENTROPY_ESTIMATES}; got {estimate!r}.")
+    lower, upper, top_k_entropy, _ = teacher_entropy_bounds(top_log_probs, vocab_size)
+    return {"midpoint": (lower + upper) / 2, "lower": lower, "upper": upper, "top_k": top_k_entropy}[estimate]
+
+
+@dataclass(frozen=True)
+class _Served:
+    """The teacher's side of a chunk loop: everything already per token, nothing vocabulary-sized."""
+
+    top_log_probs: Tensor  # (N, k), the forward KL's support, sorted by rank
+    top_ids: Tensor  # (N, k)
+    target_log_probs: Tensor  # (N,)
+    gate: Tensor  # (N,) float32, 1.0 where the (estimated) entropy is above the threshold
+    entropy: Tensor  # (N,) float32, the entropy behind the gate
+    tail_mass: Tensor  # (N,) float32
+
+
+def _renormalised_top_k(top_log_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """p~ and log p~ over the top-k, with zero-probability entries (-inf) kept at exactly 0 in p~."""
+    log_renormalised = F.log_softmax(top_log_probs, dim=-1)
+    return log_renormalised.exp(), log_renormalised
+
+
+def _served_chunks(student_hidden, student_weight, student_bias, served: _Served, targets, opts: _Options,
+                   divisor: float, chunk_size: int, needs_grad):  # fmt: skip
+    """Loss, statistic sums and (optionally) the student's gradients, a chunk of tokens at a time."""
+    device = student_hidden.device
+    num_tokens, vocab_size = targets.numel(), student_weight.size(0)
+    need_hidden, need_weight, need_bias = needs_grad
+    need_any = need_hidden or need_weight or need_bias
+
+    def zeros(shape):
+        return torch.zeros(shape, dtype=torch.float32, device=device)
+
+    per_token = zeros((num_tokens, _NUM_COLUMNS))
+    grad_hidden = zeros(student_hidden.shape) if need_hidden else None
+    grad_weight = zeros(student_weight.shape) if need_weight else None
+    grad_bias = zeros(student_bias.shape) if need_bias and student_bias is not None else None
+    rows = min(chunk_size, num_tokens)
+    logits_buffer = torch.empty(rows, vocab_size, dtype=torch.float32, device=device)
+    log_probs_buffer = torch.empty_like(logits_buffer)
+    softcap_derivative_buffer = (
+        torch.empty_like(logits_buffer) if need_any and opts.student_softcap is not None else None
+    )
+    grad_scale = opts.student_logit_scale / opts.temperature / divisor
+
+    for start in range(0, num_tokens, chunk_size):
+        end = min(start + chunk_size, num_tokens)
+        n = end - start
+        probs, log_probs = logits_buffer[:n], log_probs_buffer[:n]
+        softcap_derivative = None if softcap_derivative_buffer is None else softcap_derivative_buffer[:n]
+        student_rows = student_hidden[start:end]
+        _project_into(probs, student_rows, student_weight, student_bias)
+        _scale_into_tempered_logits(
+            probs, opts.student_logit_scale, opts.student_softcap, opts.temperature, softcap_derivative
+        )
+        torch.log_softmax(probs, dim=-1, out=log_probs)
+        torch.exp(log_probs, out=probs)
+
+        sampled_ids = targets[start:end].unsqueeze(-1)
+        sampled_log_ratio = log_probs.gather(-1, sampled_ids).squeeze(-1) - served.target_log_probs[start:end]
+        top_ids = served.top_ids[start:end]
+        top_teacher_probs, top_teacher_log_probs = _renormalised_top_k(served.top_log_probs[start:end])
+        # 0 * log 0 is 0 on the teacher's side; only the student's log q at those ids can be used as is.
+        forward = (top_teacher_probs * (top_teacher_log_probs - log_probs.gather(-1, top_ids)))
+        forward = torch.where(top_teacher_probs > 0, forward, torch.zeros_like(forward)).sum(-1)
+        student_entropy = -_row_dots(probs, log_probs)
+        gate = served.gate[start:end]
+        base_weight = torch.ones_like(gate) if opts.gate == "augment" else 1.0 - gate
+
+        stats = per_token[start:end]
+        stats[:, _TEACHER_ENTROPY_ESTIMATE] = served.entropy[start:end]
+        stats[:, _TEACHER_TAIL_MASS] = served.tail_mass[start:end]
+        stats[:, _STUDENT_ENTROPY] = student_entropy
+        stats[:, _SAMPLED_REVERSE_KL] = sampled_log_ratio
+        stats[:, _FORWARD_KL_TOP_K] = forward
+        stats[:, _FORWARD_KL_TOP_K_GATED] = forward * gate
+        stats[:, _GATE] = gate
+        stats[:, _BASE_USED] = base_weight * sampled_log_ratio
+        stats[:, _FORWARD_USED] = gate * forward
+        stats[:, _LOSS] = stats[:, _BASE_USED] + opts.forward_kl_coef * stats[:, _FORWARD_USED]
+        stats[:, _STUDENT_HIGH_MONITOR] = student_entropy > opts.monitor_entropy_threshold
+        stats[:, _TEACHER_HIGH_MONITOR_ESTIMATE] = served.entropy[start:end] > opts.monitor_entropy_threshold
+
+        if need_any:
+            # The chunked loss's closed-form gradient, fed with the served terms: the sampled estimate and the top-k
+            # forward KL need only q, the sampled ids and p~ at the teacher's ids (never the teacher's p itself).
+            terms = _ChunkTerms(
+                student_probs=probs,
+                teacher_probs=None,
+                log_ratio=log_probs,  # overwritten with the gradient
+                teacher_entropy=served.entropy[start:end],
+                student_entropy=student_entropy,
+                reverse_kl=None,
+                forward_kl=None,
+                gate=gate,
+                base_weight=base_weight,
+                base=sampled_log_ratio,
+                forward=forward,
+                sampled_ids=sampled_ids,
+                sampled_log_ratio=sampled_log_ratio,
+                top_ids=top_ids,
+                top_teacher_probs=top_teacher_probs,
+            )
+            grad = _student_logit_gradient(terms, opts, top_ids.size(-1), softcap_derivative)
+            _add_projection_gradients(
+                grad, student_rows, student_weight, None if grad_hidden is None else grad_hidden[start:end],
+                grad_weight, grad_bias, grad_scale,
+            )  # fmt: skip
+
+    sums = per_token.sum(0)
+    return sums[_LOSS] / divisor, sums, grad_hidden, grad_weight, grad_bias
+
+
+class _ServedTeacherEOPDFunction(_ChunkedEOPDFunction):
+    """The chunked loss's autograd wrapper (its backward only rescales), around the served-teacher chunk loop."""
+
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
+                _unused_a, _unused_b):  # fmt: skip
+        # Ten inputs, as the inherited backward returns gradients for ten: the student's three, then Nones.
+        needs_grad = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            student_bias is not None and ctx.needs_input_grad[2],
+        )
+        loss, sums, *grads = _served_chunks(
+            student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size, needs_grad
+        )
+        grads = [
+            None if grad is None else grad.to(like.dtype)
+            for grad, like in zip(grads, (student_hidden, student_weight, student_bias))
+        ]
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(sums)
+        return loss, sums
+
+
+def served_teacher_eopd_loss_and_stats(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    targets: Tensor,
+    teacher_top_log_probs: Tensor,
+    teacher_top_ids: Tensor,
+    teacher_target_log_probs: Tensor,
+    *,
+    student_bias: Tensor | None = None,
+    student_logit_scale: float = 1.0,
+    student_softcap: float | None = None,
+    vocab_size: int | None = None,
+    entropy_threshold: float = 0.8,
+    forward_kl_coef: float = 1.0,
+    gate: str = "augment",
+    forward_kl_top_k: int = 16,
+    entropy_estimate: str = "midpoint",
+    teacher_entropy: Tensor | None = None,
+    num_items_in_batch: Tensor | int | None = None,
+    chunk_size: int = 256,
+    monitor_entropy_threshold: float = DEFAULT_MONITOR_ENTROPY_THRESHOLD,
+) -> tuple[Tensor, ServedTeacherStats]:
+    """EOPD loss and statistics from the student's hidden states and a served teacher's top log-probabilities.
+
+    The loss is [`eopd_loss_and_stats`]'s with `reverse_kl_estimator="sampled"`, `temperature=1.0` and an integer
+    `forward_kl_top_k`, except that the gate uses an estimate of the teacher's entropy (see the module docstring).
+    Where the estimated gate equals the exact one, value and student gradients are the same. The student's side is
+    computed a chunk at a time, as in [`chunked_eopd_loss_and_stats`].
+
+    Args:
+        student_hidden (`torch.Tensor`):
+            Student last hidden states `(N, H)` at the loss positions, row `i` predicting `targets[i]`.
+        student_weight (`torch.Tensor`):
+            Student output projection `(V, H)`.
+        targets (`torch.Tensor`):
+            The sampled token ids `(N,)`.
+        teacher_top_log_probs (`torch.Tensor`):
+            The teacher's top-K log-probabilities `(N, K)`, sorted by rank, -inf for zero probabilities; K >=
+            `forward_kl_top_k`. All K enter the entropy estimate; the first `forward_kl_top_k` the forward KL.
+        teacher_top_ids (`torch.Tensor`):
+            Their token ids `(N, K)`.
+        teacher_target_log_probs (`torch.Tensor`):
+            The teacher's log-probability of each target token `(N,)`, whatever its rank.
+        student_bias (`torch.Tensor`, *optional*):
+            Bias of the student's output projection `(V,)`.
+        student_logit_scale (`float`, *optional*, defaults to `1.0`):
+            Factor applied to the student's projection before the softcap.
+        student_softcap (`float`, *optional*):
+            If set, the student's logits are `c * tanh(logits / c)`.
+        vocab_size (`int`, *optional*):
+            The teacher's vocabulary size V for the entropy's upper bound; defaults to the student's `V`.
+        entropy_threshold, forward_kl_coef, gate:
+            As in [`eopd_loss`].
+        forward_kl_top_k (`int`, *optional*, defaults to `16`):
+            Size of the teacher's renormalised support in the forward KL.
+        entropy_estimate (`str`, *optional*, defaults to `"midpoint"`):
+            The gate's entropy: `"midpoint"` of the bounds, `"lower"`, `"upper"`, or `"top_k"` (the top-K entropy,
+            ignoring the tail).
+        teacher_entropy (`torch.Tensor`, *optional*):
+            The exact teacher entropy `(N,)`, when known (tests, a small vocabulary fetched whole): the gate then uses
+            it instead of an estimate.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+            Divisor for the summed loss; defaults to `max(N, 1)`. 0 gives 0.
+        chunk_size (`int`, *optional*, defaults to `256`):
+            Tokens projected to the vocabulary at once.
+        monitor_entropy_threshold (`float`, *optional*, defaults to `0.8`):
+            Threshold of the `*_monitor*` statistics only.
+
+    Returns:
+        `tuple[torch.Tensor, ServedTeacherStats]`: the scalar float32 loss and the detached statistics.
+    """
+    validate_eopd_options(
+        entropy_threshold=entropy_threshold,
+        forward_kl_coef=forward_kl_coef,
+        gate=gate,
+        beta=1.0,
+        temperature=1.0,
+        forward_kl_top_k=forward_kl_top_k,
+        reverse_kl_estimator="sampled",
+        monitor_entropy_threshold=monitor_entropy_threshold,
+    )
+    if forward_kl_top_k is None:
+        raise ValueError("`forward_kl_top_k` must be an integer: a served teacher only gives its top log-probs.")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be an integer >= 1; got {chunk_size!r}.")
+    num_tokens, fetched = targets.numel(), teacher_top_log_probs.size(-1)
+    shapes = (student_hidden.shape, teacher_top_log_probs.shape, teacher_top_ids.shape, teacher_target_log_probs.shape)
+    if (
+        targets.dim() != 1
+        or student_hidden.dim() != 2
+        or teacher_top_log_probs.dim() != 2
+        or teacher_top_ids.shape != teacher_top_log_probs.shape
+        or teacher_target_log_probs.shape != targets.shape
+        or student_hidden.size(0) != num_tokens
+        or teacher_top_log_probs.size(0) != num_tokens
+    ):
+        raise ValueError(
+            f"Expected `student_hidden` (N, H), `teacher_top_log_probs` and `teacher_top_ids` (N, K), "
+            f"`teacher_target_log_probs` and `targets` (N,); got {[tuple(s) for s in shapes]} and "
+            f"{tuple(targets.shape)}."
+        )
+    vocab_size = student_weight.size(0) if vocab_size is None else int(vocab_size)
+    top_k = min(forward_kl_top_k, vocab_size)
+    if fetched < top_k:
+        raise ValueError(
+            f"The teacher's top log-probs hold {fetched} entries per token, fewer than `forward_kl_top_k={top_k}`."
+        )
+    divisor = float(num_items_in_batch) if num_items_in_batch is not None else float(max(num_tokens, 1))
+    if not math.isfinite(divisor) or divisor < 0:
+        raise ValueError(f"`num_items_in_batch` must be a finite number >= 0; got {num_items_in_batch!r}.")
+    divisor = divisor or 1.0  # a window without loss tokens: keep its 0 loss, not 0 / 0
+
+    device = student_hidden.device
+    with torch.no_grad():
+        lower, upper, top_k_entropy, tail_mass = teacher_entropy_bounds(teacher_top_log_probs.detach(), vocab_size)
+        if teacher_entropy is None:
+            teacher_entropy = estimate_teacher_entropy(teacher_top_log_probs.detach(), vocab_size, entropy_estimate)
+        entropy = teacher_entropy.detach().to(device, torch.float32)
+        served = _Served(
+            top_log_probs=teacher_top_log_probs.detach()[:, :top_k].to(device, torch.float32),
+            top_ids=teacher_top_ids[:, :top_k].to(device, torch.long),
+            target_log_probs=teacher_target_log_probs.detach().to(device, torch.float32),
+            gate=(entropy > entropy_threshold).to(torch.float32),
+            entropy=entropy,
+            tail_mass=tail_mass.to(device, torch.float32),
+        )
+    opts = _Options(
+        entropy_threshold=float(entropy_threshold),
+        forward_kl_coef=float(forward_kl_coef),
+        gate=gate,
+        beta=1.0,
+        temperature=1.0,
+        forward_kl_top_k=top_k,
+        reverse_kl_estimator="sampled",
+        monitor_entropy_threshold=float(monitor_entropy_threshold),
+        student_logit_scale=float(student_logit_scale),
+        teacher_logit_scale=1.0,
+        student_softcap=None if student_softcap is None else float(student_softcap),
+        teacher_softcap=None,
+    )
+    student_tensors = [t for t in (student_hidden, student_weight, student_bias) if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in student_tensors):
+        loss, sums = _ServedTeacherEOPDFunction.apply(
+            student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size, None, None
+        )
+    else:
+        with torch.no_grad():
+            loss, sums, *_ = _served_chunks(
+                student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
+                (False, False, False),
+            )  # fmt: skip
+
+    def count(column):
+        return sums[column].round().to(torch.int64)
+
+    stats = ServedTeacherStats(
+        num_tokens=torch.tensor(num_tokens, dtype=torch.int64, device=device),
+        num_high_entropy=count(_GATE),
+        teacher_entropy_estimate=sums[_TEACHER_ENTROPY_ESTIMATE],
+        teacher_tail_mass=sums[_TEACHER_TAIL_MASS],
+        student_entropy=sums[_STUDENT_ENTROPY],
+        sampled_reverse_kl=sums[_SAMPLED_REVERSE_KL],
+        forward_kl_top_k=sums[_FORWARD_KL_TOP_K],
+        forward_kl_top_k_high_entropy=sums[_FORWARD_KL_TOP_K_GATED],
+        loss_base=sums[_BASE_USED],
+        loss_forward=sums[_FORWARD_USED],
+        num_student_high_entropy_monitor=count(_STUDENT_HIGH_MONITOR),
+        num_teacher_high_entropy_monitor_estimate=count(_TEACHER_HIGH_MONITOR_ESTIMATE),
+    )
+    return loss, stats

@@ -1,0 +1,344 @@
+"""A teacher served by an unpatched vLLM server: option checks, start-up checks and fetching its log-probabilities.
+
+The server is any OpenAI-compatible vLLM server (`vllm serve TEACHER --max-logprobs -1 --logprobs-mode
+processed_logprobs`). For every completion token it returns, through `/v1/completions` with `prompt_logprobs`, the
+teacher's top log-probabilities with their token ids and the log-probability of the actual token, whatever its rank.
+That is all the paper's recipe (arXiv 2603.07079) needs exactly, except the teacher's entropy: see
+`trl_eopd/served_teacher_loss.py` for how the gate estimates it.
+
+Why not TRL's `VLLMClient.get_sequence_logprobs`: its module needs vLLM installed in the trainer's process only to be
+constructed (it speaks plain HTTP), its session retries with a backoff that no request timeout bounds, and its
+results need the fixes below anyway. This module posts the same request with `requests` and reuses TRL's helpers for
+the parts that fit: `build_teacher_request_inputs` (padded batch -> trimmed sequences) and the per-choice formatting of
+`VLLMClient`, which import without vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from numbers import Integral, Real
+
+import torch
+
+from . import _compat
+
+IGNORE_INDEX = -100
+# See `scripts/teacher_gate_agreement.py` and docs/teacher_server.md for the measurement behind it.
+DEFAULT_TEACHER_TOP_LOGPROBS = 32
+# vLLM writes this instead of -inf for a probability that underflows to zero (JSON has no infinity).
+_VLLM_ZERO_PROBABILITY_LOGPROB = -9999.0
+_SERVER_FLAGS = "--max-logprobs -1 --logprobs-mode processed_logprobs"
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher server cannot be used: unreachable, misconfigured, or failing mid-run."""
+
+
+def validate_teacher_server_options(args) -> None:
+    """Raise a `ValueError` naming the field for an `EOPDConfig` that a served teacher cannot train exactly."""
+    url = args.teacher_model_server_url
+    top_logprobs = args.teacher_top_logprobs
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, Integral) or top_logprobs < 1:
+        raise ValueError(f"`teacher_top_logprobs` must be an integer >= 1; got {top_logprobs!r}.")
+    timeout = args.teacher_model_server_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (timeout > 0 and math.isfinite(timeout)):
+        raise ValueError(f"`teacher_model_server_timeout` must be a finite number of seconds > 0; got {timeout!r}.")
+    retries = args.teacher_model_server_retries
+    if isinstance(retries, bool) or not isinstance(retries, Integral) or retries < 0:
+        raise ValueError(f"`teacher_model_server_retries` must be an integer >= 0; got {retries!r}.")
+    if url is None:
+        return
+    if not isinstance(url, str) or not url.strip().startswith(("http://", "https://")):
+        raise ValueError(
+            f"`teacher_model_server_url` must be an http(s) base URL such as 'http://10.0.0.3:8000'; got {url!r}."
+        )
+    why_full = "which a server does not return: it only returns the teacher's top log-probabilities"
+    if 0.0 < args.beta < 1.0:
+        raise ValueError(
+            f"`beta={args.beta}` (a generalized JSD) needs the teacher's full distribution, {why_full}. With "
+            "`teacher_model_server_url`, set `beta=1.0` and `reverse_kl_estimator='sampled'`."
+        )
+    if args.reverse_kl_estimator != "sampled":
+        raise ValueError(
+            f"`reverse_kl_estimator={args.reverse_kl_estimator!r}` needs the teacher's full distribution, {why_full}. "
+            "With `teacher_model_server_url`, set `reverse_kl_estimator='sampled'` (the paper's estimate, exact from "
+            "the served log-probability of the sampled token)."
+        )
+    if args.forward_kl_top_k is None:
+        raise ValueError(
+            f"`forward_kl_top_k=None` (the full-vocabulary forward KL) needs the teacher's full distribution, "
+            f"{why_full}. With `teacher_model_server_url`, set an integer such as 16 (the paper's)."
+        )
+    if top_logprobs < args.forward_kl_top_k:
+        raise ValueError(
+            f"`teacher_top_logprobs={top_logprobs}` is below `forward_kl_top_k={args.forward_kl_top_k}`: the forward "
+            "KL is taken over the teacher's top-k tokens, so at least that many must be fetched."
+        )
+    if args.temperature != 1.0:
+        raise ValueError(
+            f"`temperature={args.temperature}` cannot be applied to a served teacher: vLLM ignores the temperature for "
+            "prompt log-probabilities, so the tempered sampled-token log-probability and entropy are out of reach. "
+            "With `teacher_model_server_url`, use `temperature=1.0`."
+        )
+    if not args.memory_efficient_loss:
+        raise ValueError(
+            "`memory_efficient_loss=False` is not available with `teacher_model_server_url`: the served-teacher loss "
+            "is only computed from the student's hidden states. Set `memory_efficient_loss=True`."
+        )
+
+
+@dataclass
+class ServedTeacherLogProbs:
+    """The teacher's log-probabilities at `N` completion tokens, in the order of the loss positions.
+
+    `top_log_probs` `(N, K)` is sorted by rank (padded with -inf), `top_ids` `(N, K)` holds their token ids, and
+    `target_log_probs` `(N,)` the log-probability of the token actually in the sequence.
+    """
+
+    top_log_probs: torch.Tensor
+    top_ids: torch.Tensor
+    target_log_probs: torch.Tensor
+
+    def split(self, sizes: list[int]) -> list[ServedTeacherLogProbs]:
+        parts = zip(*(t.split(sizes) for t in (self.top_log_probs, self.top_ids, self.target_log_probs)), strict=True)
+        return [ServedTeacherLogProbs(*part) for part in parts]
+
+    def to(self, device) -> ServedTeacherLogProbs:
+        return ServedTeacherLogProbs(*(t.to(device) for t in (self.top_log_probs, self.top_ids, self.target_log_probs)))
+
+
+class TeacherServer:
+    """A vLLM server hosting the teacher, checked at construction.
+
+    Args:
+        url (`str`):
+            The server's base URL.
+        top_logprobs (`int`):
+            Log-probabilities fetched per token; clamped to the vocabulary.
+        timeout (`float`):
+            Seconds to wait for the server to come up, and for each request.
+        retries (`int`):
+            Retries of a failed request before [`TeacherServerError`].
+        student_vocab_size (`int`):
+            Rows of the student's output layer; the served vocabulary must match it.
+        teacher_name (`str`, *optional*):
+            If given, a warning is issued when the server hosts a model of another name.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        top_logprobs: int,
+        timeout: float,
+        retries: int,
+        student_vocab_size: int,
+        teacher_name: str | None = None,
+    ):
+        import requests
+
+        self.url = url.strip().rstrip("/")
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.vocab_size = int(student_vocab_size)
+        self.top_logprobs = min(int(top_logprobs), self.vocab_size)
+        self._session = requests.Session()
+        self._wait_until_healthy()
+        self.model_name, self.max_model_len = self._served_model(teacher_name)
+        self._check_vocabulary()
+        self._check_logprobs_allowance()
+
+    # ------------------------------------------------------------------------------------------------ start-up checks
+
+    def _wait_until_healthy(self) -> None:
+        import requests
+
+        deadline = time.monotonic() + self.timeout
+        last_error = "no answer"
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TeacherServerError(
+                    f"The teacher server at {self.url} did not answer GET /health within "
+                    f"`teacher_model_server_timeout={self.timeout:g}` seconds ({last_error}). Start it with "
+                    f"`vllm serve TEACHER {_SERVER_FLAGS}`, or fix `teacher_model_server_url`."
+                )
+            try:
+                response = self._session.get(f"{self.url}/health", timeout=min(remaining, 5.0))
+                if response.status_code == 200:
+                    return
+                last_error = f"HTTP {response.status_code}"
+            except requests.RequestException as error:
+                last_error = type(error).__name__
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+
+    def _served_model(self, teacher_name: str | None) -> tuple[str, int]:
+        models = self._request("GET", "/v1/models", what="GET /v1/models").get("data") or []
+        if len(models) != 1:
+            raise TeacherServerError(
+                f"The teacher server at {self.url} serves {len(models)} models; it must serve exactly the teacher."
+            )
+        model = models[0]
+        if teacher_name is not None and teacher_name not in (model.get("id"), model.get("root")):
+            warnings.warn(
+                f"EOPDTrainer: `teacher_model={teacher_name!r}`, but the server at {self.url} serves "
+                f"{model.get('id')!r}. The served model is the teacher; `teacher_model` is only used for this check.",
+                stacklevel=3,
+            )
+        return model["id"], int(model["max_model_len"])
+
+    def _accepts_token(self, token_id: int) -> bool:
+        """Whether the server accepts `token_id` in a prompt: vLLM rejects ids beyond its vocabulary with HTTP 400."""
+        status, body = self._post_completion([[token_id]], prompt_logprobs=None)
+        if status == 200:
+            return True
+        if status == 400 and "out of vocabulary" in body:
+            return False
+        raise TeacherServerError(f"The teacher server at {self.url} answered HTTP {status} to a probe: {body[:300]}")
+
+    def _check_vocabulary(self) -> None:
+        # An unpatched server reports no vocabulary size, but it rejects token ids beyond
+        # max(tokenizer ids, model vocabulary): the student's last id must pass and the next one must not.
+        if self._accepts_token(self.vocab_size - 1) and not self._accepts_token(self.vocab_size):
+            return
+        low, high = 0, 1  # the served size is the first id the server rejects; find it for the message
+        while self._accepts_token(high) and high < 2**26:
+            low, high = high, 2 * high
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if self._accepts_token(middle) else (low, middle)
+        raise TeacherServerError(
+            f"The teacher served at {self.url} has a vocabulary of {high} token ids but the student has "
+            f"{self.vocab_size}. EOPD compares the two distributions id by id, so both need the same vocabulary."
+        )
+
+    def _check_logprobs_allowance(self) -> None:
+        status, body = self._post_completion([[0, 0]], prompt_logprobs=self.top_logprobs)
+        if status != 200:
+            raise TeacherServerError(
+                f"The teacher server at {self.url} refused {self.top_logprobs} prompt log-probabilities per token "
+                f"(`teacher_top_logprobs`): {body[:300]}. Restart it with `{_SERVER_FLAGS}`, or lower "
+                "`teacher_top_logprobs`."
+            )
+
+    # --------------------------------------------------------------------------------------------------- requests
+
+    def _post_completion(self, prompts: list[list[int]], prompt_logprobs: int | None) -> tuple[int, str]:
+        import requests
+
+        # One generated token is the least a completion request may ask for; the prompt's log-probs are the answer.
+        payload = {"model": self.model_name, "prompt": prompts, "max_tokens": 1, "temperature": 1.0}
+        if prompt_logprobs is not None:
+            payload["prompt_logprobs"] = prompt_logprobs
+        try:
+            response = self._session.post(f"{self.url}/v1/completions", json=payload, timeout=self.timeout)
+        except requests.RequestException as error:
+            raise TeacherServerError(
+                f"The teacher server at {self.url} did not answer within {self.timeout:g} s: {error}"
+            ) from error
+        return response.status_code, response.text
+
+    def _request(self, method: str, path: str, *, what: str, **kwargs) -> dict:
+        import requests
+
+        try:
+            response = self._session.request(method, f"{self.url}{path}", timeout=self.timeout, **kwargs)
+        except requests.RequestException as error:
+            raise TeacherServerError(
+                f"The teacher server at {self.url} did not answer {what} within {self.timeout:g} s: {error}"
+            ) from error
+        if response.status_code != 200:
+            raise TeacherServerError(
+                f"The teacher server at {self.url} answered HTTP {response.status_code} to {what}: "
+                f"{response.text[:300]}"
+            )
+        return response.json()
+
+    def check_context(self, sequences: list[list[int]]) -> None:
+        """Every sequence must leave room for the one token a completion request generates."""
+        longest = max((len(sequence) for sequence in sequences), default=0)
+        if longest + 1 > self.max_model_len:
+            raise TeacherServerError(
+                f"A sequence of {longest} tokens (prompt plus completion) does not fit the teacher server's context: "
+                f"its `max_model_len` is {self.max_model_len}, and a request needs one token more than the sequence. "
+                f"Restart the server at {self.url} with `--max-model-len {longest + 1}` or more, or lower "
+                "`max_length` / `max_new_tokens`."
+            )
+
+    def fetch(self, batches: list[dict], global_step: int) -> list[ServedTeacherLogProbs]:
+        """The teacher's log-probabilities for every loss token of `batches`, in one request, one result per batch.
+
+        Each batch holds padded `input_ids`, `attention_mask` and `labels` (-100 outside the completions); the result's
+        rows follow the loss positions `labels[:, 1:] != -100` in row-major order, as the loss reads them.
+        """
+        from trl.experimental.server_distillation.server_distillation_trainer import build_teacher_request_inputs
+
+        sequences, prompt_lengths, rows_per_batch = [], [], []
+        for batch in batches:
+            batch_sequences, batch_prompt_lengths, completion_lengths = build_teacher_request_inputs(
+                batch["input_ids"], batch["attention_mask"], labels=batch["labels"]
+            )
+            loss_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(1).tolist()
+            if loss_tokens != completion_lengths:
+                raise ValueError(
+                    "The completion tokens of a batch are not the last attended tokens of their rows (labels "
+                    f"{loss_tokens} vs {completion_lengths} tokens per row), so the teacher server cannot score them."
+                )
+            sequences += batch_sequences
+            prompt_lengths += batch_prompt_lengths
+            rows_per_batch.append(sum(completion_lengths))
+        if not sequences:
+            return []
+        self.check_context(sequences)
+        choices = self._completions_with_retries(sequences, global_step)
+        fetched = self._to_tensors(choices, sequences, prompt_lengths)
+        return fetched.split(rows_per_batch)
+
+    def _completions_with_retries(self, sequences: list[list[int]], global_step: int) -> list[dict]:
+        import json
+
+        failures = []
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(2.0 ** (attempt - 1), 30.0))
+            try:
+                status, body = self._post_completion(sequences, prompt_logprobs=self.top_logprobs)
+            except TeacherServerError as error:
+                failures.append(str(error.__cause__ or error))
+                continue
+            if status == 200:
+                return sorted(json.loads(body)["choices"], key=lambda choice: choice["index"])
+            failures.append(f"HTTP {status}: {body[:200]}")
+            if status == 400:  # a malformed request stays malformed
+                break
+        raise TeacherServerError(
+            f"The teacher server at {self.url} failed at global step {global_step} after {len(failures)} attempt(s) "
+            f"(`teacher_model_server_retries={self.retries}`); last error: {failures[-1]}. Training stopped; checkpoints "
+            "already saved are intact: restart the server and resume with `--resume_from_checkpoint`."
+        )
+
+    def _to_tensors(self, choices: list[dict], sequences, prompt_lengths) -> ServedTeacherLogProbs:
+        top_log_probs, top_ids, target_log_probs = [], [], []
+        for choice, sequence, prompt_length in zip(choices, sequences, prompt_lengths, strict=True):
+            formatted = _compat.format_sequence_logprobs(choice, sequence, prompt_length, self.top_logprobs)
+            top_log_probs += formatted["logprobs"]
+            top_ids += formatted["logprob_token_ids"]
+            target_log_probs += [value for (value,) in formatted["actual_logprobs"]]
+        top = torch.tensor(top_log_probs, dtype=torch.float32).reshape(-1, self.top_logprobs)
+        target = torch.tensor(target_log_probs, dtype=torch.float32)
+        for values in (top, target):
+            values.masked_fill_(values <= _VLLM_ZERO_PROBABILITY_LOGPROB, -math.inf)
+        if not torch.isfinite(target).all():
+            missing = int((~torch.isfinite(target)).sum())
+            raise TeacherServerError(
+                f"The teacher server at {self.url} gave no finite log-probability for {missing} sampled token(s): the "
+                "teacher gives them probability 0, or the server does not return the actual token's log-probability."
+            )
+        ids = torch.tensor(top_ids, dtype=torch.long).reshape(-1, self.top_logprobs)
+        return ServedTeacherLogProbs(top, ids, target)
+
+    def close(self) -> None:
+        self._session.close()
