@@ -2,6 +2,7 @@
 
     python scripts/memory_table.py                  # 4 GPUs, markdown table
     python scripts/memory_table.py --num_gpus 8
+    python scripts/memory_table.py --num_gpus 8 --teacher_server_gpus 2   # also: the teacher on a vLLM server
 
 Parameter counts are exact: each Qwen3 model is instantiated on PyTorch's `meta` device (no memory, no download) from
 the architecture numbers below, and its unique parameters are counted, so tied embeddings count once. Student memory
@@ -10,6 +11,11 @@ the functions behind the `..._all_cold` printers), without optimizer or paramete
 gradients and AdamW states (fp32 master weights and two moments). The teacher is frozen and has no gradients or
 optimizer states: TRL's `prepare_deepspeed` keeps a full bf16 copy per GPU under ZeRO-2 (it runs the teacher at stage
 0) and shards it under ZeRO-3, so it costs 2 bytes per parameter, divided by the number of GPUs under ZeRO-3.
+
+With `--teacher_server_gpus T`, a second table splits the node: the teacher served by vLLM on T GPUs (its bf16
+weights split by tensor parallelism, 2 bytes per parameter / T per GPU) and the trainers on the other GPUs, which
+then hold no teacher at all. "saved per trainer GPU" is the teacher's share that a trainer GPU no longer holds,
+against a local teacher on the same trainer GPUs; the server's KV cache and activations are not counted.
 
 Not included: activations, the rollouts' KV cache, the chunked loss's logits and allocator fragmentation. They depend
 on batch size and sequence length; the "left for activations" column is what remains of the GPU for them.
@@ -140,6 +146,56 @@ def build_rows(num_gpus: int, gpu_gib: float) -> list[dict]:
     return rows
 
 
+def build_split_rows(num_gpus: int, server_gpus: int, gpu_gib: float) -> list[dict]:
+    """Trainer and server per-GPU memory with the teacher served on `server_gpus` of `num_gpus` GPUs."""
+    counts = {model: count_parameters(arch) for model, arch in ARCHS.items()}
+    trainer_gpus = num_gpus - server_gpus
+    rows = []
+    for recipe, student, teacher in RECIPES:
+        s_total, s_largest = counts[student]
+        t_total, _ = counts[teacher]
+        for stage in (2, 3):
+            everywhere = student_bytes(s_total, s_largest, num_gpus, stage) + teacher_bytes(t_total, num_gpus, stage)
+            served = student_bytes(s_total, s_largest, trainer_gpus, stage)
+            saved = teacher_bytes(t_total, trainer_gpus, stage)
+            server = 2 * t_total / server_gpus
+            rows.append(
+                {
+                    "recipe": recipe,
+                    "stage": f"ZeRO-{stage}",
+                    "local_all": everywhere,
+                    "served_trainer": served,
+                    "saved": saved,
+                    "server": server,
+                    "server_left": gpu_gib * GIB - server,
+                }
+            )
+    return rows
+
+
+def split_markdown(rows: list[dict], num_gpus: int, server_gpus: int, gpu_gib: float) -> str:
+    def gib(n: float) -> str:
+        return f"{n / GIB:.1f}"
+
+    trainer_gpus = num_gpus - server_gpus
+    lines = [
+        f"Teacher served by vLLM on {server_gpus} of {num_gpus} x {gpu_gib:g} GiB, trainers on {trainer_gpus} (GiB of "
+        "model states per GPU; activations, rollouts and the server's KV cache not included)",
+        "",
+        (
+            f"| recipe | ZeRO | local teacher, {num_gpus} trainer GPUs: total | served, {trainer_gpus} trainer GPUs: "
+            "total | saved per trainer GPU | server GPU: teacher weights | server GPU: left for KV cache |"
+        ),
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['recipe']} | {r['stage']} | {gib(r['local_all'])} | {gib(r['served_trainer'])} | {gib(r['saved'])} "
+            f"| {gib(r['server'])} | {gib(r['server_left'])} |"
+        )
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict], num_gpus: int, gpu_gib: float) -> str:
     def gib(n: float) -> str:
         return f"{n / GIB:.1f}"
@@ -166,12 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_gpus", type=int, default=4, help="GPUs in total (the paper used 4).")
     parser.add_argument("--gpu_gib", type=float, default=80.0, help="Memory of one GPU in GiB.")
+    parser.add_argument("--teacher_server_gpus", type=int, default=0,
+                        help="Also print the node split with the teacher served by vLLM on this many GPUs.")
     args = parser.parse_args(argv)
+    if args.teacher_server_gpus and not 0 < args.teacher_server_gpus < args.num_gpus:
+        parser.error(f"--teacher_server_gpus must be between 1 and {args.num_gpus - 1} (--num_gpus minus one)")
     # Importing DeepSpeed prints accelerator-detection notices; they are not part of the table.
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         rows = build_rows(args.num_gpus, args.gpu_gib)
+        split = build_split_rows(args.num_gpus, args.teacher_server_gpus, args.gpu_gib) if args.teacher_server_gpus else None
     print(markdown(rows, args.num_gpus, args.gpu_gib))
+    if split:
+        print()
+        print(split_markdown(split, args.num_gpus, args.teacher_server_gpus, args.gpu_gib))
     return 0
 
 

@@ -152,6 +152,16 @@ def test_entropy_bounds_hold_and_are_exact_when_everything_is_fetched():
     exact = case["exact_entropy"]
     assert (lower <= exact + 1e-6).all() and (exact <= upper + 1e-6).all()
     assert (top_k_entropy <= lower + 1e-12).all() and (tail_mass > 0).all()
+    # At least the bound with the whole tail on one token, and strictly tighter for some tokens.
+    one_token = top_k_entropy - tail_mass * tail_mass.log()
+    assert (lower >= one_token - 1e-12).all() and (lower > one_token + 1e-3).any()
+    # Tight: the most concentrated tail the ranking allows is a real distribution, whose entropy is the bound.
+    row = 0
+    p = case["top_log_probs"][row].double().exp()
+    m, p_k = 1 - p.sum(), p[-1]
+    tail = torch.cat([p_k.repeat(int(m // p_k)), (m - (m // p_k) * p_k).reshape(1)])
+    whole = torch.cat([p, tail])
+    torch.testing.assert_close(lower[row], -(whole * whole.log()).sum(), rtol=0, atol=1e-9)
     whole = make_case(seed=3, fetched=V)
     lower, upper, _, tail_mass = teacher_entropy_bounds(whole["top_log_probs"].double(), V)
     torch.testing.assert_close(lower, whole["exact_entropy"], rtol=0, atol=1e-5)

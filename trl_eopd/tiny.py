@@ -132,7 +132,9 @@ def save_tiny_setup(output_dir: str | os.PathLike, *, num_examples: int = 64, se
     output_dir = Path(output_dir)
     tokenizer = build_tiny_tokenizer()
     paths = {"teacher": str(output_dir / "teacher"), "student": str(output_dir / "student")}
-    teacher = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, seed=seed)
+    # Its attention heads are 32 wide (two heads of a 64-wide model), so vLLM's CPU engine can serve it as a teacher.
+    teacher = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, head_dim=32, seed=seed)
     # The student's head is untied (the teacher's is tied), so both layouts of an output layer are exercised; an
     # untied head is also the harder case for ZeRO-3, where nothing but the loss ever gathers it.
     # Its attention heads are 32 wide, the smallest vLLM's CPU engine runs, so `use_vllm` works on the tiny recipe too.
@@ -146,3 +148,30 @@ def save_tiny_setup(output_dir: str | os.PathLike, *, num_examples: int = 64, se
         for row in toy_arithmetic_conversations(num_examples, seed=seed):
             f.write(json.dumps(row) + "\n")
     return paths
+
+
+def sharpen_output(model, factor: float):
+    """Multiply a tiny model's logits by `factor` (through its final norm's weight), in place, and return it.
+
+    A randomly initialised model is nearly uniform (entropy close to log V everywhere); sharpened, its entropies spread
+    over both sides of EOPD's 0.8-nat threshold, as a trained teacher's do, so that the gate has something to decide.
+    """
+    import torch
+
+    with torch.no_grad():
+        model.model.norm.weight.mul_(factor)
+    return model
+
+
+# The tiny teacher a vLLM server hosts in the served-teacher tests and measurements: 32-wide heads (the least vLLM's
+# CPU engine runs) and logits sharpened 8x, which puts about a third of its sampled tokens above 0.8 nats.
+SERVABLE_TEACHER_SEED = 11
+SERVABLE_TEACHER_SHARPNESS = 8.0
+
+
+def build_servable_tiny_teacher(tokenizer, *, seed: int = SERVABLE_TEACHER_SEED,
+                                sharpness: float = SERVABLE_TEACHER_SHARPNESS):  # fmt: skip
+    """A tiny teacher that vLLM's CPU engine can serve, with entropies on both sides of EOPD's gate."""
+    model = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=32, seed=seed)  # fmt: skip
+    return sharpen_output(model, sharpness)

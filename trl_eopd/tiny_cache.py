@@ -20,8 +20,8 @@ TINY_KEYS = ("student", "teacher", "train")
 
 def tiny_dir() -> Path:
     # Versioned: the cache is built once, so a change to the tiny models needs a new folder (v2: the student's
-    # attention heads became 32 wide, for vLLM's CPU engine).
-    return Path(os.environ.get("TRL_EOPD_TINY_DIR", Path.home() / ".cache" / "trl_eopd" / "tiny-v2"))
+    # attention heads became 32 wide, for vLLM's CPU engine; v3: the teacher's too, so a vLLM server can host it).
+    return Path(os.environ.get("TRL_EOPD_TINY_DIR", Path.home() / ".cache" / "trl_eopd" / "tiny-v3"))
 
 
 def ensure_tiny_setup() -> dict[str, str]:

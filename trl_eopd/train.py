@@ -101,8 +101,9 @@ def main(script_args: EOPDScriptArguments, training_args, model_args) -> None:
         raise UsageError("`ignore_bias_buffers` (a DDP workaround of some TRL scripts) is not supported here.")
     if not model_args.model_name_or_path:
         raise UsageError("no student: set `model_name_or_path` (hub id, local folder or `tiny://student`).")
-    if not training_args.teacher_model_name_or_path:
-        raise UsageError("no teacher: set `teacher_model_name_or_path` (hub id, local folder or `tiny://teacher`).")
+    if not training_args.teacher_model_name_or_path and not training_args.teacher_model_server_url:
+        raise UsageError("no teacher: set `teacher_model_name_or_path` (hub id, local folder or `tiny://teacher`), "
+                         "or `teacher_model_server_url` for a teacher served by vLLM.")
 
     state = PartialState()
     _log(state, f"{state.num_processes} process(es), device={state.device}, "
@@ -111,7 +112,8 @@ def main(script_args: EOPDScriptArguments, training_args, model_args) -> None:
 
     student = resolve_tiny(model_args.model_name_or_path)
     teacher = resolve_tiny(training_args.teacher_model_name_or_path)
-    check_vocabularies(student, teacher, model_args=model_args, training_args=training_args)
+    if teacher is not None:  # a served teacher's vocabulary is checked against the server by the trainer
+        check_vocabularies(student, teacher, model_args=model_args, training_args=training_args)
     resume = resume_target(training_args)
     tokenizer = load_tokenizer(
         resolve_tiny(script_args.tokenizer_name_or_path) or student,
@@ -161,7 +163,9 @@ def main(script_args: EOPDScriptArguments, training_args, model_args) -> None:
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
         )
-        _log(state, f"training {student} from teacher {teacher} on {len(train_dataset)} rows")
+        served = trainer._teacher_server
+        source = f"teacher {teacher}" if served is None else f"the teacher served at {served.url}"
+        _log(state, f"training {student} from {source} on {len(train_dataset)} rows")
         trainer.train(resume_from_checkpoint=resume)
 
         if eval_dataset is not None:

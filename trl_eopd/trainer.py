@@ -33,6 +33,8 @@ if is_peft_available():
 
 # Set on batches whose completions were already generated for the whole accumulation window in `get_batch_samples`.
 _ROLLOUT_DONE = "eopd_rollout_done"
+# With a served teacher: the batch's `ServedTeacherLogProbs`, fetched once per accumulation window.
+_SERVED_TEACHER = "eopd_served_teacher"
 
 
 def _tokenizer_of(processing_class):
@@ -124,8 +126,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
     Args:
         model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
             Student model to train, or its name/path on the Hub.
-        teacher_model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`):
-            Teacher model, or its name/path. It must share the student's vocabulary.
+        teacher_model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
+            Teacher model, or its name/path. It must share the student's vocabulary. With
+            `args.teacher_model_server_url` the teacher is served elsewhere: pass `None`, or its name, which is then
+            only compared with the served model's.
         args ([`EOPDConfig`]):
             Training arguments.
         data_collator ([`~transformers.DataCollator`], *optional*):
@@ -188,10 +192,20 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 f"`args` must be an `EOPDConfig`, got {type(args).__name__}. `EOPDConfig` takes every `GKDConfig` "
                 "argument, so replacing the class name is enough."
             )
-        if teacher_model is None:
-            raise ValueError("`teacher_model` is required: pass a model or a Hub id / local path.")
+        served_teacher_url = args.teacher_model_server_url
+        if served_teacher_url is not None and not (teacher_model is None or isinstance(teacher_model, str)):
+            raise ValueError(
+                "`teacher_model` must be None or a name when `args.teacher_model_server_url` is set: the served model "
+                f"at {served_teacher_url} is the teacher, and a second one in this process would only take memory."
+            )
+        if teacher_model is None and served_teacher_url is None:
+            raise ValueError(
+                "`teacher_model` is required: pass a model or a Hub id / local path, or serve the teacher with vLLM "
+                "and set `args.teacher_model_server_url`."
+            )
         check_model_path(model, "model")
-        check_model_path(teacher_model, "teacher_model")
+        if served_teacher_url is None:
+            check_model_path(teacher_model, "teacher_model")
         _check_not_empty(train_dataset, "train_dataset")
         _check_not_empty(eval_dataset, "eval_dataset")
         if data_collator is None:
@@ -201,10 +215,14 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             # TRL's ChatML collator would cut long prompts from the left, silently; this one keeps them whole.
             data_collator = PromptKeepingChatMLCollator(tokenizer=processing_class, max_length=args.max_length)
 
-        with _compat.without_gkd_migration_advice():
+        served_teacher_name = teacher_model if served_teacher_url is not None else None
+        teacher_model_init_kwargs = args.teacher_model_init_kwargs
+        if served_teacher_url is not None:
+            args.teacher_model_init_kwargs = None  # nothing is loaded; GKD would refuse them next to the stand-in
+        with _compat.without_gkd_migration_advice(), _compat.gkd_init_without_teacher():
             super().__init__(
                 model=model,
-                teacher_model=teacher_model,
+                teacher_model=teacher_model if served_teacher_url is None else _compat.served_teacher_stand_in(self),
                 args=args,
                 data_collator=data_collator,
                 train_dataset=train_dataset,
@@ -218,6 +236,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 formatting_func=formatting_func,
             )
 
+        args.teacher_model_init_kwargs = teacher_model_init_kwargs
         self.loss_options = {
             "entropy_threshold": args.entropy_threshold,
             "forward_kl_coef": args.forward_kl_coef,
@@ -235,6 +254,22 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         self._memory_efficient = args.memory_efficient_loss
         self._projection_verified = False
         self._student_eos_to_replace, self._teacher_eos_id = self._configure_teacher_eos(args.teacher_eos_token)
+        self._teacher_server = None
+        self._stats_class = EOPDStats
+        if served_teacher_url is not None:
+            from .served_teacher_loss import ServedTeacherStats
+            from .teacher_server import TeacherServer
+
+            self.teacher_model = None  # GKD prepared a parameter-free stand-in; nothing of the teacher lives here
+            self._stats_class = ServedTeacherStats
+            self._teacher_server = TeacherServer(
+                served_teacher_url,
+                top_logprobs=args.teacher_top_logprobs,
+                timeout=args.teacher_model_server_timeout,
+                retries=args.teacher_model_server_retries,
+                student_vocab_size=self.model.config.get_text_config().vocab_size,
+                teacher_name=served_teacher_name,
+            )
         self._vllm_rollouts = None
         if args.use_vllm:
             from .vllm_rollouts import VLLMRollouts
@@ -299,8 +334,20 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
     def _roll_out_window(self, batches: list[dict]) -> list[dict]:
         if self._vllm_rollouts is not None:
             # One engine call for the whole window, after one weight push per optimizer step.
-            return self._vllm_rollouts.roll_out(batches)
-        return [self._roll_out(batch) for batch in batches]
+            batches = self._vllm_rollouts.roll_out(batches)
+        else:
+            batches = [self._roll_out(batch) for batch in batches]
+        if self._teacher_server is not None:
+            self._fetch_served_teacher(batches)
+        return batches
+
+    def _fetch_served_teacher(self, batches: list[dict]) -> None:
+        # One request per process for its whole window: the server batches the processes' concurrent requests
+        # itself, and nothing has to be gathered to one process and scattered back (two collectives, and a single
+        # process's network link carrying every process's log-probs).
+        fetched = self._teacher_server.fetch(batches, self.state.global_step)
+        for batch, teacher in zip(batches, fetched, strict=True):
+            batch[_SERVED_TEACHER] = teacher.to(batch["input_ids"].device)
 
     @staticmethod
     def _count_loss_tokens(batches: list[dict]) -> torch.Tensor:
@@ -347,8 +394,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             num_items_in_batch = None
 
         outputs = None
+        if self._teacher_server is not None:
+            loss, stats, diagnose = self._served_teacher_loss(model, inputs, num_items_in_batch)
         # Callers that want logits (compute_metrics) get them from the full-logits path.
-        if self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
+        elif self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
             loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch)
         else:
             loss, stats, diagnose, outputs = self._full_logits_loss(model, inputs, num_items_in_batch)
@@ -377,6 +426,55 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             )
 
         return loss, stats, diagnose, student_outputs
+
+    def _served_teacher_loss(self, model, inputs, num_items_in_batch):
+        if _SERVED_TEACHER not in inputs:  # evaluation batches, or a batch built outside the training loop
+            self._fetch_served_teacher([inputs])
+        if not self._memory_efficient_is_exact(model, inputs):
+            raise ValueError(
+                "The student's logits are not a plain projection of its last hidden state (see the warning above), "
+                "and the served-teacher loss is only computed from hidden states. Train with a local teacher instead."
+            )
+        unwrapped_student = self.accelerator.unwrap_model(model)
+        return self._forward_redirection(
+            model, unwrapped_student, self._project_and_score_served, unwrapped_student, inputs, num_items_in_batch
+        )
+
+    def _project_and_score_served(self, student, inputs, num_items_in_batch):
+        from .served_teacher_loss import served_teacher_eopd_loss_and_stats
+
+        shifted_labels = inputs["labels"][:, 1:]
+        loss_mask = shifted_labels != IGNORE_INDEX
+        teacher = inputs.pop(_SERVED_TEACHER)
+        student_hidden = self._last_hidden_state(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1]
+        student_hidden = student_hidden[loss_mask]
+        projection, _ = find_output_projection(student)
+        options = {key: value for key, value in self.loss_options.items()
+                   if key not in ("beta", "temperature", "reverse_kl_estimator")}  # fixed by the config's checks
+        with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
+            loss, stats = served_teacher_eopd_loss_and_stats(
+                student_hidden,
+                projection.weight,
+                shifted_labels[loss_mask],
+                teacher.top_log_probs,
+                teacher.top_ids,
+                teacher.target_log_probs,
+                student_bias=projection.bias,
+                student_logit_scale=projection.logit_scale,
+                student_softcap=projection.softcap,
+                vocab_size=self._teacher_server.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=self.args.loss_chunk_size,
+                **options,
+            )
+
+        def diagnose():
+            student_hidden_detached = student_hidden.detach()
+            return _non_finite_report(
+                student=lambda: _count_non_finite_rows(student_hidden_detached, projection), teacher=lambda: 0
+            )
+
+        return loss, stats, diagnose
 
     def _last_hidden_state(self, causal_lm, input_ids, attention_mask):
         backbone = backbone_of(unwrap_peft_model(causal_lm))
@@ -450,11 +548,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         if self._projection_verified or not self._memory_efficient:
             return self._memory_efficient
         reasons = []
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        for role, wrapped, unwrapped in (
-            ("student", model, self.accelerator.unwrap_model(model)),
-            ("teacher", self.teacher_model, unwrapped_teacher),
-        ):
+        roles = [("student", model, self.accelerator.unwrap_model(model))]
+        if self.teacher_model is not None:  # a served teacher's projection is the server's business
+            roles.append(("teacher", self.teacher_model, self.accelerator.unwrap_model(self.teacher_model)))
+        for role, wrapped, unwrapped in roles:
             projection, reason = find_output_projection(unwrapped)
             if projection is None:
                 reasons.append(f"the {role}'s output layer cannot be projected directly ({reason})")
@@ -492,6 +589,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         import deepspeed
 
         for wrapped in (model, self.teacher_model):
+            if wrapped is None:
+                continue
             unwrapped = self.accelerator.unwrap_model(wrapped)
             projection, _ = find_output_projection(unwrapped)
             for parameter in (projection.weight, projection.bias):
@@ -549,7 +648,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         sums = self._eopd_sums.pop(mode, None)
         if sums is not None:
             prefix = _metric_prefix(logs) if mode == "eval" else ""
-            logs.update({prefix + name: value for name, value in EOPDStats.from_tensor(sums.cpu()).means().items()})
+            means = self._stats_class.from_tensor(sums.cpu()).means()
+            logs.update({prefix + name: value for name, value in means.items()})
         if mode == "train" and self._vllm_rollouts is not None and self._vllm_rollouts.mismatch_values:
             from .vllm_rollouts import MISMATCH_METRIC
 
@@ -598,7 +698,8 @@ def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, c
 
 
 def _non_finite_sampling_report(trainer, model) -> str:
-    teachers = {id(trainer.teacher_model), id(trainer.accelerator.unwrap_model(trainer.teacher_model))}
+    teacher = trainer.teacher_model
+    teachers = set() if teacher is None else {id(teacher), id(trainer.accelerator.unwrap_model(teacher))}
     role = "teacher (sampling because seq_kd=True)" if id(model) in teachers else "student (on-policy sampling)"
     with torch.no_grad():
         bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
