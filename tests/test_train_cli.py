@@ -286,3 +286,13 @@ def test_tiny_cpu_recipe_trains_and_saves(tiny, tmp_path):
     history = json.loads((out / "log_history_rank0.json").read_text())
     assert any("eopd/teacher_entropy" in entry for entry in history)
     assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+
+
+def test_served_teacher_recipe_is_the_paper_recipe_with_the_teacher_on_a_server():
+    _, served, _ = parse_args(["--config", "qwen3-1.7b-math-eopd-served", "--bf16", "false"])
+    _, local, _ = parse_args(["--config", "qwen3-1.7b-math-eopd", "--bf16", "false"])
+    assert served.teacher_model_server_url.startswith("http://")
+    assert served.teacher_top_logprobs >= served.forward_kl_top_k == 16
+    for name in ("entropy_threshold", "forward_kl_coef", "reverse_kl_estimator", "learning_rate", "max_new_tokens",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "temperature", "teacher_eos_token"):
+        assert getattr(served, name) == getattr(local, name), name

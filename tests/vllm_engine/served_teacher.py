@@ -52,7 +52,10 @@ class TeacherServerProcess:
         self.starts += 1
         self.log_path = self.log_dir / f"server-{self.starts}.log"
         log = open(self.log_path, "w")
-        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # Started in its log folder: `python -m` puts the working directory first on sys.path, where any folder named
+        # like one of vLLM's dependencies would shadow it.
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                        cwd=self.log_dir)  # fmt: skip
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

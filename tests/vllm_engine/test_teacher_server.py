@@ -34,8 +34,9 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 # Fewest tokens where the midpoint gate must agree with the exact one, at the default fetch count (measured on this
-# teacher: see scripts/teacher_gate_agreement.py; a failure here means the estimate or the server changed).
-GATE_AGREEMENT_FLOOR = 0.97
+# teacher, 99.4% at T=1 with k=32: see scripts/teacher_gate_agreement.py; a failure means the estimate or the server
+# changed).
+GATE_AGREEMENT_FLOOR = 0.98
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +238,19 @@ def test_train_cli_with_a_served_teacher(server, tiny_assets, tmp_path):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_train_cli_with_a_served_teacher_vllm_rollouts_and_a_lora_student(server, tiny_assets, tmp_path):
+    root, _ = tiny_assets
+    extra = ["--max_steps", "2", "--use_vllm", "true", "--vllm_gpu_memory_utilization", "0.05",
+             "--vllm_max_model_length", "256", "--use_peft", "true", "--lora_r", "4",
+             "--lora_target_modules", "q_proj", "v_proj"]  # fmt: skip
+    code, log = _run([sys.executable, *_train_command(server, tmp_path / "out", *extra)],
+                     _env(TRL_EOPD_TINY_DIR=str(root), VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                          VLLM_CPU_KVCACHE_SPACE="1"), timeout=400)  # fmt: skip
+    assert code == 0, log[-6000:]
+    assert "eopd/teacher_entropy_estimate" in log and "eopd/vllm_logprob_abs_diff" in log
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
 def test_train_cli_with_a_served_teacher_on_two_processes(server, tiny_assets, tmp_path):
     root, _ = tiny_assets
     # torchrun plus `use_cpu` is accelerate's 2-process CPU (gloo) setup; each process asks the server for its rows.
@@ -252,7 +266,7 @@ def test_a_server_killed_mid_run_stops_training_and_a_resumed_run_continues(serv
     """Last in the module: it stops the shared server and starts it again on the same port."""
     root, _ = tiny_assets
     output_dir = tmp_path / "out"
-    train = [sys.executable, *_train_command(server, output_dir, "--max_steps", "12", "--save_strategy", "steps",
+    train = [sys.executable, *_train_command(server, output_dir, "--max_steps", "8", "--save_strategy", "steps",
                                              "--save_steps", "2", "--teacher_model_server_retries", "2")]  # fmt: skip
     proc = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_env(TRL_EOPD_TINY_DIR=str(root)), start_new_session=True)  # fmt: skip
@@ -282,4 +296,4 @@ def test_a_server_killed_mid_run_stops_training_and_a_resumed_run_continues(serv
     code, resumed = _run([*train, "--resume_from_checkpoint", "true"], _env(TRL_EOPD_TINY_DIR=str(root)), timeout=300)
     assert code == 0, resumed[-6000:]
     final = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))[-1]
-    assert json.loads((final / "trainer_state.json").read_text())["global_step"] == 12
+    assert json.loads((final / "trainer_state.json").read_text())["global_step"] == 8
