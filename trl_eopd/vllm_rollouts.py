@@ -145,7 +145,7 @@ class VLLMRollouts:
         self._check_dataset_fits(trainer)
 
         if self.accelerator.device.type == "cpu":
-            # vLLM's oneDNN-packed CPU weights cannot receive the student's (see `_compat`).
+            # vLLM's repacked CPU weights cannot receive the student's (see `_compat`).
             _compat.disable_vllm_cpu_weight_repacking()
         with warnings.catch_warnings():
             # TRL warns that it was tested up to an older vLLM minor; the tests here run the installed one.
@@ -202,6 +202,13 @@ class VLLMRollouts:
         self._synced_at_step = None
         # One value per measured optimizer step since the last log; the trainer logs their mean (see `log`).
         self.mismatch_values: list[float] = []
+
+    def close(self) -> None:
+        """Shut a colocated engine down, while the process groups it joined still exist (see `_compat`)."""
+        llm = getattr(self.generation, "llm", None)
+        if llm is not None:
+            _compat.shut_down_vllm_engine(llm)
+            self.generation.llm = None
 
     # ----------------------------------------------------------------------------------------------------------------
     # Checks

@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BenchmarkSource, benchmark_names, load_benchmark, parse_benchmark_arg
+from .benchmarks import (
+    TINY_BENCHMARK,
+    BenchmarkSource,
+    BenchmarkUnavailableError,
+    benchmark_names,
+    load_benchmark,
+    parse_benchmark_arg,
+)
 from .generation import (
     DEFAULT_PROMPT_TEMPLATE,
     SamplingSettings,
@@ -56,8 +63,9 @@ class EvalConfig:
         model (`str`):
             Checkpoint path or Hub id. Required; `None` only so that `trl-eopd eval --compare` can go without it.
         benchmarks (`list[str]`, *optional*, defaults to all six built-in benchmarks):
-            Built-in benchmark names (see [`benchmark_names`]) or `NAME=path.jsonl` entries. An entry may hold several,
-            comma-separated, as on the command line.
+            Built-in benchmark names (see [`benchmark_names`]), `"TinyMath"` (a smoke test shipped with the package)
+            or `NAME=path.jsonl` entries. An entry may hold several, comma-separated, as on the command line. `None`
+            means all six; `trl-eopd eval` gives a `tiny://` model `TinyMath` instead.
         output_dir (`str` or `None`, *optional*):
             Where `results.jsonl`, `summary.json`, `summary.md` and `protocol.json` go; `eval_results/<model name>`
             by default. A run resumes from the results already there.
@@ -104,8 +112,10 @@ class EvalConfig:
         default_factory=benchmark_names,
         metadata={
             "help": (
-                f"Benchmarks, space- or comma-separated: {', '.join(benchmark_names())} (case-insensitive), or "
-                "NAME=path.jsonl for a local file with problem/question and answer columns (default: all six)."
+                f"Benchmarks, space- or comma-separated: {', '.join(benchmark_names())} (case-insensitive), "
+                f"{TINY_BENCHMARK} (8 easy problems shipped with trl-eopd, to check the pipeline), or NAME=path.jsonl "
+                f"for a local file with problem/question and answer columns (default: all six; {TINY_BENCHMARK} for "
+                "a tiny:// model)."
             ),
             "metavar": "NAME[=PATH]",
         },
@@ -188,6 +198,8 @@ class EvalConfig:
             self.output_dir = default_output_dir(self.model)
         if isinstance(self.chat_template_kwargs, str):
             self.chat_template_kwargs = _json_object(self.chat_template_kwargs)
+        if self.benchmarks is None:
+            self.benchmarks = benchmark_names()
         self.benchmarks = [part.strip() for entry in self.benchmarks for part in entry.split(",") if part.strip()]
         if self.k is None:
             self.k = self.n
@@ -369,19 +381,14 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_path = config.tokenizer or config.model
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    chat = bool(config.use_chat_template and getattr(tokenizer, "chat_template", None))
-    protocol = _protocol(config, chat)
-    previous_settings = _check_resume(output_dir, {"model": config.model, **protocol})
-
-    # Load every benchmark before sampling anything, so that a missing file fails fast rather than hours in.
+    # Load every benchmark before anything else, so that a missing file or an unreachable Hub fails at once rather
+    # than after the model is loaded, or hours in.
     problems = {}
     for source in config.sources:
         try:
             loaded = load_benchmark(source)
+        except BenchmarkUnavailableError as error:
+            raise EvaluationError(str(error)) from error
         except Exception as error:
             if source.path is None:
                 # Offline, the Hub client raises its own error types; point to the local-file way out.
@@ -390,6 +397,14 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
                 raise EvaluationError(str(error)) from error
             raise
         problems[source.name] = loaded[: config.limit] if config.limit is not None else loaded
+
+    output_dir = Path(config.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = config.tokenizer or config.model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    chat = bool(config.use_chat_template and getattr(tokenizer, "chat_template", None))
+    protocol = _protocol(config, chat)
+    previous_settings = _check_resume(output_dir, {"model": config.model, **protocol})
 
     results_path = output_dir / RESULTS_FILE
     done = _read_results(results_path)
