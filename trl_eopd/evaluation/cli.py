@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_comparison(comparison))
         return 0
 
-    from ..errors import UsageError
-    from ..tiny_cache import TINY_SCHEME, resolve_tiny
+    from ..cli.errors import UsageError
+    from ..cli.tiny_cache import TINY_SCHEME, resolve_tiny
 
     if args.benchmarks is None and args.model and args.model.startswith(TINY_SCHEME):
         # The tiny models answer nothing right: the six benchmarks would download thousands of problems to score 0.

@@ -200,7 +200,7 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "vllm" if vllm_available() else "transformers"
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        from ..vllm_rollouts import vllm_install_hint
+        from .._vllm_install import vllm_install_hint
 
         raise ImportError(f"--backend vllm needs vLLM, which is not installed: {vllm_install_hint()}.")
     if backend not in ("vllm", "transformers"):
