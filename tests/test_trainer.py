@@ -521,6 +521,27 @@ def test_infinite_threshold_trainer_loss_is_gkds_loss(tiny, tokenizer, dataset, 
     torch.testing.assert_close(loss, gkd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.9])
+def test_gate_off_trainer_loss_is_gkd_trainers_only_at_temperature_one(tiny, tokenizer, dataset, tmp_path, temperature):
+    from trl.experimental.gkd import GKDConfig
+
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, entropy_threshold=float("inf"), temperature=temperature)
+    loss, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
+    gkd = GKDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], train_dataset=dataset,
+                     processing_class=tokenizer, args=GKDConfig(output_dir=str(tmp_path / "gkd"), bf16=False, beta=1.0,
+                                                                temperature=temperature, report_to=[]))
+    gkd.model.eval()
+    with torch.no_grad():
+        gkd_loss = gkd.compute_loss(gkd.model, batch)
+    if temperature == 1.0:
+        torch.testing.assert_close(loss, gkd_loss, rtol=1e-5, atol=1e-6)
+    else:
+        # GKD samples at 0.9 but scores at 1; EOPD scores at 0.9 too, as the float64 reference does.
+        assert not torch.allclose(loss, gkd_loss, rtol=1e-3, atol=0)
+        expected = _float64_loss(trainer, student_logits, teacher_logits, batch, None)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 class _HeadWithExtraWork(torch.nn.Module):
     """An output layer that is not a bare `torch.nn.Linear` (as a quantised or adapted head would be)."""
 

@@ -353,7 +353,9 @@ def eopd_loss(
         labels (`torch.Tensor`):
             Token ids of shape `(batch, seq)`, with -100 where no loss is taken.
         entropy_threshold (`float`, *optional*, defaults to `0.8`):
-            Teacher entropy (nats) above which the forward KL is applied. `float("inf")` gives plain OPD.
+            Teacher entropy (nats) above which the forward KL is applied. `float("inf")` gives plain OPD; with the
+            `"analytic"` estimator, that is `GKDTrainer`'s loss with the same `beta` only at `temperature=1.0` (GKD
+            applies its temperature to sampling, not to the loss).
         forward_kl_coef (`float`, *optional*, defaults to `1.0`):
             Weight of the forward KL on gated tokens.
         gate (`str`, *optional*, defaults to `"augment"`):
