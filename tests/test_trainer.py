@@ -522,7 +522,8 @@ def test_infinite_threshold_trainer_loss_is_gkds_loss(tiny, tokenizer, dataset, 
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.9])
-def test_gate_off_trainer_loss_is_gkd_trainers_only_at_temperature_one(tiny, tokenizer, dataset, tmp_path, temperature):
+def test_gate_off_trainer_loss_is_gkd_trainers_only_at_temperature_one(tiny, tokenizer, dataset, tmp_path,
+                                                                       temperature):
     from trl.experimental.gkd import GKDConfig
 
     trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, entropy_threshold=float("inf"), temperature=temperature)
@@ -781,8 +782,8 @@ def _float64_loss(trainer, student_logits, teacher_logits, batch, num_items_in_b
 
     args = trainer.args
     return reference_eopd_loss(
-        student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:], entropy_threshold=args.entropy_threshold,
-        forward_kl_coef=args.forward_kl_coef, gate=args.gate, beta=args.beta, temperature=args.temperature,
+        student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
+        entropy_threshold=args.entropy_threshold, forward_kl_coef=args.forward_kl_coef, gate=args.gate, beta=args.beta, temperature=args.temperature,
         forward_kl_top_k=args.forward_kl_top_k, reverse_kl_estimator=args.reverse_kl_estimator,
         num_items_in_batch=num_items_in_batch,
     ).float()

@@ -36,10 +36,10 @@ class EOPDConfig(GKDConfig):
 
         entropy_threshold (`float`, *optional*, defaults to `0.8`):
             Teacher entropy, in nats, above which a token also receives the forward KL. `float("inf")` switches the
-            gate off, which is plain on-policy distillation (OPD), the paper's baseline. With the `"analytic"` estimator
-            the loss is then `GKDTrainer`'s (its generalized JSD with the same `beta`) only at `temperature=1.0`: at
-            another temperature EOPD divides both models' logits by it before the divergence, and GKD (which uses
-            `temperature` for sampling only) does not.
+            gate off, which is plain on-policy distillation (OPD), the paper's baseline. With the `"analytic"`
+            estimator the loss is then `GKDTrainer`'s (its generalized JSD with the same `beta`) only at
+            `temperature=1.0`: at another temperature EOPD divides both models' logits by it before the divergence,
+            and GKD (which uses `temperature` for sampling only) does not.
         forward_kl_coef (`float`, *optional*, defaults to `1.0`):
             Weight of the forward KL on high-entropy tokens. Must be >= 0.
         gate (`str`, *optional*, defaults to `"augment"`):

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         # Nothing of a default run is worth keeping (random models): it leaves no folder behind.
         with tempfile.TemporaryDirectory(prefix="trl-eopd-quickstart-") as output_dir:
             trainer = _run(args, output_dir)
-        saved = "Ran in a temporary folder, now removed; pass --output-dir DIR to keep the models and the trained student."
+        saved = "Ran in a temporary folder, now removed; pass --output-dir DIR to keep the models and the student."
 
     rows = [log for log in trainer.state.log_history if "loss" in log]
     # loss = loss_base + forward_kl_coef * loss_forward_gated: the first three columns show the loss from its parts.
