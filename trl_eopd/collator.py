@@ -48,7 +48,8 @@ def _splits(dataset, name: str):
 def check_not_empty(dataset, name: str) -> None:
     """Fail, naming `name`, when `dataset` (or a split of a dict of datasets) has no rows."""
     for split, split_name in _splits(dataset, name):
-        if _first_row(split) is None:
+        empty = len(split) == 0 if hasattr(split, "__len__") else _first_row(split) is None
+        if empty:
             raise ValueError(
                 f"`{split_name}` is empty (0 rows): there is nothing to train or evaluate on. Check the dataset's "
                 "split, filters and `max_train_samples`-style selections."
