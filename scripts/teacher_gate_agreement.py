@@ -1,6 +1,6 @@
 """How often the served-teacher gate agrees with the exact one: the teacher's entropy estimated from its top-k.
 
-A vLLM server returns the teacher's top-k log-probabilities, not its entropy. `trl_eopd.served_teacher_loss` bounds
+A vLLM server returns the teacher's top-k log-probabilities, not its entropy. `trl_eopd.loss.served` bounds
 the entropy with the tail mass m outside the top-k (lower: H_topk - m log m; upper: H_topk - m log(m / (V - k))) and
 gates on an estimate. This script samples completions from each teacher the tests use, computes the exact entropy of
 every completion token locally, and reports, for each fetch count k, the share of tokens where the gate
@@ -22,7 +22,7 @@ import platform
 
 import torch
 
-from trl_eopd.served_teacher_loss import estimate_teacher_entropy
+from trl_eopd.loss.served import estimate_teacher_entropy
 
 ESTIMATES = ("midpoint", "lower", "upper", "top_k")
 

