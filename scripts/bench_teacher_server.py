@@ -124,8 +124,8 @@ class _Worker:
                    "--seed", str(args.seed)]  # fmt: skip
         if args.top_logprobs:
             command += ["--top-logprobs", str(args.top_logprobs)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])),
-               "TRL_EXPERIMENTAL_SILENCE": "1", "CUDA_VISIBLE_DEVICES": ""}  # fmt: skip
+        python_path = os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": python_path, "TRL_EXPERIMENTAL_SILENCE": "1", "CUDA_VISIBLE_DEVICES": ""}
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.mode = mode
 
@@ -186,8 +186,8 @@ def main(argv=None):
                     workers[mode].send(op="step", round=index)
                     result = workers[mode].receive()
                     label = "warmup" if index < args.warmup else "timed"
-                    print(f"[{label} {index}] {mode:6s} step {result['step']:7.2f} s   rollout {result['rollout']:6.2f} s"
-                          f"   request {result['request']:6.2f} s", flush=True)  # fmt: skip
+                    print(f"[{label} {index}] {mode:6s} step {result['step']:7.2f} s   rollout "
+                          f"{result['rollout']:6.2f} s   request {result['request']:6.2f} s", flush=True)  # fmt: skip
                     if index >= args.warmup:
                         times[mode].append(result)
             peaks = {}
@@ -204,28 +204,38 @@ def main(argv=None):
             "step_s": statistics.median(r["step"] for r in times[mode]),
             "request_share": sum(r["request"] for r in times[mode]) / sum(r["step"] for r in times[mode]),
             "rollout_share": sum(r["rollout"] for r in times[mode]) / sum(r["step"] for r in times[mode]),
+            # Everything but the rollout: the part of the step the teacher's placement can change.
+            "rest_s": statistics.median(r["step"] - r["rollout"] for r in times[mode]),
             "peak_rss_mib": peaks[mode],
             "steps_s": [r["step"] for r in times[mode]],
         }
         for mode in MODES
     }
     ratios = [s / l for s, l in zip(results["served"]["steps_s"], results["local"]["steps_s"], strict=True)]
+    rest_ratios = [
+        (s["step"] - s["rollout"]) / (l["step"] - l["rollout"])
+        for s, l in zip(times["served"], times["local"], strict=True)
+    ]
     print(f"\nMachine: {machine_name()}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{args.threads} thread(s) per trainer; the vLLM server on the same cores")  # fmt: skip
     print(f"Models: {args.num_layers} layers, hidden {args.hidden_size}, head size {args.head_dim}, vocabulary "
           f"{args.vocab_size}; batch {args.batch_size}, {args.new_tokens} new tokens forced; median of "
           f"{args.repeats} interleaved rounds after {args.warmup} warm-up round(s)")  # fmt: skip
-    print("\n| teacher | step (s) | rollout share | request share | trainer peak RSS (MiB) |")
-    print("|---|---:|---:|---:|---:|")
+    print("\n| teacher | step (s) | step without rollout (s) | rollout share | request share "
+          "| trainer peak RSS (MiB) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for mode in MODES:
         r = results[mode]
         request = f"{100 * r['request_share']:.1f}%" if mode == "served" else "-"
-        print(f"| {mode} | {r['step_s']:.2f} | {100 * r['rollout_share']:.0f}% | {request} | {r['peak_rss_mib']:.0f} |")
-    print(f"\nServed / local step: {statistics.median(ratios):.3f}x (median of per-round ratios); "
-          f"vLLM server peak RSS {server_peak:.0f} MiB")  # fmt: skip
+        print(f"| {mode} | {r['step_s']:.2f} | {r['rest_s']:.2f} | {100 * r['rollout_share']:.0f}% | {request} "
+              f"| {r['peak_rss_mib']:.0f} |")  # fmt: skip
+    print(f"\nServed / local step: {statistics.median(ratios):.3f}x; without the rollouts (the same `generate` in "
+          f"both): {statistics.median(rest_ratios):.3f}x (medians of per-round ratios); vLLM server peak RSS "
+          f"{server_peak:.0f} MiB")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": machine_name(), "results": results, "ratio": ratios,
+                       "ratio_without_rollout": rest_ratios,
                        "server_peak_rss_mib": server_peak}, f, indent=2)  # fmt: skip
     return results
 

@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         rows = build_rows(args.num_gpus, args.gpu_gib)
-        split = build_split_rows(args.num_gpus, args.teacher_server_gpus, args.gpu_gib) if args.teacher_server_gpus else None
+        split = None
+        if args.teacher_server_gpus:
+            split = build_split_rows(args.num_gpus, args.teacher_server_gpus, args.gpu_gib)
     print(markdown(rows, args.num_gpus, args.gpu_gib))
     if split:
         print()

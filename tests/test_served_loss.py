@@ -1,4 +1,4 @@
-"""The served-teacher loss, fed the top-k of a local teacher, must equal the local-teacher loss wherever the gates agree.
+"""The served-teacher loss, fed a local teacher's top-k, must equal the local-teacher loss wherever the gates agree.
 
 No server here: the teacher's top-K log-probabilities, ids and sampled-token log-probabilities are computed in float64
 from local teacher logits, exactly what a vLLM server returns (see tests/vllm_engine/test_teacher_server.py for the
@@ -110,7 +110,8 @@ def test_exact_gate_equals_the_float64_reference(forward_kl_top_k):
     assert 0 < int(stats.num_high_entropy) < N  # both gate branches are exercised
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-5)
     logit_grad = float64_reference_gradient(case, forward_kl_top_k=forward_kl_top_k)
-    torch.testing.assert_close(grad_hidden.double(), logit_grad @ case["student_weight"].double(), rtol=1e-4, atol=1e-6)
+    expected_hidden = logit_grad @ case["student_weight"].double()
+    torch.testing.assert_close(grad_hidden.double(), expected_hidden, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grad_weight.double(), logit_grad.t() @ case["student_hidden"].double(), rtol=1e-4,
                                atol=1e-6)  # fmt: skip
 

@@ -56,7 +56,8 @@ def test_zero3_lora_student_on_two_processes_with_a_served_teacher(server, tiny_
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config_path("zero3")),
-        "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(free_port()), str(REPO / "scripts" / "eopd.py"),
+        "--mixed_precision", "no", "--num_processes", "2", "--main_process_port", str(free_port()),
+        str(REPO / "scripts" / "eopd.py"),
         "--config", "tiny-cpu", "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps",
         "--save_steps", "2", "--teacher_model_server_url", server.url, "--use_peft", "true", "--lora_r", "4",
         "--lora_target_modules", "q_proj", "v_proj",

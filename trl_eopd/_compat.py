@@ -213,9 +213,9 @@ def shut_down_vllm_engine(llm) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # TRL: formatting one `/v1/completions` choice's prompt log-probs (`VLLMClient._format_sequence_logprobs`)
 #
-# A served teacher's answer is parsed as TRL's own `get_sequence_logprobs` parses it (completion region, sorted by rank,
-# padded to `top_logprobs`, the actual token's log-prob). The public method needs vLLM installed to build its client;
-# this static helper does not.
+# A served teacher's answer is parsed as TRL's own `get_sequence_logprobs` parses it (completion region, sorted by
+# rank, padded to `top_logprobs`, the actual token's log-prob). The public method needs vLLM installed to build its
+# client; this static helper does not.
 
 
 def format_sequence_logprobs(choice: dict, sequence: list[int], prompt_length: int, top_logprobs: int) -> dict:

@@ -26,8 +26,8 @@ import torch
 from . import _compat
 
 IGNORE_INDEX = -100
-# On the teachers of `scripts/teacher_gate_agreement.py`, 32 halved the estimated gate's disagreements with the exact one
-# against 16; 64 gained less for twice the response (docs/teacher_server.md).
+# On the teachers of `scripts/teacher_gate_agreement.py`, 32 halved the estimated gate's disagreements with the exact
+# one against 16; 64 gained less for twice the response (docs/teacher_server.md).
 DEFAULT_TEACHER_TOP_LOGPROBS = 32
 # vLLM writes this instead of -inf for a probability that underflows to zero (JSON has no infinity).
 _VLLM_ZERO_PROBABILITY_LOGPROB = -9999.0
@@ -80,9 +80,9 @@ def validate_teacher_server_options(args) -> None:
         )
     if args.temperature != 1.0:
         raise ValueError(
-            f"`temperature={args.temperature}` cannot be applied to a served teacher: vLLM ignores the temperature for "
-            "prompt log-probabilities, so the tempered sampled-token log-probability and entropy are out of reach. "
-            "With `teacher_model_server_url`, use `temperature=1.0`."
+            f"`temperature={args.temperature}` cannot be applied to a served teacher: vLLM ignores the temperature "
+            "for prompt log-probabilities, so the tempered sampled-token log-probability and entropy are out of "
+            "reach. With `teacher_model_server_url`, use `temperature=1.0`."
         )
     if not args.memory_efficient_loss:
         raise ValueError(
@@ -108,7 +108,8 @@ class ServedTeacherLogProbs:
         return [ServedTeacherLogProbs(*part) for part in parts]
 
     def to(self, device) -> ServedTeacherLogProbs:
-        return ServedTeacherLogProbs(*(t.to(device) for t in (self.top_log_probs, self.top_ids, self.target_log_probs)))
+        tensors = (self.top_log_probs, self.top_ids, self.target_log_probs)
+        return ServedTeacherLogProbs(*(t.to(device) for t in tensors))
 
 
 class TeacherServer:
@@ -219,7 +220,9 @@ class TeacherServer:
     def _check_logprobs_allowance(self) -> None:
         status, body = self._post_completion([[0, 0]], prompt_logprobs=self.top_logprobs)
         if status != 200 and status != 400:
-            raise TeacherServerError(f"The teacher server at {self.url} answered HTTP {status} to a probe: {body[:300]}")
+            raise TeacherServerError(
+                f"The teacher server at {self.url} answered HTTP {status} to a probe: {body[:300]}"
+            )
         if status == 400:
             raise TeacherServerError(
                 f"The teacher server at {self.url} refused {self.top_logprobs} prompt log-probabilities per token "
@@ -319,8 +322,8 @@ class TeacherServer:
                 break
         raise TeacherServerError(
             f"The teacher server at {self.url} failed at global step {global_step} after {len(failures)} attempt(s) "
-            f"(`teacher_model_server_retries={self.retries}`); last error: {failures[-1]}. Training stopped; checkpoints "
-            "already saved are intact: restart the server and resume with `--resume_from_checkpoint`."
+            f"(`teacher_model_server_retries={self.retries}`); last error: {failures[-1]}. Training stopped; "
+            "checkpoints already saved are intact: restart the server and resume with `--resume_from_checkpoint`."
         )
 
     def _to_tensors(self, choices: list[dict], sequences, prompt_lengths) -> ServedTeacherLogProbs:
