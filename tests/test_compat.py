@@ -128,3 +128,40 @@ def test_trl_model_cards_read_the_trainer_class_attributes():
 @pytest.mark.parametrize("name", ["forward_redirection", "training_step_without_gkd_rollout"])
 def test_compat_entries_exist(name):
     assert callable(getattr(_compat, name))
+
+
+def test_trl_formats_a_completion_choice_into_top_logprobs_ids_and_the_actual_token():
+    # A vLLM `/v1/completions` choice for the prompt [5, 7, 9] with prompt_length 1 and top_logprobs 2: position 1's
+    # actual token is in its top-2, position 2's is not (vLLM adds it as a third entry).
+    choice = {"prompt_logprobs": [
+        None,
+        {"7": {"logprob": -0.5, "rank": 1}, "3": {"logprob": -1.5, "rank": 2}},
+        {"4": {"logprob": -0.1, "rank": 1}, "2": {"logprob": -3.0, "rank": 2}, "9": {"logprob": -6.0, "rank": 40}},
+    ]}  # fmt: skip
+    formatted = _compat.format_sequence_logprobs(choice, [5, 7, 9], 1, 2)
+    assert formatted["logprobs"] == [[-0.5, -1.5], [-0.1, -3.0]], (
+        "_compat.format_sequence_logprobs: TRL's VLLMClient._format_sequence_logprobs no longer returns the top-k "
+        "log-probs sorted by rank and cut to top_logprobs"
+    )
+    assert formatted["logprob_token_ids"] == [[7, 3], [4, 2]]
+    assert formatted["actual_logprobs"] == [[-0.5], [-6.0]], (
+        "_compat.format_sequence_logprobs: the actual token's log-prob is no longer read whatever its rank"
+    )
+
+
+def test_gkd_init_prepares_the_teacher_through_its_module_level_prepare_deepspeed():
+    import trl.experimental.gkd.gkd_trainer as gkd_trainer
+
+    source = inspect.getsource(_gkd_trainer().__init__)
+    assert callable(getattr(gkd_trainer, "prepare_deepspeed", None)) and "prepare_deepspeed(teacher_model" in source, (
+        "_compat.gkd_init_without_teacher: GKDTrainer.__init__ no longer prepares the teacher with the module-level "
+        "`prepare_deepspeed`; find how a served teacher's stand-in can skip it"
+    )
+    assert "teacher_model.config" in source, (
+        "_compat.served_teacher_stand_in: GKDTrainer.__init__ no longer reads the teacher's `config` only"
+    )
+    sentinel = object()
+    with _compat.gkd_init_without_teacher():
+        stand_in = _compat.served_teacher_stand_in(type("Trainer", (), {"model": type("M", (), {"config": sentinel})}))
+        assert gkd_trainer.prepare_deepspeed(stand_in, None) is stand_in and stand_in.config is sentinel
+    assert gkd_trainer.prepare_deepspeed.__name__ == "prepare_deepspeed"  # restored
