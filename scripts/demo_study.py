@@ -76,7 +76,7 @@ def aggregate_study(output_dir: Path) -> dict:
     top_p = next(iter(study.values()))["settings"]["eval_top_p"]
     plot_paired_differences({labels[r]: d["paired_difference"] for r, d in study.items()},
                             output_dir / "paired_difference.png", top_p=top_p)
-    plot_mechanism({labels[r]: d["summary"] for r, d in study.items()}, output_dir / "mechanism.png")
+    plot_mechanism({labels[r]: d["summary"] for r, d in study.items()}, output_dir / "mechanism.png", top_p=top_p)
     for regime, data in study.items():
         plot_pass_at_k(data["summary"], KS, output_dir / f"pass_at_k_{regime}.png", top_p=top_p)
     return study
