@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from trl_eopd.chunked_loss import chunked_eopd_loss_and_stats
+from trl_eopd.loss import chunked_eopd_loss_and_stats
 from trl_eopd.loss import eopd_loss_and_stats
 
 N, V, H_S, H_T = 37, 97, 16, 24

@@ -273,3 +273,15 @@ def test_committed_study_backs_its_page():
     demo_study = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo_study)
     assert demo_study.markdown_tables(study) in page
+
+
+def test_demo_without_its_extra_names_the_install_line(monkeypatch, capsys):
+    import importlib.util
+
+    from trl_eopd.demo import cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a))
+    assert cli.main(["--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "scipy" in err and 'pip install "trl-eopd[demo]"' in err and "matplotlib" not in err

@@ -12,9 +12,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-    from trl.experimental.utils import DataCollatorForChatML
+from ._gkd import DataCollatorForChatML
 
 
 @dataclass

@@ -10,20 +10,15 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
-from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import is_peft_available
 
 from . import _compat
+from ._gkd import GKDTrainer
 from ._paths import check_model_path
 from .collator import PromptKeepingChatMLCollator
 from .config import EOPDConfig
-from .loss import IGNORE_INDEX, EOPDStats, eopd_loss_and_stats
-from .projection import OutputProjection, backbone_of, find_output_projection, project
-
-with warnings.catch_warnings():
-    # See config.py: the TRL minor is pinned, so the experimental-API warning is noise for our users.
-    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-    from trl.experimental.gkd import GKDTrainer
+from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
+from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -218,16 +213,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 formatting_func=formatting_func,
             )
 
-        self.loss_options = {
-            "entropy_threshold": args.entropy_threshold,
-            "forward_kl_coef": args.forward_kl_coef,
-            "gate": args.gate,
-            "beta": args.beta,
-            "temperature": args.temperature,
-            "forward_kl_top_k": args.forward_kl_top_k,
-            "reverse_kl_estimator": args.reverse_kl_estimator,
-            "monitor_entropy_threshold": args.monitor_entropy_threshold,
-        }
+        self.loss_options = args.loss_options
         # Per mode, the float64 sums of `EOPDStats` over every process since the last log (see `log`).
         self._eopd_sums: dict[str, torch.Tensor] = {}
         self._warned_empty_window_at_step = None
@@ -239,7 +225,15 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         if args.use_vllm:
             from .vllm_rollouts import VLLMRollouts
 
-            self._vllm_rollouts = VLLMRollouts(self)
+            self._vllm_rollouts = VLLMRollouts(
+                model=self.model,
+                accelerator=self.accelerator,
+                processing_class=self.processing_class,
+                args=args,
+                eos_token_id=self.generation_config.eos_token_id,
+                train_dataset=self.train_dataset,
+                collator_max_length=getattr(self.data_collator, "max_length", None),
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation
@@ -297,10 +291,28 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         return inputs
 
     def _roll_out_window(self, batches: list[dict]) -> list[dict]:
-        if self._vllm_rollouts is not None:
-            # One engine call for the whole window, after one weight push per optimizer step.
-            return self._vllm_rollouts.roll_out(batches)
-        return [self._roll_out(batch) for batch in batches]
+        if self._vllm_rollouts is None:
+            return [self._roll_out(batch) for batch in batches]
+        # One engine call for the whole window, after one weight push per optimizer step.
+        rolled_out = self._vllm_rollouts.roll_out(
+            batches,
+            global_step=self.state.global_step,
+            lmbda=self.lmbda,
+            measure_mismatch=self._logs_next_step(),
+        )
+        for batch in rolled_out:
+            self._replace_student_eos(batch["input_ids"], batch["labels"])
+        for batch in batches:
+            batch[_ROLLOUT_DONE] = True
+        return batches
+
+    def _logs_next_step(self) -> bool:
+        """Whether the optimizer step being prepared will be logged (the vLLM mismatch costs a forward pass)."""
+        upcoming = self.state.global_step + 1
+        if self.args.logging_first_step and upcoming == 1:
+            return True
+        logging_steps = getattr(self.state, "logging_steps", None) or self.args.logging_steps
+        return self.args.logging_strategy == "steps" and bool(logging_steps) and upcoming % logging_steps == 0
 
     @staticmethod
     def _count_loss_tokens(batches: list[dict]) -> torch.Tensor:
@@ -366,8 +378,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             student_logits,
             teacher_logits,
             inputs["labels"][:, 1:],
+            self.loss_options,
             num_items_in_batch=num_items_in_batch,
-            **self.loss_options,
         )
 
         def diagnose():
@@ -378,10 +390,6 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose, student_outputs
 
-    def _last_hidden_state(self, causal_lm, input_ids, attention_mask):
-        backbone = backbone_of(unwrap_peft_model(causal_lm))
-        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-
     def _memory_efficient_loss(self, model, inputs, num_items_in_batch):
         # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
         # sharded parameters, lm_head included, available for the projection.
@@ -391,19 +399,17 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         )
 
     def _project_and_score(self, student, inputs, num_items_in_batch):
-        from .chunked_loss import chunked_eopd_loss_and_stats
-
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         shifted_labels = inputs["labels"][:, 1:]
         loss_mask = shifted_labels != IGNORE_INDEX
         targets = shifted_labels[loss_mask]
 
-        student_hidden = self._last_hidden_state(student, input_ids, attention_mask)[:, :-1][loss_mask]
+        student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1][loss_mask]
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
             teacher_hidden = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, self._last_hidden_state, unwrapped_teacher, input_ids,
+                self.teacher_model, unwrapped_teacher, last_hidden_state, unwrapped_teacher, input_ids,
                 attention_mask,
             )[:, :-1][loss_mask]
 
@@ -425,9 +431,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 teacher_logit_scale=teacher_projection.logit_scale,
                 student_softcap=student_projection.softcap,
                 teacher_softcap=teacher_projection.softcap,
+                options=self.loss_options,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
-                **self.loss_options,
             )
 
         def diagnose():
@@ -502,7 +508,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         input_ids, attention_mask = inputs["input_ids"][:1], inputs["attention_mask"][:1]
         with torch.no_grad():
             reference = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            hidden = self._last_hidden_state(unwrapped, input_ids, attention_mask)
+            hidden = last_hidden_state(unwrapped, input_ids, attention_mask)
             with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
                 ours = project(hidden.float(), projection).float()
         if ours.shape != reference.shape:

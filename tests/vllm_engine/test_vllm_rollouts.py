@@ -127,7 +127,7 @@ def test_engine_samples_from_the_updated_student_every_step(
     trainer.state.logging_steps = 1
     rollouts.mismatch_values.clear()
     batch = trainer._prepare_inputs(trainer.data_collator([dict(r) for r in trainer.train_dataset.select(range(2))]))
-    rollouts.roll_out([batch])
+    trainer._roll_out_window([batch])
     stale = rollouts.mismatch_values
     assert calls["sync_weights"] == STEPS and stale and stale[0] > 0.05, stale
 
@@ -135,7 +135,7 @@ def test_engine_samples_from_the_updated_student_every_step(
     trainer.state.global_step = STEPS
     rollouts.mismatch_values.clear()
     batch = trainer._prepare_inputs(trainer.data_collator([dict(r) for r in trainer.train_dataset.select(range(2))]))
-    rollouts.roll_out([batch])
+    trainer._roll_out_window([batch])
     assert rollouts.mismatch_values[0] < TOLERANCE
 
 
@@ -160,7 +160,7 @@ def test_rollout_batch_matches_the_generate_path_layout(assets, float32_engine, 
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
     prompts, prompt_mask = batch["prompts"].clone(), batch["prompt_attention_mask"].clone()
     assert (prompt_mask == 0).any(), "prompts of one length would not exercise the left padding"
-    [ours] = trainer._vllm_rollouts.roll_out([dict(batch)])
+    [ours] = trainer._roll_out_window([dict(batch)])
     [completions] = recorded
     lengths = [len(c) for c in completions]
     assert min(lengths) < max(lengths) == trainer.args.max_new_tokens, lengths  # early stops and a full-length one

@@ -19,14 +19,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
 
-    from ._quiet import harmless_warnings_silenced, tell_deepspeed_when_cpu_only
+    from .quiet import harmless_warnings_silenced, tell_deepspeed_when_cpu_only
 
     tell_deepspeed_when_cpu_only()
     from datasets import load_dataset
     from transformers import AutoTokenizer, PrinterCallback
 
-    from . import EOPDConfig, EOPDTrainer
-    from .tiny import save_tiny_setup
+    from .. import EOPDConfig, EOPDTrainer
+    from ..tiny import save_tiny_setup
 
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="trl-eopd-quickstart-")
     paths = save_tiny_setup(f"{output_dir}/tiny")
