@@ -118,3 +118,34 @@ def test_help_texts_quote_the_readme_times():
     assert "20-second" in quick and "`trl-eopd demo --quick` checks the same pipeline in about 20 seconds" in readme
     assert "about 10 seconds" in quickstart.__doc__ and "For a 10-second install check" in readme
     assert "minute" not in quick + quickstart.__doc__
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["temporary", "output-dir"])
+def test_quickstart_leaves_no_folder_behind_unless_asked(tmp_path, monkeypatch, capsys, keep):
+    import tempfile
+
+    from trl_eopd.cli import quickstart
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    used = []
+    run = quickstart._run
+
+    def recording_run(args, output_dir):
+        trainer = run(args, output_dir)
+        used.append(Path(output_dir))
+        assert (used[0] / "run" / "final" / "config.json").is_file()  # the run wrote where it says
+        return trainer
+
+    monkeypatch.setattr(quickstart, "_run", recording_run)
+    kept = tmp_path / "kept"
+    assert quickstart.main(["--steps", "1"] + (["--output-dir", str(kept)] if keep else [])) == 0
+    out = capsys.readouterr().out
+    assert "EOPD metrics per step" in out
+    # (torch may leave its own compile cache in the temporary folder; only the quickstart's must go.)
+    assert not [entry for entry in scratch.iterdir() if entry.name.startswith("trl-eopd")]
+    if keep:
+        assert used == [kept] and (kept / "run" / "final" / "config.json").is_file() and str(kept) in out
+    else:
+        assert used[0].parent == scratch and not used[0].exists() and "--output-dir" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
@@ -16,6 +17,8 @@ VLLM_MODES = ("colocate", "server")
 VLLM_MODEL_IMPLS = ("vllm", "transformers", "auto", "terratorch")
 VLLM_INSTALL_HINT = 'pip install "trl-eopd[vllm]"'
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class EOPDConfig(GKDConfig):
@@ -26,14 +29,19 @@ class EOPDConfig(GKDConfig):
     the student with a reverse KL on its own samples everywhere, plus a forward KL on the tokens where the teacher's
     entropy is above `entropy_threshold`. This class only holds the parameters EOPD adds to [`GKDConfig`]; see
     [`GKDConfig`], [`~trl.SFTConfig`] and [`~transformers.TrainingArguments`] for the rest. It also changes three GKD
-    defaults to the paper's: `lmbda=1.0` (fully on-policy), `beta=1.0` (reverse KL) and `temperature=1.0`.
+    defaults to the paper's: `lmbda=1.0` (fully on-policy), `beta=1.0` (reverse KL) and `temperature=1.0`. Left unset,
+    `bf16` follows the hardware: bf16 mixed precision where transformers supports it (as in GKD), float32 otherwise (a
+    CPU machine without `use_cpu=True`), said in one `logging` INFO line; an explicit `bf16=True` there still fails.
 
     Parameters:
         > Parameters that control the EOPD loss
 
         entropy_threshold (`float`, *optional*, defaults to `0.8`):
             Teacher entropy, in nats, above which a token also receives the forward KL. `float("inf")` switches the
-            gate off, which is plain on-policy distillation (OPD), the paper's baseline.
+            gate off, which is plain on-policy distillation (OPD), the paper's baseline. With the `"analytic"`
+            estimator the loss is then `GKDTrainer`'s (its generalized JSD with the same `beta`) only at
+            `temperature=1.0`: at another temperature EOPD divides both models' logits by it before the divergence,
+            and GKD (which uses `temperature` for sampling only) does not.
         forward_kl_coef (`float`, *optional*, defaults to `1.0`):
             Weight of the forward KL on high-entropy tokens. Must be >= 0.
         gate (`str`, *optional*, defaults to `"augment"`):
@@ -262,6 +270,15 @@ class EOPDConfig(GKDConfig):
         # Pinned host memory only speeds up copies to an accelerator; without one torch warns at every dataloader.
         if self.dataloader_pin_memory and not _has_accelerator():
             self.dataloader_pin_memory = False
+        # TRL turns an unset `bf16` into True, which transformers then refuses where it sees no bf16 support (a CPU
+        # machine without `use_cpu=True`): an unset `bf16` follows the hardware instead. An explicit True is left to
+        # transformers' own error.
+        if self.bf16 is None and not self.fp16 and not _bf16_is_supported(self.use_cpu):
+            self.bf16 = False
+            logger.info(
+                "EOPDConfig: this setup has no bf16 support (no bf16-capable accelerator, and `use_cpu` is not set), "
+                "so training runs in float32. Pass `bf16=True` with `use_cpu=True` for bf16 on a CPU."
+            )
         super().__post_init__()
         # Command-line and YAML parsers hand over strings and ints; normalise before validating.
         if isinstance(self.entropy_threshold, str):
@@ -339,6 +356,14 @@ def is_vllm_installed() -> bool:
 
 def _is_positive_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _bf16_is_supported(use_cpu: bool) -> bool:
+    """Whether `TrainingArguments` accepts `bf16=True` here: the condition of its own bf16 check."""
+    # Read through the module transformers' check reads, so both always agree (and tests can switch support off).
+    from transformers import training_args
+
+    return bool(use_cpu) or training_args.is_torch_bf16_gpu_available() or training_args.is_torch_xla_available()
 
 
 def _has_accelerator() -> bool:

@@ -15,7 +15,7 @@ from transformers.utils import is_peft_available
 from . import _compat
 from ._gkd import GKDTrainer
 from ._paths import check_model_path
-from .collator import PromptKeepingChatMLCollator
+from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_not_empty
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
@@ -46,51 +46,6 @@ def _check_processing_class(processing_class) -> None:
             f"The tokenizer passed as `processing_class` ({type(tokenizer).__name__}) has no pad token, which batching "
             "and generation need. Set one before building the trainer, e.g. `tokenizer.pad_token = tokenizer.eos_token`."
         )
-
-
-def _check_dataset_columns(dataset, name: str) -> None:
-    """Fail early, naming the column, when the default collator could not read `dataset`."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, split in dataset.items():
-            _check_dataset_columns(split, f"{name}[{key!r}]")
-        return
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:  # e.g. an IterableDataset with unknown features: the collator will tell
-        return
-    has_messages = "messages" in columns
-    has_tokenized = "input_ids" in columns and "prompt" in columns
-    if not (has_messages or has_tokenized):
-        raise ValueError(
-            f"`{name}` has columns {sorted(columns)}, but EOPDTrainer's default collator needs a `messages` column "
-            "(a list of {'role', 'content'} dicts whose last message is the assistant completion), or pre-tokenized "
-            "`input_ids` together with a `prompt` column. Convert prompt/completion data to `messages`, or pass your "
-            "own `data_collator`."
-        )
-    if has_messages and len(dataset) > 0:
-        first = dataset[0]["messages"]
-        if (
-            not isinstance(first, list)
-            or len(first) < 2
-            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in first)
-        ):
-            raise ValueError(
-                f"`{name}` column `messages` must hold lists of at least two {{'role', 'content'}} dicts (a prompt, "
-                f"then the assistant completion); row 0 is {first!r:.200}."
-            )
-
-
-def _check_not_empty(dataset, name: str) -> None:
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, split in dataset.items():
-            _check_not_empty(split, f"{name}[{key!r}]")
-        return
-    if hasattr(dataset, "__len__") and len(dataset) == 0:
-        raise ValueError(f"`{name}` is empty (0 rows): there is nothing to train or evaluate on. Check the dataset's "
-                         "split, filters and `max_train_samples`-style selections.")
 
 
 class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
@@ -125,9 +80,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             Training arguments.
         data_collator ([`~transformers.DataCollator`], *optional*):
             Batches the data. Defaults to TRL's ChatML collator over a `messages` column.
-        train_dataset ([`~datasets.Dataset`], *optional*):
-            Training prompts (and completions, used when a batch is not on-policy), in a `messages` column.
-        eval_dataset ([`~datasets.Dataset`] or `dict` of [`~datasets.Dataset`], *optional*):
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`], *optional*):
+            Training prompts (and completions, used when a batch is not on-policy), in a `messages` column. A streaming
+            dataset needs `args.max_steps`, as with any Trainer.
+        eval_dataset ([`~datasets.Dataset`], [`~datasets.IterableDataset`] or `dict` of them, *optional*):
             Evaluation data. Evaluation scores the dataset's completions, as `GKDTrainer` does.
         processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
             The student's tokenizer; it must have a pad token.
@@ -187,12 +143,12 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             raise ValueError("`teacher_model` is required: pass a model or a Hub id / local path.")
         check_model_path(model, "model")
         check_model_path(teacher_model, "teacher_model")
-        _check_not_empty(train_dataset, "train_dataset")
-        _check_not_empty(eval_dataset, "eval_dataset")
+        check_not_empty(train_dataset, "train_dataset")
+        check_not_empty(eval_dataset, "eval_dataset")
         if data_collator is None:
             _check_processing_class(processing_class)
-            _check_dataset_columns(train_dataset, "train_dataset")
-            _check_dataset_columns(eval_dataset, "eval_dataset")
+            check_dataset_columns(train_dataset, "train_dataset")
+            check_dataset_columns(eval_dataset, "eval_dataset")
             # TRL's ChatML collator would cut long prompts from the left, silently; this one keeps them whole.
             data_collator = PromptKeepingChatMLCollator(tokenizer=processing_class, max_length=args.max_length)
 
@@ -271,8 +227,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         """Replace the batch's completions by the student's own (with probability lmbda) or the teacher's (seq_kd)."""
         if random.random() <= self.lmbda:
             generator, gradient_checkpointing_kwargs = self.model_wrapped, self.args.gradient_checkpointing_kwargs
+            role = "student (on-policy sampling)"
         elif self.seq_kd:
             generator, gradient_checkpointing_kwargs = self.teacher_model, None
+            role = "teacher (sampling because seq_kd=True)"
         else:
             inputs[_ROLLOUT_DONE] = True
             return inputs
@@ -282,9 +240,17 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             generation_kwargs=self.generation_kwargs,
             gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
         ) as unwrapped_model:
-            input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                unwrapped_model, inputs, self.generation_config
-            )
+            try:
+                # GKD's static method, unchanged, so code calling it on the class keeps working.
+                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
+                    unwrapped_model, inputs, self.generation_config
+                )
+            except RuntimeError as error:
+                # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
+                # names it, and sampling (the student's, or the teacher's with seq_kd) does too.
+                if "probability tensor contains" not in str(error):
+                    raise
+                raise FloatingPointError(_non_finite_sampling_report(self, unwrapped_model, role)) from error
         self._replace_student_eos(input_ids, labels)
         inputs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         inputs[_ROLLOUT_DONE] = True
@@ -355,8 +321,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             # DDP and DeepSpeed average gradients over processes, so each process divides by its share of the global
             # count; the average then equals the global per-token mean.
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
-        else:
-            num_items_in_batch = None
+        # In eval mode a given count (from a caller summing a loss over batches) divides the summed loss as is, as in
+        # GKD. The Trainer's own evaluation (TRL's `SFTTrainer.prediction_step`) passes none: per-batch token means.
 
         outputs = None
         # Callers that want logits (compute_metrics) get them from the full-logits path.
@@ -569,16 +535,6 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         self._eopd_sums.pop("eval", None)
         return super().evaluation_loop(*args, **kwargs)
 
-    def generate_on_policy_outputs(self, model, inputs, generation_config, *args, **kwargs):
-        # torch's sampler reports non-finite probabilities without naming the model; the loss's own check names it,
-        # and sampling (the student's, or the teacher's with seq_kd) now does too.
-        try:
-            return super().generate_on_policy_outputs(model, inputs, generation_config, *args, **kwargs)
-        except RuntimeError as error:
-            if "probability tensor contains" not in str(error):
-                raise
-            raise FloatingPointError(_non_finite_sampling_report(self, model)) from error
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Without compute_metrics nobody reads evaluation logits; asking for them would force full-logits projections.
         if self.compute_metrics is None:
@@ -603,9 +559,7 @@ def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, c
     return count
 
 
-def _non_finite_sampling_report(trainer, model) -> str:
-    teachers = {id(trainer.teacher_model), id(trainer.accelerator.unwrap_model(trainer.teacher_model))}
-    role = "teacher (sampling because seq_kd=True)" if id(model) in teachers else "student (on-policy sampling)"
+def _non_finite_sampling_report(trainer, model, role: str) -> str:
     with torch.no_grad():
         bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
     if bad:

@@ -24,7 +24,9 @@ class EOPDLossOptions:
     Parameters:
         entropy_threshold (`float`, *optional*, defaults to `0.8`):
             Teacher entropy, in nats, above which a token also receives the forward KL. The gate is strict
-            (`H > entropy_threshold`). `float("inf")` switches it off, which is plain on-policy distillation (OPD).
+            (`H > entropy_threshold`). `float("inf")` switches it off, which is plain on-policy distillation (OPD);
+            with the `"analytic"` estimator that is `GKDTrainer`'s loss with the same `beta` only at
+            `temperature=1.0` (GKD applies its temperature to sampling, not to the loss).
         forward_kl_coef (`float`, *optional*, defaults to `1.0`):
             Weight (>= 0) of the forward KL on high-entropy tokens.
         gate (`str`, *optional*, defaults to `"augment"`):
