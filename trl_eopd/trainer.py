@@ -19,7 +19,6 @@ from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
-from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 if is_peft_available():
@@ -169,6 +168,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 formatting_func=formatting_func,
             )
 
+        # GKD's rollout asks generate() for a dict output; the config says so itself (_compat.GenerationConfigOnly).
+        self.generation_config.return_dict_in_generate = True
         self.loss_options = args.loss_options
         # Per mode, the float64 sums of `EOPDStats` over every process since the last log (see `log`).
         self._eopd_sums: dict[str, torch.Tensor] = {}
@@ -190,6 +191,15 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 train_dataset=self.train_dataset,
                 collator_max_length=getattr(self.data_collator, "max_length", None),
             )
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # transformers starts accelerate's gradient accumulation at 1 (the Trainer accumulates itself) and has written
+        # the real count into the DeepSpeed config, where accelerate, preparing the model, finds the two differ and
+        # logs a mismatch before taking DeepSpeed's value. Under DeepSpeed, accelerate never divides the loss by it
+        # (DeepSpeed's engine does): giving accelerate that value now changes nothing but the spurious log.
+        if self.is_deepspeed_enabled:
+            self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation
@@ -234,7 +244,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         else:
             inputs[_ROLLOUT_DONE] = True
             return inputs
-        with unwrap_model_for_generation(
+        with _compat.unwrap_model_for_generation(
             generator,
             self.accelerator,
             generation_kwargs=self.generation_kwargs,
@@ -243,7 +253,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             try:
                 # GKD's static method, unchanged, so code calling it on the class keeps working.
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    unwrapped_model, inputs, self.generation_config
+                    _compat.GenerationConfigOnly(unwrapped_model), inputs, self.generation_config
                 )
             except RuntimeError as error:
                 # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
