@@ -45,6 +45,9 @@ def tiny_env(tiny_assets):
         "OMP_NUM_THREADS": "1",
         # Each run picks its own rendezvous port, so two runs never collide.
         "MASTER_PORT": "0",
+        # As docs/scaling.md gives the CPU launch: DeepSpeed's own switch, so that `accelerate launch` (which imports
+        # DeepSpeed before any EOPD code runs) does not log that it fell back to the CPU.
+        "DS_ACCELERATOR": "cpu",
     }
     return env, paths
 
