@@ -52,8 +52,8 @@ def generation_records():
 
 
 def _config(tmp_path, **overrides):
-    values = dict(output_dir=str(tmp_path), bf16=False, per_device_train_batch_size=4, max_steps=1, logging_steps=1,
-                  max_new_tokens=8, report_to=[], save_strategy="no", seed=0)
+    values = {"output_dir": str(tmp_path), "bf16": False, "per_device_train_batch_size": 4, "max_steps": 1,
+              "logging_steps": 1, "max_new_tokens": 8, "report_to": [], "save_strategy": "no", "seed": 0}
     values.update(overrides)
     return EOPDConfig(**values)
 
@@ -136,9 +136,8 @@ def test_an_error_inside_the_rollout_propagates_and_leaves_the_model_as_trl_does
     for unwrap in (unwrap_model_for_generation, _compat.unwrap_model_for_generation):
         model = AutoModelForCausalLM.from_pretrained(tiny["student"])
         model.activation_checkpointing_enable()
-        with pytest.raises(RuntimeError, match="sampling failed"):
-            with unwrap(model, Accelerator(cpu=True)):
-                raise RuntimeError("sampling failed")
+        with pytest.raises(RuntimeError, match="sampling failed"), unwrap(model, Accelerator(cpu=True)):
+            raise RuntimeError("sampling failed")
         states.append(model.is_activation_checkpointing)
     assert states[1] == states[0]
 

@@ -10,6 +10,7 @@ transformers or vLLM) shows at once which of these needs work. The vLLM entry is
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import json
 import logging
@@ -221,6 +222,8 @@ class GenerationConfigOnly:
         self._model = model
 
     def __getattr__(self, name):
+        if name == "_model":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self._model, name)
 
     def generate(self, *args, generation_config=None, return_dict_in_generate=None, **kwargs):
@@ -245,8 +248,6 @@ class GenerationConfigOnly:
 
 @contextmanager
 def deepspeed_shm_op_built_quietly():
-    import importlib
-
     # By module path: `deepspeed.comm.torch` as an attribute is the `torch` that `deepspeed.comm` imports.
     ds_torch = importlib.import_module("deepspeed.comm.torch")
     build = ds_torch.build_shm_op

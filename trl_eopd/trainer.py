@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 from transformers.utils import is_peft_available
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from . import _compat
 from ._gkd import GKDTrainer
@@ -19,7 +20,6 @@ from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 if is_peft_available():
     from peft import PeftConfig
@@ -194,10 +194,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
-        # transformers starts accelerate's gradient accumulation at 1 (the Trainer accumulates itself) and has written
-        # the real count into the DeepSpeed config, where accelerate, preparing the model, finds the two differ and
-        # logs a mismatch before taking DeepSpeed's value. Under DeepSpeed, accelerate never divides the loss by it
-        # (DeepSpeed's engine does): giving accelerate that value now changes nothing but the spurious log.
+        # transformers starts accelerate's gradient accumulation at 1 (the Trainer accumulates itself) and writes the
+        # real count into the DeepSpeed config; accelerate, preparing the model, finds the two differ, logs a mismatch
+        # and takes DeepSpeed's value. Under DeepSpeed accelerate never divides the loss by its count (the engine
+        # does) and the Trainer never enters `accelerator.accumulate`: giving it that value up front changes nothing
+        # but the spurious log.
         if self.is_deepspeed_enabled:
             self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
 
