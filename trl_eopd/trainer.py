@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 from transformers.utils import is_peft_available
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from . import _compat
 from ._gkd import GKDTrainer
@@ -19,8 +20,6 @@ from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
-from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 if is_peft_available():
     from peft import PeftConfig
@@ -169,6 +168,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 formatting_func=formatting_func,
             )
 
+        # GKD's rollout asks generate() for a dict output; the config says so itself (_compat.GenerationConfigOnly).
+        self.generation_config.return_dict_in_generate = True
         self.loss_options = args.loss_options
         # Per mode, the float64 sums of `EOPDStats` over every process since the last log (see `log`).
         self._eopd_sums: dict[str, torch.Tensor] = {}
@@ -190,6 +191,16 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 train_dataset=self.train_dataset,
                 collator_max_length=getattr(self.data_collator, "max_length", None),
             )
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # transformers starts accelerate's gradient accumulation at 1 (the Trainer accumulates itself) and writes the
+        # real count into the DeepSpeed config; accelerate, preparing the model, finds the two differ, logs a mismatch
+        # and takes DeepSpeed's value. Under DeepSpeed accelerate never divides the loss by its count (the engine
+        # does) and the Trainer never enters `accelerator.accumulate`: giving it that value up front changes nothing
+        # but the spurious log.
+        if self.is_deepspeed_enabled:
+            self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation
@@ -234,7 +245,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         else:
             inputs[_ROLLOUT_DONE] = True
             return inputs
-        with unwrap_model_for_generation(
+        with _compat.unwrap_model_for_generation(
             generator,
             self.accelerator,
             generation_kwargs=self.generation_kwargs,
@@ -243,7 +254,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             try:
                 # GKD's static method, unchanged, so code calling it on the class keeps working.
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    unwrapped_model, inputs, self.generation_config
+                    _compat.GenerationConfigOnly(unwrapped_model), inputs, self.generation_config
                 )
             except RuntimeError as error:
                 # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
