@@ -91,7 +91,7 @@ PRESETS = {
     "tiny": {
         "device": "cpu",
         "budget_s": 300,
-        "check": {"tokens": 48, "vocab": 512, "student_hidden": 32, "teacher_hidden": 48, "chunk_size": 16},
+        "check": {"tokens": 40, "vocab": 512, "student_hidden": 32, "teacher_hidden": 48, "chunk_size": 16},
         "loss": {"batch": 2, "prompt": 16, "completion": 128, "vocab": 4096, "student_hidden": 64,
                  "teacher_hidden": 96, "warmup": 1, "repeats": 3},
         "student": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16,
