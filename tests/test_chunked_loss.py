@@ -264,3 +264,22 @@ def test_backward_twice_accumulates():
     loss.backward()
     for name in leaves:
         torch.testing.assert_close(twice_leaves[name].grad, 2 * leaves[name].grad)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_target_log_probs_out_holds_the_students_log_prob_of_each_target(temperature):
+    inputs = make_inputs()
+    out = torch.full((N,), float("nan"))
+    chunked_eopd_loss_and_stats(**student_leaves(inputs) | {k: v for k, v in inputs.items() if not k.startswith("student_")},
+                                chunk_size=8, temperature=temperature, target_log_probs_out=out)  # fmt: skip
+    logits = inputs["student_hidden"].double() @ inputs["student_weight"].double().t() / temperature
+    want = (logits - logits.logsumexp(-1, keepdim=True)).gather(-1, inputs["targets"].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+    full = torch.full((N,), float("nan"))
+    eopd_loss_and_stats(
+        (inputs["student_hidden"] @ inputs["student_weight"].t()).unsqueeze(0),
+        (inputs["teacher_hidden"] @ inputs["teacher_weight"].t()).unsqueeze(0),
+        inputs["targets"].unsqueeze(0), temperature=temperature, target_log_probs_out=full,
+    )  # fmt: skip
+    torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-5)

@@ -163,6 +163,7 @@ class _ChunkTerms:
     base_weight: Tensor
     base: Tensor
     forward: Tensor
+    target_log_probs: Tensor  # log q(y) at the targets
     # Only the option that needs them sets these.
     sampled_ids: Tensor | None = None  # (n, 1)
     sampled_log_ratio: Tensor | None = None  # log q(y) - log p(y)
@@ -230,6 +231,7 @@ def _per_token_terms(
     top_ids = top_teacher_probs = sampled_ids = sampled_log_ratio = student_minus_mixture = student_to_mixture = None
 
     # Whatever needs log q itself is read here, before its storage becomes log q - log p.
+    target_log_probs = student_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if top_k is not None:
         forward_top_k, top_ids, top_teacher_probs = _top_k_forward_kl(student_log_probs, teacher_log_probs, top_k)
     if sampled:
@@ -265,6 +267,7 @@ def _per_token_terms(
         base_weight=torch.ones_like(gate) if opts.gate == "augment" else 1.0 - gate,
         base=base,
         forward=forward_kl if top_k is None else forward_top_k,
+        target_log_probs=target_log_probs,
         sampled_ids=sampled_ids,
         sampled_log_ratio=sampled_log_ratio,
         top_ids=top_ids,
@@ -391,6 +394,7 @@ def _eopd_chunks(
     divisor: float,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
+    target_log_probs_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loss, per-token statistic sums and (optionally) the loss's gradients w.r.t. the student's hidden, weight, bias.
 
@@ -442,6 +446,8 @@ def _eopd_chunks(
         )
         terms = _per_token_terms(probs, log_probs, targets[start:end], opts, top_k)
         _record_stats(per_token[start:end], terms, opts)
+        if target_log_probs_out is not None:
+            target_log_probs_out[start:end] = terms.target_log_probs
         if need_any:
             # Pushed through the projection now, while this chunk's hidden states are at hand.
             grad = _student_logit_gradient(terms, opts, top_k, softcap_derivative)
@@ -465,7 +471,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                targets, opts, divisor, chunk_size):  # fmt: skip
+                targets, opts, divisor, chunk_size, target_log_probs_out):  # fmt: skip
         needs_grad = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -473,7 +479,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
         )
         loss, sums, grad_hidden, grad_weight, grad_bias = _eopd_chunks(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets,
-            opts, divisor, chunk_size, needs_grad,
+            opts, divisor, chunk_size, needs_grad, target_log_probs_out,
         )  # fmt: skip
         # Kept in the parameters' dtype until backward: for a bf16 model this halves the (vocab, hidden) gradient held
         # between the two passes, and it is the dtype autograd would have produced anyway.
@@ -493,7 +499,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
         # The usual caller back-propagates the loss itself (grad_loss == 1): skip a vocabulary-sized multiply then.
         if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
             grads = [None if grad is None else grad * grad_loss.to(grad.dtype) for grad in grads]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def chunked_eopd_loss_and_stats(
@@ -519,6 +525,7 @@ def chunked_eopd_loss_and_stats(
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
     monitor_entropy_threshold: float = DEFAULT_MONITOR_ENTROPY_THRESHOLD,
+    target_log_probs_out: Tensor | None = None,
 ) -> tuple[Tensor, EOPDStats]:
     """EOPD loss and statistics computed from hidden states, a chunk of tokens at a time.
 
@@ -560,6 +567,9 @@ def chunked_eopd_loss_and_stats(
             Tokens per chunk. Peak memory grows as `2 * 2 * chunk_size * V` float32 values.
         monitor_entropy_threshold (`float`, *optional*, defaults to `0.8`):
             As in [`eopd_loss_and_stats`]: only the statistics' `*_monitor` fields depend on it.
+        target_log_probs_out (`torch.Tensor`, *optional*):
+            As in [`eopd_loss_and_stats`]: a float32 tensor of shape `(N,)` that receives the student's tempered
+            log-probability of each target, detached.
 
     Returns:
         `tuple[torch.Tensor, EOPDStats]`: the scalar float32 loss (0 with a gradient path when `N == 0`) and the
@@ -631,13 +641,14 @@ def chunked_eopd_loss_and_stats(
     student_tensors = [t for t in (student_hidden, student_weight, student_bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in student_tensors):
         loss, sums = _ChunkedEOPDFunction.apply(
-            student_hidden, student_weight, student_bias, *teacher_args, targets, opts, divisor, chunk_size
-        )
+            student_hidden, student_weight, student_bias, *teacher_args, targets, opts, divisor, chunk_size,
+            target_log_probs_out,
+        )  # fmt: skip
     else:
         with torch.no_grad():
             loss, sums, *_ = _eopd_chunks(
                 student_hidden, student_weight, student_bias, *teacher_args, targets, opts, divisor, chunk_size,
-                (False, False, False),
+                (False, False, False), target_log_probs_out,
             )  # fmt: skip
 
     stats = EOPDStats(

@@ -19,6 +19,7 @@ from .collator import PromptKeepingChatMLCollator
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, eopd_loss_and_stats
 from .projection import OutputProjection, backbone_of, find_output_projection, project
+from .vllm_rollouts import SAMPLER_LOGPROBS
 
 with warnings.catch_warnings():
     # See config.py: the TRL minor is pinned, so the experimental-API warning is noise for our users.
@@ -346,16 +347,26 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         else:
             num_items_in_batch = None
 
+        # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `vllm_rollouts`): the
+        # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
+        sampler_logprobs = inputs.pop(SAMPLER_LOGPROBS, None)
+        target_log_probs = None
+        if sampler_logprobs is not None:
+            loss_mask = inputs["labels"][:, 1:] != IGNORE_INDEX
+            target_log_probs = torch.empty(int(loss_mask.sum()), dtype=torch.float32, device=loss_mask.device)
+
         outputs = None
         # Callers that want logits (compute_metrics) get them from the full-logits path.
         if self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
-            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch)
+            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch, target_log_probs)
         else:
-            loss, stats, diagnose, outputs = self._full_logits_loss(model, inputs, num_items_in_batch)
+            loss, stats, diagnose, outputs = self._full_logits_loss(model, inputs, num_items_in_batch, target_log_probs)
         self._record_metrics(mode, loss, stats, diagnose)
+        if sampler_logprobs is not None:
+            self._vllm_rollouts.record_mismatch(sampler_logprobs, target_log_probs)
         return (loss, outputs) if return_outputs else loss
 
-    def _full_logits_loss(self, model, inputs, num_items_in_batch):
+    def _full_logits_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
@@ -367,6 +378,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             teacher_logits,
             inputs["labels"][:, 1:],
             num_items_in_batch=num_items_in_batch,
+            target_log_probs_out=target_log_probs_out,
             **self.loss_options,
         )
 
@@ -382,15 +394,16 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         backbone = backbone_of(unwrap_peft_model(causal_lm))
         return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
-    def _memory_efficient_loss(self, model, inputs, num_items_in_batch):
+    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
         # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
         # sharded parameters, lm_head included, available for the projection.
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
-            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch
-        )
+            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch,
+            target_log_probs_out,
+        )  # fmt: skip
 
-    def _project_and_score(self, student, inputs, num_items_in_batch):
+    def _project_and_score(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
         from .chunked_loss import chunked_eopd_loss_and_stats
 
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -427,6 +440,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 teacher_softcap=teacher_projection.softcap,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
+                target_log_probs_out=target_log_probs_out,
                 **self.loss_options,
             )
 
