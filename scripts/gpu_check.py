@@ -389,27 +389,30 @@ def make_check_inputs(shape, dtype, device, seed, with_bias):
     """Random inputs whose teacher entropies fall into two well-separated groups (see `threshold_in_widest_gap`)."""
     import torch
 
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the device: a (151936, 4096) weight drawn on the CPU and copied over takes seconds per case.
+    generator = torch.Generator(device=device).manual_seed(seed)
     n, v, h_s, h_t = shape["tokens"], shape["vocab"], shape["student_hidden"], shape["teacher_hidden"]
 
     def randn(*size):
-        return torch.randn(*size, generator=generator)
+        return torch.randn(*size, generator=generator, device=device)
 
     # Teacher logits have a per-token standard deviation of about `scale`: small ones give near-uniform, high-entropy
     # teachers; large ones (logits up to ~40, as real models have) give peaked, low-entropy teachers.
-    teacher_scale = torch.tensor([0.5, 1.5, 6.0, 8.0])[torch.randint(0, 4, (n,), generator=generator)]
-    student_scale = 1.0 + 2.0 * torch.rand(n, generator=generator)
+    scales = torch.tensor([0.5, 1.5, 6.0, 8.0], device=device)
+    teacher_scale = scales[torch.randint(0, 4, (n,), generator=generator, device=device)]
+    student_scale = 1.0 + 2.0 * torch.rand(n, generator=generator, device=device)
     inputs = {
         "student_hidden": randn(n, h_s) * student_scale.unsqueeze(-1),
         "student_weight": randn(v, h_s) / math.sqrt(h_s),
         "teacher_hidden": randn(n, h_t) * teacher_scale.unsqueeze(-1),
         "teacher_weight": randn(v, h_t) / math.sqrt(h_t),
-        "targets": torch.randint(0, v, (n,), generator=generator),
     }
     if with_bias:
         inputs["student_bias"] = 0.3 * randn(v)
         inputs["teacher_bias"] = 0.3 * randn(v)
-    return {k: (t.to(device) if k == "targets" else t.to(device=device, dtype=dtype)) for k, t in inputs.items()}
+    inputs = {k: t.to(dtype) for k, t in inputs.items()}
+    inputs["targets"] = torch.randint(0, v, (n,), generator=generator, device=device)
+    return inputs
 
 
 def relative_error(got, want) -> float:
@@ -525,22 +528,22 @@ def loss_stage_inputs(shape, device, dtype):
     """Hidden states of one micro-batch (prompt and completion positions), the two heads and the labels."""
     import torch
 
-    generator = torch.Generator(device="cpu").manual_seed(7)
+    generator = torch.Generator(device=device).manual_seed(7)
     b, prompt, completion = shape["batch"], shape["prompt"], shape["completion"]
     v, h_s, h_t = shape["vocab"], shape["student_hidden"], shape["teacher_hidden"]
     length = prompt + completion
 
     def randn(*size, scale=1.0):
-        return (torch.randn(*size, generator=generator) * scale).to(device=device, dtype=dtype)
+        return (torch.randn(*size, generator=generator, device=device) * scale).to(dtype)
 
-    labels = torch.randint(0, v, (b, length), generator=generator)
+    labels = torch.randint(0, v, (b, length), generator=generator, device=device)
     labels[:, :prompt] = -100
     return {
         "student_hidden": randn(b, length, h_s, scale=2.0),
         "teacher_hidden": randn(b, length, h_t, scale=3.0),
         "student_weight": randn(v, h_s, scale=1 / math.sqrt(h_s)).requires_grad_(True),
         "teacher_weight": randn(v, h_t, scale=1 / math.sqrt(h_t)),
-        "labels": labels.to(device),
+        "labels": labels,
     }
 
 
