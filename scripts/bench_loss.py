@@ -205,7 +205,7 @@ def run_variant(name, args, inputs):
             teacher_logits = teacher_hidden @ teacher_weight.t()
         loss = eopd_loss(student_logits, teacher_logits, labels)
     else:
-        from trl_eopd.chunked_loss import chunked_eopd_loss_and_stats
+        from trl_eopd.loss import chunked_eopd_loss_and_stats
 
         mask = labels != -100
         loss, _ = chunked_eopd_loss_and_stats(

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
 
-    from trl_eopd._quiet import tell_deepspeed_when_cpu_only
+    from trl_eopd.cli.quiet import tell_deepspeed_when_cpu_only
 
     tell_deepspeed_when_cpu_only()
     from trl_eopd.demo.experiment import DemoContext, DemoSettings, run_seed

@@ -18,7 +18,7 @@ def tiny_assets(tmp_path_factory):
     `TRL_EOPD_TINY_DIR` stays pointed at it for the session, so in-process CLI calls and the subprocesses the tests
     launch (which inherit the environment) reuse the same files instead of the user's cache.
     """
-    from trl_eopd.tiny_cache import ensure_tiny_setup
+    from trl_eopd.cli.tiny_cache import ensure_tiny_setup
 
     root = tmp_path_factory.mktemp("tiny-cli") / "assets"
     with pytest.MonkeyPatch.context() as patch:

@@ -66,9 +66,12 @@ def reference_per_token(
         k = min(forward_kl_top_k, p.numel())
         top_ids = torch.argsort(teacher_logits_row.double(), descending=True)[:k]
         top_scaled = teacher_logits_row.double()[top_ids] / temperature
-        p_top = torch.exp(top_scaled - top_scaled.max())
-        p_top = p_top / p_top.sum()
-        forward = (p_top * (torch.log(p_top) - log_q[top_ids])).sum()
+        # log p_top from the logits, not log(p_top): a probability that underflows to 0 (a one-hot teacher) then
+        # contributes 0, not 0 * -inf.
+        log_p_top = top_scaled - top_scaled.max()
+        log_p_top = log_p_top - torch.log(torch.exp(log_p_top).sum())
+        p_top = torch.exp(log_p_top)
+        forward = (p_top * (log_p_top - log_q[top_ids])).sum()
 
     if gate == "augment":
         loss = base + forward_kl_coef * g * forward

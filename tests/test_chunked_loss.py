@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from trl_eopd.chunked_loss import chunked_eopd_loss_and_stats
+from trl_eopd.loss import chunked_eopd_loss_and_stats
 from trl_eopd.loss import eopd_loss_and_stats
 
 N, V, H_S, H_T = 37, 97, 16, 24
@@ -266,15 +266,53 @@ def test_backward_twice_accumulates():
         torch.testing.assert_close(twice_leaves[name].grad, 2 * leaves[name].grad)
 
 
+@pytest.mark.parametrize("gate", ["augment", "switch"])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_gate_is_strict_at_a_teacher_entropy_equal_to_the_threshold(gate, top_k):
+    # Compared with the float64 reference, not the full-logits loss: a boundary bug shared by both would pass that.
+    from reference import reference_eopd_loss
+
+    inputs = make_inputs(seed=3)
+    # Even rows: the hidden state is a unit vector on one of the first `k` dimensions, whose weight column holds 1e4 at
+    # one token and exactly 0 elsewhere, so the float32 probabilities are exactly one-hot and the entropy exactly 0.0,
+    # the threshold. Odd rows use only the other dimensions: spread distributions.
+    n, k = inputs["teacher_hidden"].shape[0], H_T // 2
+    one_hot_rows = torch.arange(n) % 2 == 0
+    weight, hidden = inputs["teacher_weight"].clone(), inputs["teacher_hidden"].clone()
+    weight[:, :k] = 0.0
+    weight[torch.arange(k) * 7 % V, torch.arange(k)] = 1e4
+    hidden[:, :k] = 0.0
+    hidden[one_hot_rows] = torch.nn.functional.one_hot(torch.arange(n)[one_hot_rows] // 2 % k, H_T).float()
+    inputs.update(teacher_weight=weight, teacher_hidden=hidden)
+    teacher_logits = hidden @ weight.t()
+    assert (teacher_logits[one_hot_rows].count_nonzero(-1) == 1).all()
+
+    options = dict(gate=gate, forward_kl_top_k=top_k, beta=0.5, forward_kl_coef=1.0, entropy_threshold=0.0)
+    per_row = ("student_hidden", "teacher_hidden", "targets")
+    one_hot_inputs = {key: value[one_hot_rows] if key in per_row else value for key, value in inputs.items()}
+    _, one_hot_stats = chunked_eopd_loss_and_stats(**one_hot_inputs, chunk_size=8, **options)
+    assert float(one_hot_stats.teacher_entropy) == 0.0  # the premise: the entropy is exactly the threshold
+    loss, stats = chunked_eopd_loss_and_stats(**inputs, chunk_size=8, **options)
+    assert int(stats.num_high_entropy) == int((~one_hot_rows).sum())
+    student_logits = inputs["student_hidden"] @ inputs["student_weight"].t()
+    targets = inputs["targets"].unsqueeze(0)
+    expected = reference_eopd_loss(student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), targets, **options)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    all_gated = reference_eopd_loss(student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), targets,
+                                    **{**options, "entropy_threshold": -1.0})
+    assert abs(float(expected - all_gated)) > 0.1
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_target_log_probs_out_holds_the_students_log_prob_of_each_target(temperature):
     inputs = make_inputs()
-    out = torch.full((N,), float("nan"))
-    chunked_eopd_loss_and_stats(**student_leaves(inputs) | {k: v for k, v in inputs.items() if not k.startswith("student_")},
-                                chunk_size=8, temperature=temperature, target_log_probs_out=out)  # fmt: skip
     logits = inputs["student_hidden"].double() @ inputs["student_weight"].double().t() / temperature
     want = (logits - logits.logsumexp(-1, keepdim=True)).gather(-1, inputs["targets"].unsqueeze(-1)).squeeze(-1)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+
+    chunked = torch.full((N,), float("nan"))
+    chunked_eopd_loss_and_stats(**{**inputs, **student_leaves(inputs)}, chunk_size=8, temperature=temperature,
+                                target_log_probs_out=chunked)  # fmt: skip
+    torch.testing.assert_close(chunked.double(), want, rtol=1e-5, atol=1e-5)
 
     full = torch.full((N,), float("nan"))
     eopd_loss_and_stats(

@@ -1,4 +1,4 @@
-"""The `trl-eopd` command as a newcomer meets it: help, typos, `launch` on a CPU machine, reruns into one folder."""
+"""The `trl-eopd` command as a newcomer meets it: help, typos, launches on a CPU machine, reruns into one folder."""
 
 import json
 import os
@@ -10,10 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from trl_eopd import cli
-from trl_eopd.errors import UsageError
-from trl_eopd.launch import LAUNCH_HELP, launch_main, plan_launch
-from trl_eopd.preflight import announce_overwrite as _announce_overwrite
-from trl_eopd.train import make_parser, parse_args
+from trl_eopd.cli.errors import UsageError
+from trl_eopd.cli.preflight import announce_overwrite as _announce_overwrite
+from trl_eopd.cli.train import make_parser, parse_args
 
 
 def test_mistyped_command_suggests_the_closest(capsys):
@@ -38,7 +37,7 @@ def test_top_level_help_loads_no_heavy_library():
 def test_package_names_still_import_on_demand():
     import trl_eopd
 
-    assert trl_eopd.eopd_loss.__module__ == "trl_eopd.loss"
+    assert trl_eopd.eopd_loss.__module__ == "trl_eopd.loss.full"
     assert trl_eopd.EOPDConfig.__name__ == "EOPDConfig"
     with pytest.raises(AttributeError):
         trl_eopd.not_a_name  # noqa: B018
@@ -61,32 +60,8 @@ def test_train_help_lists_eopd_options_first():
     assert text.index("--lmbda") < text.index("--dataset_name") < text.index("--learning_rate")
 
 
-def test_launch_help_is_its_own_and_launches_nothing(capsys, monkeypatch):
-    monkeypatch.setattr(subprocess, "call", lambda *a, **k: pytest.fail("--help must not launch anything"))
-    assert launch_main(["--accelerate_config", "zero3", "--help"]) == 0
-    out = capsys.readouterr().out
-    assert out == LAUNCH_HELP
-    assert out.startswith("usage: trl-eopd launch --accelerate_config")
-    assert out.index("--accelerate_config NAME|PATH") < out.index("--num_processes N") < out.index("examples:")
-    assert "was set to a value of" not in out
-
-
-@pytest.mark.parametrize("config", ["zero2", "zero3", "zero3_offload", "multi_gpu"])
-def test_launch_without_gpu_turns_the_configs_bf16_off(config):
-    argv = ["--accelerate_config", config, "--num_processes", "2", "--config", "tiny-cpu"]
-    command, notes = plan_launch(argv, gpu=False)
-    launcher = command[: command.index("trl_eopd.train")]
-    assert launcher[launcher.index("--mixed_precision") + 1] == "no"
-    assert notes and "--mixed_precision no" in notes[0]
-    # With a GPU the config's bf16 stands, and a precision given by the user is never overridden.
-    command, notes = plan_launch(argv, gpu=True)
-    assert "--mixed_precision" not in command and not notes
-    command, _ = plan_launch([*argv, "--mixed-precision", "fp16"], gpu=False)
-    assert command.count("no") == 0 and command[command.index("--mixed-precision") + 1] == "fp16"
-
-
 def test_accelerate_launch_with_bf16_and_a_float32_recipe_fails_in_one_line(monkeypatch, capsys, tiny_assets):
-    from trl_eopd.train import cli_main as main
+    from trl_eopd.cli.train import cli_main as main
 
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
@@ -136,10 +111,41 @@ def test_rerun_into_a_finished_run_is_announced(tmp_path, capsys):
 
 def test_help_texts_quote_the_readme_times():
     readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
-    from trl_eopd import quickstart
+    from trl_eopd.cli import quickstart
     from trl_eopd.demo.cli import build_parser
 
     quick = next(a for a in build_parser()._actions if "--quick" in a.option_strings).help
     assert "20-second" in quick and "`trl-eopd demo --quick` checks the same pipeline in about 20 seconds" in readme
     assert "about 10 seconds" in quickstart.__doc__ and "For a 10-second install check" in readme
     assert "minute" not in quick + quickstart.__doc__
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["temporary", "output-dir"])
+def test_quickstart_leaves_no_folder_behind_unless_asked(tmp_path, monkeypatch, capsys, keep):
+    import tempfile
+
+    from trl_eopd.cli import quickstart
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    used = []
+    run = quickstart._run
+
+    def recording_run(args, output_dir):
+        trainer = run(args, output_dir)
+        used.append(Path(output_dir))
+        assert (used[0] / "run" / "final" / "config.json").is_file()  # the run wrote where it says
+        return trainer
+
+    monkeypatch.setattr(quickstart, "_run", recording_run)
+    kept = tmp_path / "kept"
+    assert quickstart.main(["--steps", "1"] + (["--output-dir", str(kept)] if keep else [])) == 0
+    out = capsys.readouterr().out
+    assert "EOPD metrics per step" in out
+    # (torch may leave its own compile cache in the temporary folder; only the quickstart's must go.)
+    assert not [entry for entry in scratch.iterdir() if entry.name.startswith("trl-eopd")]
+    if keep:
+        assert used == [kept] and (kept / "run" / "final" / "config.json").is_file() and str(kept) in out
+    else:
+        assert used[0].parent == scratch and not used[0].exists() and "--output-dir" in out

@@ -1,5 +1,6 @@
 """EOPDConfig: EOPD's defaults, and a clear ValueError for every invalid value."""
 
+import logging
 import math
 
 import pytest
@@ -71,3 +72,58 @@ def test_every_eopd_field_has_help_text():
     for f in eopd_fields:
         assert len(f.metadata.get("help", "")) > 20, f.name
         assert f"{f.name} (" in EOPDConfig.__doc__, f"{f.name} is missing from the class docstring"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bf16: an unset value follows the hardware, an explicit one is the user's
+
+
+@pytest.fixture
+def bf16_support(monkeypatch):
+    """Set whether transformers' own bf16 check passes (it reads these two names from its `training_args`)."""
+    from transformers import training_args
+
+    def set_support(supported: bool):
+        monkeypatch.setattr(training_args, "is_torch_bf16_gpu_available", lambda: supported)
+        monkeypatch.setattr(training_args, "is_torch_xla_available", lambda: False)
+
+    return set_support
+
+
+def test_unset_bf16_falls_back_to_float32_with_one_info_line_where_unsupported(bf16_support, caplog):
+    bf16_support(False)
+    with caplog.at_level(logging.DEBUG, logger="trl_eopd"):
+        config = EOPDConfig(output_dir="unused", report_to=[])
+    assert config.bf16 is False
+    lines = [record for record in caplog.records if record.name.startswith("trl_eopd")]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    assert "no bf16 support" in lines[0].getMessage() and "float32" in lines[0].getMessage()
+
+
+def test_explicit_bf16_still_fails_where_unsupported(bf16_support):
+    bf16_support(False)
+    with pytest.raises(ValueError, match="doesn't support bf16"):
+        EOPDConfig(output_dir="unused", report_to=[], bf16=True)
+
+
+def test_unset_bf16_is_kept_where_supported(bf16_support, caplog):
+    bf16_support(True)
+    with caplog.at_level(logging.DEBUG, logger="trl_eopd"):
+        assert EOPDConfig(output_dir="unused", report_to=[]).bf16 is True
+    assert not [record for record in caplog.records if record.name.startswith("trl_eopd")]
+    bf16_support(False)
+    # `use_cpu=True` is how transformers supports bf16 on a CPU; fp16 excludes bf16 as in TRL.
+    assert EOPDConfig(output_dir="unused", report_to=[], use_cpu=True).bf16 is True
+    assert EOPDConfig(output_dir="unused", report_to=[], bf16=False).bf16 is False
+
+
+def test_bf16_from_the_command_line_is_explicit(bf16_support):
+    from trl_eopd.cli.train import parse_args
+
+    bf16_support(False)
+    _, training_args, _ = parse_args(["--config", "tiny-cpu"])  # the recipe says `bf16: false`
+    assert training_args.bf16 is False
+    from trl_eopd.cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="doesn't support bf16"):
+        parse_args(["--config", "tiny-cpu", "--bf16", "true"])

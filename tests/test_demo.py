@@ -266,3 +266,15 @@ def test_committed_study_backs_the_readme():
         stat = data["paired_difference"]["pass@8"]
         quoted = f"{stat['mean']:+.3f} [{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}]"
         assert quoted in readme, (regime, quoted)
+
+
+def test_demo_without_its_extra_names_the_install_line(monkeypatch, capsys):
+    import importlib.util
+
+    from trl_eopd.demo import cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a))
+    assert cli.main(["--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "scipy" in err and 'pip install "trl-eopd[demo]"' in err and "matplotlib" not in err

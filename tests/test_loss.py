@@ -272,3 +272,59 @@ def test_invalid_options_raise(options, field):
     student, teacher, labels = make_batch()
     with pytest.raises(ValueError, match=field):
         eopd_loss_and_stats(student, teacher, labels, **options)
+
+
+@pytest.mark.parametrize("top_k", [None, 3, 16])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_gate_off_loss_is_gkd_trainers_loss_only_at_temperature_one(beta, top_k):
+    from trl.experimental.gkd import GKDTrainer
+
+    student, teacher, labels = make_batch(seed=7)
+
+    def gkd_trainer_loss(student_logits, teacher_logits):
+        # `GKDTrainer.compute_loss` leaves `temperature` at its default 1: GKD applies it to sampling only.
+        return GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=beta)
+
+    def ours(temperature):
+        return eopd_loss(student, teacher, labels, entropy_threshold=math.inf, beta=beta, temperature=temperature,
+                         forward_kl_top_k=top_k)
+
+    torch.testing.assert_close(ours(1.0), gkd_trainer_loss(student, teacher), rtol=1e-5, atol=1e-6)
+    # At GKD's default 0.9, EOPD scales both models' logits before the divergence, so the two differ...
+    assert not torch.allclose(ours(0.9), gkd_trainer_loss(student, teacher), rtol=1e-3, atol=0)
+    # ...and EOPD's is GKD's formula on the tempered logits, which is what the float64 reference says.
+    torch.testing.assert_close(ours(0.9), gkd_trainer_loss(student / 0.9, teacher / 0.9), rtol=1e-5, atol=1e-6)
+    expected = reference_eopd_loss(student, teacher, labels, entropy_threshold=math.inf, beta=beta, temperature=0.9,
+                                   forward_kl_top_k=top_k)
+    torch.testing.assert_close(ours(0.9).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def one_hot_and_spread_teacher(vocab=VOCAB, seq=6):
+    """Teacher logits whose even rows are exactly one-hot (entropy exactly 0.0) and odd rows spread (entropy > 0)."""
+    teacher = torch.randn(1, seq, vocab, generator=torch.Generator().manual_seed(10)) * 0.5
+    one_hot_rows = torch.arange(seq) % 2 == 0
+    # exp(-1e4) is 0 in float32 and float64, so p is exactly one-hot and -sum p log p is exactly 0.
+    teacher[0, one_hot_rows] = 0.0
+    teacher[0, one_hot_rows, torch.arange(seq)[one_hot_rows] % vocab] = 1e4
+    return teacher, one_hot_rows
+
+
+@pytest.mark.parametrize("gate", ["augment", "switch"])
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_gate_is_strict_at_a_teacher_entropy_equal_to_the_threshold(gate, top_k):
+    # The paper's gate is 1[H > threshold]: a teacher entropy of exactly the threshold gets no forward KL.
+    teacher, one_hot_rows = one_hot_and_spread_teacher()
+    student = torch.randn(1, teacher.shape[1], VOCAB, generator=torch.Generator().manual_seed(8))
+    labels = torch.randint(0, VOCAB, (1, teacher.shape[1]), generator=torch.Generator().manual_seed(9))
+    # beta=0.5: a bounded base term (the reverse KL to a one-hot teacher is ~1e4 and would drown the forward KL).
+    options = dict(gate=gate, forward_kl_top_k=top_k, beta=0.5, forward_kl_coef=1.0)
+    _, one_hot_stats = eopd_loss_and_stats(student[:, one_hot_rows], teacher[:, one_hot_rows],
+                                           labels[:, one_hot_rows], entropy_threshold=0.0, **options)
+    assert float(one_hot_stats.teacher_entropy) == 0.0  # the premise: the entropy is exactly the threshold
+    loss, stats = eopd_loss_and_stats(student, teacher, labels, entropy_threshold=0.0, **options)
+    assert int(stats.num_high_entropy) == int((~one_hot_rows).sum())
+    expected = reference_eopd_loss(student, teacher, labels, entropy_threshold=0.0, **options)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    # And the difference matters: gating the one-hot rows too would change the loss.
+    all_gated = reference_eopd_loss(student, teacher, labels, entropy_threshold=-1.0, **options)
+    assert abs(float(expected - all_gated)) > 0.1

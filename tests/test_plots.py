@@ -84,7 +84,7 @@ def test_default_outputs_are_ignored_by_git(tmp_path):
 
     import yaml
 
-    from trl_eopd._recipes import recipe_path
+    from trl_eopd.cli.recipes import recipe_path
     from trl_eopd.demo.cli import build_parser
     from trl_eopd.evaluation.runner import default_output_dir
 

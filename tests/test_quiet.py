@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 
-from trl_eopd._quiet import (
+from trl_eopd.cli.quiet import (
     HARMLESS_LOG_RECORDS,
     HARMLESS_PRINTS,
     HARMLESS_WARNINGS,

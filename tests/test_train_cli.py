@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from trl_eopd import _recipes
-from trl_eopd.data import to_messages
-from trl_eopd.errors import UsageError
-from trl_eopd.launch import build_launch_command, launch_main
-from trl_eopd.script_arguments import EOPDScriptArguments
-from trl_eopd.tokenizer_setup import apply_chat_template_kwargs
-from trl_eopd.train import cli_main as main
-from trl_eopd.train import parse_args
+from trl_eopd.cli import recipes as _recipes
+from trl_eopd.cli.data import to_messages
+from trl_eopd.cli.errors import UsageError
+from trl_eopd.cli.script_arguments import EOPDScriptArguments
+from trl_eopd.cli.tokenizer_setup import apply_chat_template_kwargs
+from trl_eopd.cli.train import cli_main as main
+from trl_eopd.cli.train import parse_args
+
+RUN_WITH_ARTIFACTS = Path(__file__).resolve().parent / "run_with_artifacts.py"
 
 PAPER_RECIPES = [
     f"qwen3-{size}-{variant}" for size in ("0.6b-math", "1.7b-math", "4b-dapo") for variant in ("eopd", "opd")
@@ -198,24 +199,6 @@ def test_prompt_only_data_requires_fully_on_policy(tiny, tmp_path, capsys, no_mo
     assert "lmbda: 1.0" in err
 
 
-def test_launch_helper_resolves_named_configs_and_splits_flags():
-    command = build_launch_command(
-        ["--accelerate_config", "zero3", "--num_processes", "8", "--config", "tiny-cpu", "--max_steps", "2"]
-    )
-    split = command.index("-m", 3)
-    launcher, script = command[:split], command[split:]
-    assert str(_recipes.accelerate_config_path("zero3")) in launcher
-    assert launcher[launcher.index("--num_processes") + 1] == "8"
-    assert script == ["-m", "trl_eopd.train", "--config", "tiny-cpu", "--max_steps", "2"]
-
-
-def test_launch_helper_rejects_a_missing_accelerate_config(capsys):
-    with pytest.raises(SystemExit) as excinfo:
-        launch_main(["--accelerate_config", "/no/such/zero3.yaml", "--config", "tiny-cpu"])
-    assert excinfo.value.code == 2
-    assert "/no/such/zero3.yaml" in capsys.readouterr().err
-
-
 # --------------------------------------------------------------------------------------------------- data conversion
 
 
@@ -274,10 +257,10 @@ def test_chat_template_kwargs_are_fixed_in_the_template(tiny):
 def test_tiny_cpu_recipe_trains_and_saves(tiny, tmp_path):
     """The README's smoke test, as a user runs it: a fresh process, the packaged recipe, no download."""
     out = tmp_path / "run"
-    env = {**os.environ, "TRL_EOPD_TINY_DIR": os.environ["TRL_EOPD_TINY_DIR"], "CUDA_VISIBLE_DEVICES": "",
-           "TRL_EOPD_TEST_ARTIFACTS": "1"}
+    env = {**os.environ, "TRL_EOPD_TINY_DIR": os.environ["TRL_EOPD_TINY_DIR"], "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, "-m", "trl_eopd.train", "--config", "tiny-cpu", "--output_dir", str(out),
+        [sys.executable, str(RUN_WITH_ARTIFACTS), "-m", "trl_eopd.cli.train", "--config", "tiny-cpu", "--output_dir",
+         str(out),
          "--max_steps", "2"],
         capture_output=True, text=True, env=env, check=False, timeout=300,
     )

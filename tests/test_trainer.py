@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 import warnings
 
 import pytest
@@ -520,6 +521,28 @@ def test_infinite_threshold_trainer_loss_is_gkds_loss(tiny, tokenizer, dataset, 
     torch.testing.assert_close(loss, gkd, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.9])
+def test_gate_off_trainer_loss_is_gkd_trainers_only_at_temperature_one(tiny, tokenizer, dataset, tmp_path,
+                                                                       temperature):
+    from trl.experimental.gkd import GKDConfig
+
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, entropy_threshold=float("inf"), temperature=temperature)
+    loss, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
+    gkd = GKDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], train_dataset=dataset,
+                     processing_class=tokenizer, args=GKDConfig(output_dir=str(tmp_path / "gkd"), bf16=False, beta=1.0,
+                                                                temperature=temperature, report_to=[]))
+    gkd.model.eval()
+    with torch.no_grad():
+        gkd_loss = gkd.compute_loss(gkd.model, batch)
+    if temperature == 1.0:
+        torch.testing.assert_close(loss, gkd_loss, rtol=1e-5, atol=1e-6)
+    else:
+        # GKD samples at 0.9 but scores at 1; EOPD scores at 0.9 too, as the float64 reference does.
+        assert not torch.allclose(loss, gkd_loss, rtol=1e-3, atol=0)
+        expected = _float64_loss(trainer, student_logits, teacher_logits, batch, None)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
 class _HeadWithExtraWork(torch.nn.Module):
     """An output layer that is not a bare `torch.nn.Linear` (as a quantised or adapted head would be)."""
 
@@ -661,3 +684,164 @@ def test_window_without_completion_tokens_is_zero_loss_without_gradient(tiny, to
     assert log["loss"] == 0.0 and log["eopd/reverse_kl"] == 0.0
     for name, parameter in trainer.model.named_parameters():
         assert torch.equal(parameter.detach(), before[name]), name
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming datasets
+
+
+def _generated_stream(rows):
+    """A stream whose features are unknown until a row is read, as after `IterableDataset.map`."""
+    from datasets import IterableDataset
+
+    def generate():
+        yield from rows
+
+    stream = IterableDataset.from_generator(generate)
+    assert stream.column_names is None
+    return stream
+
+
+@pytest.mark.parametrize("eval_form", ["stream", "dict"])
+def test_streaming_train_and_eval_datasets_train_and_evaluate(tiny, tokenizer, dataset, tmp_path, eval_form):
+    eval_rows = dataset.select(range(8))
+    eval_stream = eval_rows.to_iterable_dataset()
+    eval_dataset = eval_stream if eval_form == "stream" else {"known": eval_stream, "unknown": _generated_stream(
+        list(eval_rows))}
+    trainer = make_trainer(tiny, tokenizer, dataset.to_iterable_dataset(), tmp_path, eval_dataset=eval_dataset,
+                           max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    metrics = trainer.evaluate()
+    # Every row of a stream is scored: its eval loss is that of the same rows as a map-style dataset.
+    expected = trainer.evaluate(eval_dataset=eval_rows, metric_key_prefix="rows")["rows_loss"]
+    names = ["eval_loss"] if eval_form == "stream" else ["eval_known_loss", "eval_unknown_loss"]
+    for name in names:
+        assert metrics[name] == pytest.approx(expected, rel=1e-5)
+        assert math.isfinite(metrics[name.removesuffix("loss") + "eopd/teacher_entropy"])
+
+
+def test_streaming_dataset_checks_read_no_row_of_the_training_pass(tiny, tokenizer, dataset, tmp_path):
+    # Unknown features make the column check read a first row; training must still start at row 0.
+    trainer = make_trainer(tiny, tokenizer, _generated_stream(list(dataset)), tmp_path)
+    first = next(iter(trainer.get_train_dataloader()))
+    expected = trainer.data_collator([dataset[i] for i in range(trainer.args.per_device_train_batch_size)])
+    torch.testing.assert_close(first["prompts"], expected["prompts"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("field", ["train_dataset", "eval_dataset"])
+@pytest.mark.parametrize("features", ["known", "unknown"])
+def test_streaming_dataset_without_messages_column_is_named(tiny, tokenizer, dataset, tmp_path, field, features):
+    rows = [{"question": "1+1?", "answer": "2"}] * 2
+    bad = Dataset.from_list(rows).to_iterable_dataset() if features == "known" else _generated_stream(rows)
+    streams = {"train_dataset": dataset.to_iterable_dataset(), "eval_dataset": None}
+    streams[field] = bad if field == "train_dataset" else {"held_out": bad}
+    name = field if field == "train_dataset" else f"{field}['held_out']"
+    with pytest.raises(ValueError, match=rf"`{re.escape(name)}` has columns \['answer', 'question'\].*messages"):
+        EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=make_args(tmp_path),
+                    processing_class=tokenizer, **streams)
+
+
+def test_streaming_dataset_with_malformed_messages_or_no_rows_is_named(tiny, tokenizer, tmp_path):
+    malformed = Dataset.from_list([{"messages": [{"role": "user", "content": "1+1?"}]}] * 2).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"`train_dataset` column `messages` must hold lists of at least two"):
+        make_trainer(tiny, tokenizer, malformed, tmp_path)
+    with pytest.raises(ValueError, match=r"`train_dataset` is empty \(0 rows\)"):
+        make_trainer(tiny, tokenizer, _generated_stream([]), tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# GKD's API
+
+
+def test_generate_on_policy_outputs_is_gkds_static_method(tiny, tokenizer, dataset, tmp_path):
+    import inspect
+
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path)
+    assert isinstance(inspect.getattr_static(EOPDTrainer, "generate_on_policy_outputs"), staticmethod)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    student = trainer.accelerator.unwrap_model(trainer.model)
+    outputs = {}
+    for cls in (EOPDTrainer, GKDTrainer):
+        torch.manual_seed(3)
+        outputs[cls] = cls.generate_on_policy_outputs(student, batch, trainer.generation_config)
+    assert len(outputs[EOPDTrainer]) == 3
+    for ours, gkds in zip(outputs[EOPDTrainer], outputs[GKDTrainer]):
+        torch.testing.assert_close(ours, gkds, rtol=0, atol=0)
+    input_ids, _, labels = outputs[EOPDTrainer]
+    assert input_ids.shape[1] > batch["prompts"].shape[1]  # something was sampled
+    assert (labels[:, : batch["prompts"].shape[1]] == -100).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# num_items_in_batch outside the training loop
+
+
+def _float64_loss(trainer, student_logits, teacher_logits, batch, num_items_in_batch):
+    from reference import reference_eopd_loss
+
+    args = trainer.args
+    return reference_eopd_loss(
+        student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
+        entropy_threshold=args.entropy_threshold, forward_kl_coef=args.forward_kl_coef, gate=args.gate, beta=args.beta, temperature=args.temperature,
+        forward_kl_top_k=args.forward_kl_top_k, reverse_kl_estimator=args.reverse_kl_estimator,
+        num_items_in_batch=num_items_in_batch,
+    ).float()
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_eval_mode_compute_loss_divides_by_the_given_num_items(tiny, tokenizer, dataset, tmp_path, memory_efficient):
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, memory_efficient_loss=memory_efficient)
+    per_token, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    # As a caller summing an eval loss over several batches would: this batch's share of a larger token count.
+    num_items = torch.tensor(3 * tokens + 7)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
+    torch.testing.assert_close(loss, _float64_loss(trainer, student_logits, teacher_logits, batch, num_items),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(per_token, _float64_loss(trainer, student_logits, teacher_logits, batch, None),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+@pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
+def test_train_mode_compute_loss_divides_by_this_process_share(tiny, tokenizer, dataset, tmp_path, monkeypatch,
+                                                               memory_efficient, num_processes):
+    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, memory_efficient_loss=memory_efficient)
+    _, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
+    num_items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()) * 4)  # the whole window's, all processes
+    # Gradients are averaged over processes, so each one divides by its share: twice the loss on two processes.
+    monkeypatch.setattr(type(trainer.accelerator), "num_processes", property(lambda self: num_processes))
+    trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
+    expected = _float64_loss(trainer, student_logits, teacher_logits, batch, num_items / num_processes)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The README's Python quick start on a machine without bf16
+
+
+def test_python_quick_start_runs_where_bf16_is_unsupported(tmp_path, monkeypatch, caplog):
+    from transformers import training_args
+
+    monkeypatch.setattr(training_args, "is_torch_bf16_gpu_available", lambda: False)
+    monkeypatch.setattr(training_args, "is_torch_xla_available", lambda: False)
+    paths = save_tiny_setup(tmp_path / "tiny", num_examples=8)
+    tokenizer = AutoTokenizer.from_pretrained(paths["student"])
+    student = AutoModelForCausalLM.from_pretrained(paths["student"])
+    dataset = load_dataset("json", data_files=paths["dataset"], split="train")
+    with caplog.at_level(logging.INFO, logger="trl_eopd.config"):
+        # As in the README: no `bf16` argument.
+        args = EOPDConfig(output_dir=str(tmp_path / "run"), max_new_tokens=8, max_steps=2,
+                          per_device_train_batch_size=4, report_to=[], save_strategy="no")
+    assert args.bf16 is False
+    assert [r.getMessage() for r in caplog.records if "float32" in r.getMessage()]
+    trainer = EOPDTrainer(model=student, teacher_model=paths["teacher"], args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert next(trainer.model.parameters()).dtype == torch.float32
+

@@ -63,20 +63,20 @@ def test_max_model_length_must_leave_room_for_a_prompt(tmp_path):
 
 
 def test_use_vllm_with_seq_kd_is_rejected(tmp_path, monkeypatch):
-    monkeypatch.setattr("trl_eopd.vllm_rollouts.is_vllm_installed", lambda: True)
+    monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: True)
     with pytest.raises(ValueError, match=r"`use_vllm=True` cannot be combined with `seq_kd=True`"):
         _config(tmp_path, use_vllm=True, seq_kd=True, lmbda=0.5)
 
 
 def test_use_vllm_without_vllm_names_the_extra(tmp_path, monkeypatch):
-    monkeypatch.setattr("trl_eopd.vllm_rollouts.is_vllm_installed", lambda: False)
+    monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: False)
     with pytest.raises(ValueError, match=r'pip install "trl-eopd\[vllm\]"'):
         _config(tmp_path, use_vllm=True)
     assert not _config(tmp_path).use_vllm  # off by default, so nothing needs vLLM
 
 
 def test_cli_parses_the_vllm_fields(tmp_path):
-    from trl_eopd.train import make_parser
+    from trl_eopd.cli.train import make_parser
 
     _, args, _ = make_parser().parse_args_and_config(
         ["--output_dir", str(tmp_path), "--vllm_mode", "server", "--vllm_server_base_url", "http://10.0.0.2:8000",

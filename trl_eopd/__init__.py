@@ -11,7 +11,9 @@ __version__ = "0.1.0"
 _LAZY = {
     "EOPDConfig": ".config",
     "EOPDTrainer": ".trainer",
+    "EOPDLossOptions": ".loss",
     "EOPDStats": ".loss",
+    "chunked_eopd_loss_and_stats": ".loss",
     "eopd_loss": ".loss",
     "eopd_loss_and_stats": ".loss",
 }
@@ -29,4 +31,13 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = ["EOPDConfig", "EOPDStats", "EOPDTrainer", "eopd_loss", "eopd_loss_and_stats", "__version__"]
+__all__ = [
+    "EOPDConfig",
+    "EOPDLossOptions",
+    "EOPDStats",
+    "EOPDTrainer",
+    "chunked_eopd_loss_and_stats",
+    "eopd_loss",
+    "eopd_loss_and_stats",
+    "__version__",
+]

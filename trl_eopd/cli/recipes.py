@@ -12,7 +12,8 @@ import difflib
 import os
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+# The recipes are package data of `trl_eopd` (the repository's `recipes/` links to them).
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ACCELERATE_DIR = RECIPES_DIR / "accelerate"
 
 _YAML_SUFFIXES = (".yaml", ".yml")

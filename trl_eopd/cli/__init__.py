@@ -12,9 +12,8 @@ import sys
 
 SUBCOMMANDS = {
     "demo": ("trl_eopd.demo.cli:main", "OPD vs EOPD on a built-in synthetic reasoning task, on CPU, with no download."),
-    "quickstart": ("trl_eopd.quickstart:main", "Install check: a few EOPD steps on tiny local models; print metrics."),
-    "train": ("trl_eopd.train:cli_main", "Train with a recipe on one process: `trl-eopd train --config recipe.yaml`."),
-    "launch": ("trl_eopd.launch:launch_main", "Deprecated: use `accelerate launch ... scripts/eopd.py --config ...`."),
+    "quickstart": ("trl_eopd.cli.quickstart:main", "Install check: a few EOPD steps on tiny local models; print metrics."),
+    "train": ("trl_eopd.cli.train:cli_main", "Train with a recipe on one process: `trl-eopd train --config recipe.yaml`."),
     "eval": ("trl_eopd.evaluation.cli:main", "Avg@k / Pass@k of a checkpoint on MATH500, AIME, AMC, Minerva, OlympiadBench."),
 }
 
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command in ("-V", "--version"):
-        from . import __version__
+        from .. import __version__
 
         print(f"trl-eopd {__version__}")
         return 0
@@ -47,7 +46,3 @@ def main(argv: list[str] | None = None) -> int:
     module_name, function_name = SUBCOMMANDS[command][0].split(":")
     result = getattr(importlib.import_module(module_name), function_name)(rest)
     return int(result or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -26,7 +26,7 @@ def tiny_dir() -> Path:
 
 def ensure_tiny_setup() -> dict[str, str]:
     """Build the tiny models and dataset once; safe when several processes (or nodes) race to do it."""
-    from .tiny import save_tiny_setup
+    from ..tiny import save_tiny_setup
 
     root = tiny_dir()
     paths = {"student": str(root / "student"), "teacher": str(root / "teacher"), "train": str(root / "train.jsonl")}

@@ -3,146 +3,18 @@
 This module is pure: it holds no trainer state and can be used on any pair of already-shifted logits. The formula is
 the paper's (Entropy-Aware On-Policy Distillation, arXiv 2603.07079), written out in the README's "How EOPD works"
 section: a base divergence on every loss token plus a forward KL on the tokens where the teacher's entropy exceeds a
-threshold.
+threshold. The options and their defaults are [`EOPDLossOptions`]'s.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
-GATES = ("augment", "switch")
-REVERSE_KL_ESTIMATORS = ("analytic", "sampled")
-
-
-def validate_eopd_options(
-    *,
-    entropy_threshold: float,
-    forward_kl_coef: float,
-    gate: str,
-    beta: float,
-    temperature: float,
-    forward_kl_top_k: int | None,
-    reverse_kl_estimator: str,
-    lmbda: float | None = None,
-    seq_kd: bool | None = None,
-    monitor_entropy_threshold: float | None = None,
-) -> None:
-    """Raise a `ValueError` naming the field and the allowed values for the first invalid EOPD option.
-
-    `lmbda` and `seq_kd` only matter to the trainer (they decide where the tokens come from), so the pure loss leaves
-    them out; the config passes them so that the "sampled" estimator is only accepted on purely on-policy data.
-    """
-    if not isinstance(entropy_threshold, Real) or math.isnan(entropy_threshold) or entropy_threshold < 0:
-        raise ValueError(
-            f"`entropy_threshold` must be a number >= 0 in nats, or float('inf') to switch the gate off (plain OPD); "
-            f"got {entropy_threshold!r}."
-        )
-    if not isinstance(forward_kl_coef, Real) or not math.isfinite(forward_kl_coef) or forward_kl_coef < 0:
-        raise ValueError(f"`forward_kl_coef` must be a finite number >= 0; got {forward_kl_coef!r}.")
-    if gate not in GATES:
-        raise ValueError(f"`gate` must be one of {GATES}; got {gate!r}.")
-    if not isinstance(beta, Real) or math.isnan(beta) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"`beta` must be in [0.0, 1.0] (1.0 is reverse KL, 0.0 forward KL); got {beta!r}.")
-    if not isinstance(temperature, Real) or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"`temperature` must be a finite number > 0; got {temperature!r}.")
-    if forward_kl_top_k is not None and (
-        isinstance(forward_kl_top_k, bool) or not isinstance(forward_kl_top_k, Integral) or forward_kl_top_k < 1
-    ):
-        raise ValueError(
-            f"`forward_kl_top_k` must be None (full vocabulary) or an integer >= 1; got {forward_kl_top_k!r}."
-        )
-    if monitor_entropy_threshold is not None and (
-        not isinstance(monitor_entropy_threshold, Real)
-        or isinstance(monitor_entropy_threshold, bool)
-        or not math.isfinite(monitor_entropy_threshold)
-        or monitor_entropy_threshold < 0
-    ):
-        raise ValueError(
-            f"`monitor_entropy_threshold` must be a finite number >= 0 in nats (the paper's analyses use 0.8); got "
-            f"{monitor_entropy_threshold!r}."
-        )
-    if reverse_kl_estimator not in REVERSE_KL_ESTIMATORS:
-        raise ValueError(f"`reverse_kl_estimator` must be one of {REVERSE_KL_ESTIMATORS}; got {reverse_kl_estimator!r}.")
-    if reverse_kl_estimator == "sampled":
-        # The sampled estimator is a policy gradient: it is only unbiased on tokens the student itself sampled.
-        problems = []
-        if beta != 1.0:
-            problems.append(f"`beta=1.0` (got {beta!r})")
-        if lmbda is not None and lmbda != 1.0:
-            problems.append(f"`lmbda=1.0` (got {lmbda!r})")
-        if seq_kd:
-            problems.append("`seq_kd=False` (got True)")
-        if problems:
-            raise ValueError(
-                "`reverse_kl_estimator='sampled'` is a policy-gradient estimate that is only valid on the student's "
-                "own samples, so it requires " + ", ".join(problems) + ". Use `reverse_kl_estimator='analytic'` "
-                "otherwise."
-            )
-
-
-DEFAULT_MONITOR_ENTROPY_THRESHOLD = 0.8
-
-
-@dataclass
-class EOPDStats:
-    """Sums over the loss tokens of one batch, detached from the graph.
-
-    Sums (not means) are kept so that callers can add them across micro-batches, steps and processes and divide once:
-    a mean of per-batch means would weight a short batch's tokens more than a long batch's.
-
-    Fields about the gate (`num_high_entropy`, `forward_kl_high_entropy`) use the loss's `entropy_threshold`, so they
-    are 0 when the gate is off (plain OPD). The `*_monitor` fields use `monitor_entropy_threshold`, which does not
-    depend on the gate, so that OPD and EOPD runs can be compared by them. `loss_base` and `loss_forward` are the two
-    terms exactly as they enter the loss, so that loss * divisor = loss_base + forward_kl_coef * loss_forward.
-    """
-
-    num_tokens: torch.Tensor
-    num_high_entropy: torch.Tensor
-    teacher_entropy: torch.Tensor
-    student_entropy: torch.Tensor
-    reverse_kl: torch.Tensor
-    forward_kl: torch.Tensor
-    forward_kl_high_entropy: torch.Tensor
-    loss_base: torch.Tensor
-    loss_forward: torch.Tensor
-    num_teacher_high_entropy_monitor: torch.Tensor
-    num_student_high_entropy_monitor: torch.Tensor
-    forward_kl_teacher_high_entropy_monitor: torch.Tensor
-
-    def to_tensor(self) -> torch.Tensor:
-        """Pack into one float64 vector, so a single collective can reduce every statistic at once."""
-        return torch.stack([getattr(self, f.name).detach().to(torch.float64).reshape(()) for f in fields(self)])
-
-    @classmethod
-    def from_tensor(cls, packed: torch.Tensor) -> EOPDStats:
-        return cls(*packed.unbind(-1))
-
-    def means(self) -> dict[str, float]:
-        """Per-token means, named as they are logged (`eopd/...`). Empty batches give 0.0, not NaN."""
-        n = max(float(self.num_tokens), 1.0)
-        n_high = max(float(self.num_high_entropy), 1.0)
-        n_teacher_high = max(float(self.num_teacher_high_entropy_monitor), 1.0)
-        return {
-            "eopd/teacher_entropy": float(self.teacher_entropy) / n,
-            "eopd/student_entropy": float(self.student_entropy) / n,
-            "eopd/high_entropy_ratio": float(self.num_high_entropy) / n,
-            "eopd/reverse_kl": float(self.reverse_kl) / n,
-            "eopd/forward_kl": float(self.forward_kl) / n,
-            "eopd/forward_kl_high_entropy": float(self.forward_kl_high_entropy) / n_high,
-            "eopd/loss_base": float(self.loss_base) / n,
-            "eopd/loss_forward_gated": float(self.loss_forward) / n,
-            "eopd/monitor/teacher_high_entropy_ratio": float(self.num_teacher_high_entropy_monitor) / n,
-            "eopd/monitor/student_high_entropy_ratio": float(self.num_student_high_entropy_monitor) / n,
-            "eopd/monitor/forward_kl_teacher_high_entropy": (
-                float(self.forward_kl_teacher_high_entropy_monitor) / n_teacher_high
-            ),
-        }
+from .options import IGNORE_INDEX, EOPDLossOptions
+from .stats import EOPDStats
 
 
 def generalized_jsd_per_token(student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, beta: float):
@@ -219,17 +91,11 @@ def eopd_loss_and_stats(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
+    options: EOPDLossOptions | None = None,
     *,
-    entropy_threshold: float = 0.8,
-    forward_kl_coef: float = 1.0,
-    gate: str = "augment",
-    beta: float = 1.0,
-    temperature: float = 1.0,
-    forward_kl_top_k: int | None = None,
-    reverse_kl_estimator: str = "analytic",
     num_items_in_batch: torch.Tensor | int | None = None,
-    monitor_entropy_threshold: float = DEFAULT_MONITOR_ENTROPY_THRESHOLD,
     target_log_probs_out: torch.Tensor | None = None,
+    **option_overrides,
 ) -> tuple[torch.Tensor, EOPDStats]:
     """Like [`eopd_loss`], and also returns the detached [`EOPDStats`] of the batch, computed from the same logits.
 
@@ -238,16 +104,10 @@ def eopd_loss_and_stats(
     `(num_loss_tokens,)` that receives the student's tempered log-probability of each label, detached, in the order of
     `labels[labels != -100]` (a sampler's log-probabilities can be compared with it at no extra forward pass).
     """
-    validate_eopd_options(
-        entropy_threshold=entropy_threshold,
-        forward_kl_coef=forward_kl_coef,
-        gate=gate,
-        beta=beta,
-        temperature=temperature,
-        forward_kl_top_k=forward_kl_top_k,
-        reverse_kl_estimator=reverse_kl_estimator,
-        monitor_entropy_threshold=monitor_entropy_threshold,
-    )
+    opts = EOPDLossOptions.resolve(options, option_overrides)
+    entropy_threshold, forward_kl_coef, gate = opts.entropy_threshold, opts.forward_kl_coef, opts.gate
+    beta, temperature, forward_kl_top_k = opts.beta, opts.temperature, opts.forward_kl_top_k
+    reverse_kl_estimator, monitor_entropy_threshold = opts.reverse_kl_estimator, opts.monitor_entropy_threshold
     _check_inputs(student_logits, teacher_logits, labels)
 
     # Only loss positions are upcast and normalised: prompt and padding rows never become float32 vocab-sized copies.
@@ -326,15 +186,10 @@ def eopd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
+    options: EOPDLossOptions | None = None,
     *,
-    entropy_threshold: float = 0.8,
-    forward_kl_coef: float = 1.0,
-    gate: str = "augment",
-    beta: float = 1.0,
-    temperature: float = 1.0,
-    forward_kl_top_k: int | None = None,
-    reverse_kl_estimator: str = "analytic",
     num_items_in_batch: torch.Tensor | int | None = None,
+    **option_overrides,
 ) -> torch.Tensor:
     """Entropy-aware on-policy distillation loss.
 
@@ -357,38 +212,18 @@ def eopd_loss(
             Teacher logits, same shape as `student_logits`.
         labels (`torch.Tensor`):
             Token ids of shape `(batch, seq)`, with -100 where no loss is taken.
-        entropy_threshold (`float`, *optional*, defaults to `0.8`):
-            Teacher entropy (nats) above which the forward KL is applied. `float("inf")` gives plain OPD.
-        forward_kl_coef (`float`, *optional*, defaults to `1.0`):
-            Weight of the forward KL on gated tokens.
-        gate (`str`, *optional*, defaults to `"augment"`):
-            `"augment"` adds the forward KL to the base term, `"switch"` replaces the base term with it.
-        beta (`float`, *optional*, defaults to `1.0`):
-            Generalized-JSD interpolation of the `"analytic"` base term; 1.0 is the reverse KL.
-        temperature (`float`, *optional*, defaults to `1.0`):
-            Softmax temperature applied to both models before every divergence and the entropy.
-        forward_kl_top_k (`int` or `None`, *optional*, defaults to `None`):
-            Restrict the forward KL to the teacher's top-k tokens (the paper used 16). None uses the full vocabulary.
-        reverse_kl_estimator (`str`, *optional*, defaults to `"analytic"`):
-            `"analytic"` for the exact divergence, `"sampled"` for the paper's sampled policy-gradient estimate.
+        options ([`EOPDLossOptions`], *optional*):
+            The loss options; defaults to `EOPDLossOptions()`, the paper's.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*):
             Divisor for the summed loss, e.g. the loss-token count of a whole gradient-accumulation window. 0 (a
             window without any loss token) gives a loss of 0, not NaN.
+        **option_overrides:
+            Any field of [`EOPDLossOptions`] by name (e.g. `entropy_threshold=1.0`), replacing its value in `options`.
 
     Returns:
         `torch.Tensor`: the scalar loss. A batch with no loss token gives 0 with a gradient path.
     """
     loss, _ = eopd_loss_and_stats(
-        student_logits,
-        teacher_logits,
-        labels,
-        entropy_threshold=entropy_threshold,
-        forward_kl_coef=forward_kl_coef,
-        gate=gate,
-        beta=beta,
-        temperature=temperature,
-        forward_kl_top_k=forward_kl_top_k,
-        reverse_kl_estimator=reverse_kl_estimator,
-        num_items_in_batch=num_items_in_batch,
+        student_logits, teacher_logits, labels, options, num_items_in_batch=num_items_in_batch, **option_overrides
     )
     return loss

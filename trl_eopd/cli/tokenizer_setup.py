@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _compat
+from .. import _compat
 from .errors import UsageError
 
 

@@ -4,7 +4,7 @@ One process:         trl-eopd train --config tiny-cpu
 Several processes:   accelerate launch --config_file recipes/accelerate/zero3.yaml --num_processes 8 \\
                          scripts/eopd.py --config recipes/qwen3-4b-dapo-eopd.yaml
 
-(`scripts/eopd.py` is this module as a file; `python -m trl_eopd.train` runs it too.) Every check that can fail on
+(`scripts/eopd.py` is this module as a file; `python -m trl_eopd.cli.train` runs it too.) Every check that can fail on
 user input (recipe keys, dataset columns, teacher/student vocabularies, checkpoint and config paths) runs before any
 model weights are loaded, so a typo costs seconds, not a model download.
 """
@@ -15,7 +15,7 @@ import dataclasses
 import json
 import sys
 
-from ._recipes import list_accelerate_configs, list_recipes
+from .recipes import list_accelerate_configs, list_recipes
 from .errors import UsageError
 from .parsing import PROG, is_main_process
 from .parsing import parse_args as _parse_with_checks
@@ -29,11 +29,9 @@ def make_parser(prog: str = PROG):
     from trl import ModelConfig, TrlParser
     from trl.trainer.sft_config import SFTConfig
 
-    from ._compat import regroup_help
-    from .config import (
-        EOPDConfig,
-        GKDConfig,  # imported there with TRL's experimental-API warning silenced
-    )
+    from .._compat import regroup_help
+    from .._gkd import GKDConfig
+    from ..config import EOPDConfig
 
     parser = TrlParser(
         (EOPDScriptArguments, EOPDConfig, ModelConfig),
@@ -82,11 +80,13 @@ def _activation_checkpointing(training_args) -> bool:
     return bool(training_args.gradient_checkpointing)
 
 
-def main(script_args: EOPDScriptArguments, training_args, model_args) -> None:
-    """Validate everything that can be validated cheaply, then build the trainer, train, evaluate and save."""
+def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=None) -> None:
+    """Validate everything that can be validated cheaply, then build the trainer, train, evaluate and save.
+
+    `callbacks` are handed to the trainer, as `Trainer(callbacks=...)` takes them.
+    """
     from accelerate import PartialState
 
-    from . import _testing
     from .data import load_datasets
     from .preflight import announce_overwrite, check_vocabularies, resume_target
     from .tiny_cache import resolve_tiny
@@ -123,8 +123,8 @@ def main(script_args: EOPDScriptArguments, training_args, model_args) -> None:
 
     from trl import get_peft_config, get_quantization_config
 
-    from ._quiet import harmless_warnings_silenced
-    from .trainer import EOPDTrainer
+    from ..trainer import EOPDTrainer
+    from .quiet import harmless_warnings_silenced
 
     quantization_config = get_quantization_config(model_args)
     model_init_kwargs = {
@@ -160,6 +160,7 @@ def main(script_args: EOPDScriptArguments, training_args, model_args) -> None:
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=get_peft_config(model_args),
+            callbacks=callbacks,
         )
         _log(state, f"training {student} from teacher {teacher} on {len(train_dataset)} rows")
         trainer.train(resume_from_checkpoint=resume)
@@ -175,17 +176,13 @@ def main(script_args: EOPDScriptArguments, training_args, model_args) -> None:
     trainer.accelerator.wait_for_everyone()
     _log(state, f"saved the student to {training_args.output_dir}")
 
-    if _testing.requested():
-        with harmless_warnings_silenced():
-            _testing.save_artifacts(trainer, training_args.output_dir)
-
     if hasattr(trainer, "end"):
         trainer.end()
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     """`trl-eopd train`: parse the recipe and flags, then train. Returns 0, or exits with status 2 on bad input."""
-    from ._quiet import tell_deepspeed_when_cpu_only
+    from .quiet import tell_deepspeed_when_cpu_only
 
     tell_deepspeed_when_cpu_only()
     try:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from ._paths import missing_local_path
+from .._paths import missing_local_path
 from .errors import UsageError
 
 

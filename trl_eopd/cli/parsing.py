@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._recipes import recipe_path
+from .recipes import recipe_path
 from .errors import UsageError
 
 PROG = "trl-eopd train"
@@ -74,8 +74,8 @@ def load_recipe(path: Path, valid: list[str]) -> dict[str, Any]:
 
 def parse_args(parser, argv: list[str] | None = None):
     """Parse argv (and its `--config` recipe) with `parser` into its dataclasses, naming unknown keys and flags."""
-    from ._cpu_deepspeed import check_launcher_precision, needs_gloo
-    from ._quiet import harmless_prints_dropped
+    from .cpu_deepspeed import check_launcher_precision, needs_gloo
+    from .quiet import harmless_prints_dropped
 
     argv = list(sys.argv[1:] if argv is None else argv)
     valid = valid_keys(parser)

@@ -82,3 +82,9 @@ def project(hidden: torch.Tensor, projection: OutputProjection) -> torch.Tensor:
     if projection.softcap is not None:
         logits = projection.softcap * torch.tanh(logits / projection.softcap)
     return logits
+
+
+def last_hidden_state(causal_lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The backbone's last (normalised) hidden state: what the output projection turns into logits."""
+    backbone = backbone_of(unwrap_peft_model(causal_lm))
+    return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state

@@ -19,16 +19,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be >= 1")
 
-    from ._quiet import harmless_warnings_silenced, tell_deepspeed_when_cpu_only
+    from .quiet import tell_deepspeed_when_cpu_only
 
     tell_deepspeed_when_cpu_only()
+    if args.output_dir is not None:
+        trainer = _run(args, args.output_dir)
+        saved = f"Saved the student to {args.output_dir}/run/final"
+    else:
+        # Nothing of a default run is worth keeping (random models): it leaves no folder behind.
+        with tempfile.TemporaryDirectory(prefix="trl-eopd-quickstart-") as output_dir:
+            trainer = _run(args, output_dir)
+        saved = "Ran in a temporary folder, now removed; pass --output-dir DIR to keep the models and the student."
+
+    rows = [log for log in trainer.state.log_history if "loss" in log]
+    # loss = loss_base + forward_kl_coef * loss_forward_gated: the first three columns show the loss from its parts.
+    keys = ["loss", "eopd/loss_base", "eopd/loss_forward_gated", "eopd/teacher_entropy", "eopd/student_entropy",
+            "eopd/high_entropy_ratio", "eopd/reverse_kl", "eopd/forward_kl"]
+    print("EOPD metrics per step (tiny random models, so values only show the pipeline runs):")
+    print(" | ".join(["step"] + [key.removeprefix("eopd/") for key in keys]))
+    for row in rows:
+        print(" | ".join([str(row["step"])] + [f"{row[key]:.4f}" for key in keys]))
+    print(f"\n{saved}")
+    return 0
+
+
+def _run(args, output_dir: str):
     from datasets import load_dataset
     from transformers import AutoTokenizer, PrinterCallback
 
-    from . import EOPDConfig, EOPDTrainer
-    from .tiny import save_tiny_setup
+    from .. import EOPDConfig, EOPDTrainer
+    from ..tiny import save_tiny_setup
+    from .quiet import harmless_warnings_silenced
 
-    output_dir = args.output_dir or tempfile.mkdtemp(prefix="trl-eopd-quickstart-")
     paths = save_tiny_setup(f"{output_dir}/tiny")
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     dataset = load_dataset("json", data_files=paths["dataset"], split="train")
@@ -59,14 +81,4 @@ def main(argv: list[str] | None = None) -> int:
         trainer.train()
         trainer.evaluate()
         trainer.save_model(f"{output_dir}/run/final")
-
-    rows = [log for log in trainer.state.log_history if "loss" in log]
-    # loss = loss_base + forward_kl_coef * loss_forward_gated: the first three columns show the loss from its parts.
-    keys = ["loss", "eopd/loss_base", "eopd/loss_forward_gated", "eopd/teacher_entropy", "eopd/student_entropy",
-            "eopd/high_entropy_ratio", "eopd/reverse_kl", "eopd/forward_kl"]
-    print("EOPD metrics per step (tiny random models, so values only show the pipeline runs):")
-    print(" | ".join(["step"] + [key.removeprefix("eopd/") for key in keys]))
-    for row in rows:
-        print(" | ".join([str(row["step"])] + [f"{row[key]:.4f}" for key in keys]))
-    print(f"\nSaved the student to {output_dir}/run/final")
-    return 0
+    return trainer

@@ -7,7 +7,17 @@ gradient is pushed through the projection immediately, so the backward pass only
 nothing is recomputed and no chunk's logits outlive its iteration. Peak memory is therefore a few `(chunk_size, vocab)`
 float32 buffers plus the `(vocab, hidden)` weight gradient, whatever the number of tokens.
 
-The values match [`trl_eopd.eopd_loss_and_stats`] on full logits `softcap(scale * (hidden @ weight.T + bias))`.
+The values match [`trl_eopd.eopd_loss_and_stats`] on full logits `softcap(scale * (hidden @ weight.T + bias))`; the
+float64 reference tests hold both to the formula.
+
+Why closed-form gradients, and why not TRL 1.16's `trl.kernels.chunked_divergence.ChunkedDivergenceFunction` (what
+`DistillationTrainer` uses): that function returns one divergence and the student's entropy per token. EOPD needs, in
+the same pass, the teacher's entropy (the gate), a second divergence on gated tokens (the top-k renormalised forward
+KL, or the full one), the sampled estimator's token log-probs and the monitor statistics. Built from it, the loss
+would project both models once per divergence in the forward pass and again in its backward pass, which recomputes
+the tiles. Here each chunk is projected once: every term, and the student's logit gradient of their weighted sum
+(short closed forms, one per divergence, below), come from the same `(chunk, vocab)` buffers, and the gradient is
+pushed through the projection before the next chunk. `docs/benchmarks.md` has the measured step times and memory.
 
 Layout: the projection (both models' tempered logits, and the way back to the student's parameters), the per-token
 terms (one short function per divergence), their closed-form gradients (one short function per divergence), then the
@@ -23,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .loss import DEFAULT_MONITOR_ENTROPY_THRESHOLD, EOPDStats, validate_eopd_options
+from .options import EOPDLossOptions
+from .stats import EOPDStats
 
 # Columns of the per-token statistics table filled chunk by chunk; summing whole columns at the end keeps the
 # reduction order close to the full-logits reference.
@@ -45,19 +56,13 @@ _NUM_COLUMNS = 12
 
 
 @dataclass(frozen=True)
-class _Options:
-    entropy_threshold: float
-    forward_kl_coef: float
-    gate: str
-    beta: float
-    temperature: float
-    forward_kl_top_k: int | None
-    reverse_kl_estimator: str
-    monitor_entropy_threshold: float
-    student_logit_scale: float
-    teacher_logit_scale: float
-    student_softcap: float | None
-    teacher_softcap: float | None
+class _Options(EOPDLossOptions):
+    """The loss options plus how each model turns hidden states into logits."""
+
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
 
 
 # ------------------------------------------------------------------------------------------------------ projection
@@ -515,17 +520,11 @@ def chunked_eopd_loss_and_stats(
     teacher_logit_scale: float = 1.0,
     student_softcap: float | None = None,
     teacher_softcap: float | None = None,
-    entropy_threshold: float = 0.8,
-    forward_kl_coef: float = 1.0,
-    gate: str = "augment",
-    beta: float = 1.0,
-    temperature: float = 1.0,
-    forward_kl_top_k: int | None = None,
-    reverse_kl_estimator: str = "analytic",
+    options: EOPDLossOptions | None = None,
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
-    monitor_entropy_threshold: float = DEFAULT_MONITOR_ENTROPY_THRESHOLD,
     target_log_probs_out: Tensor | None = None,
+    **option_overrides,
 ) -> tuple[Tensor, EOPDStats]:
     """EOPD loss and statistics computed from hidden states, a chunk of tokens at a time.
 
@@ -559,32 +558,23 @@ def chunked_eopd_loss_and_stats(
             If set, the student's logits are `c * tanh(logits / c)`.
         teacher_softcap (`float`, *optional*):
             If set, the teacher's logits are `c * tanh(logits / c)`.
-        entropy_threshold, forward_kl_coef, gate, beta, temperature, forward_kl_top_k, reverse_kl_estimator:
-            As in [`eopd_loss`].
+        options ([`EOPDLossOptions`], *optional*):
+            The loss options; defaults to `EOPDLossOptions()`, the paper's.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*):
             Divisor for the summed loss; defaults to `max(N, 1)`. 0 (no loss token in the whole window) gives 0.
         chunk_size (`int`, *optional*, defaults to `256`):
             Tokens per chunk. Peak memory grows as `2 * 2 * chunk_size * V` float32 values.
-        monitor_entropy_threshold (`float`, *optional*, defaults to `0.8`):
-            As in [`eopd_loss_and_stats`]: only the statistics' `*_monitor` fields depend on it.
         target_log_probs_out (`torch.Tensor`, *optional*):
             As in [`eopd_loss_and_stats`]: a float32 tensor of shape `(N,)` that receives the student's tempered
             log-probability of each target, detached.
+        **option_overrides:
+            Any field of [`EOPDLossOptions`] by name, replacing its value in `options`.
 
     Returns:
         `tuple[torch.Tensor, EOPDStats]`: the scalar float32 loss (0 with a gradient path when `N == 0`) and the
         detached statistics of the batch.
     """
-    validate_eopd_options(
-        entropy_threshold=entropy_threshold,
-        forward_kl_coef=forward_kl_coef,
-        gate=gate,
-        beta=beta,
-        temperature=temperature,
-        forward_kl_top_k=forward_kl_top_k,
-        reverse_kl_estimator=reverse_kl_estimator,
-        monitor_entropy_threshold=monitor_entropy_threshold,
-    )
+    loss_options = EOPDLossOptions.resolve(options, option_overrides)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be an integer >= 1; got {chunk_size!r}.")
     for name, value in (("student_softcap", student_softcap), ("teacher_softcap", teacher_softcap)):
@@ -619,14 +609,7 @@ def chunked_eopd_loss_and_stats(
         # The whole accumulation window has no loss token, so this batch's summed loss is 0 too: keep it 0, not NaN.
         divisor = 1.0
     opts = _Options(
-        entropy_threshold=float(entropy_threshold),
-        forward_kl_coef=float(forward_kl_coef),
-        gate=gate,
-        beta=float(beta),
-        temperature=float(temperature),
-        forward_kl_top_k=forward_kl_top_k,
-        reverse_kl_estimator=reverse_kl_estimator,
-        monitor_entropy_threshold=float(monitor_entropy_threshold),
+        **{name: getattr(loss_options, name) for name in EOPDLossOptions.names()},
         student_logit_scale=float(student_logit_scale),
         teacher_logit_scale=float(teacher_logit_scale),
         student_softcap=None if student_softcap is None else float(student_softcap),
