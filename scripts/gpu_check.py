@@ -41,10 +41,11 @@ and triton but no trl or datasets). Once, here, in the repository root:
 xxhash, fsspec, huggingface-hub, accelerate, psutil, jinja2) is in the image. The four wheels are 1.8 MiB together,
 far under the 64 MiB a call may carry. Then one call:
 
-    run(command="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
-                 .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit; python3 -m pip show pyarrow transformers
-                 | grep -E '^(Name|Version)'; PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1 python3 scripts/gpu_check.py
-                 --preset h200 --out $OUT 2>&1 | tee $OUT/log.txt",
+    run(command="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
+                 --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD || exit;
+                 python3 -m pip show pyarrow transformers | grep -E '^(Name|Version)';
+                 PYTHONUNBUFFERED=1 TRL_EXPERIMENTAL_SILENCE=1 python3 scripts/gpu_check.py --preset h200
+                 --out $OUT 2>&1 | tee $OUT/log.txt",
         carry=[".whl"], timeout_s=540)
 
 (one line in the call). `--budget-s` (default 420 on h200) skips what is left once that much wall time has passed, so
@@ -122,7 +123,8 @@ TOLERANCES = {
 }
 TOLERANCE_REASONS = {
     "float32": "float32 arithmetic: log-sum-exp over the vocabulary and the chunked sums differ from float64 in the "
-    "last bits only (~1e-6 relative on this CPU); 1e-4 leaves room for longer sums and cancellation in small KL values on a GPU, and still catches a 0.1% error.",
+    "last bits only (~1e-6 relative on a CPU); 1e-4 leaves room for longer sums and cancellation in small KL values "
+    "on a GPU, and still catches a 0.1% error.",
     "bfloat16": "the reference is float64 math on the model's own bf16 logits (F.linear in bf16, as the lm_head "
     "computes them). The chunked loss computes everything after the projection in float32, so the value and the "
     "statistics keep float32-level error plus rare one-ulp logit differences between a chunk's and the whole "
@@ -132,7 +134,7 @@ TOLERANCE_REASONS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------- the code under test
+# ---------------------------------------------------------------------------------------------- the code under test
 
 
 def chunked_loss_module():
@@ -270,7 +272,8 @@ def reference_from_logits(student_logits, teacher_logits, targets, *, entropy_th
         ids = targets.unsqueeze(-1)
         k = (log_q.gather(-1, ids) - log_p.gather(-1, ids)).squeeze(-1)
         # value k, gradient k * grad log q(y): the policy-gradient surrogate
-        base = k.detach() + k.detach() * (log_q.gather(-1, ids).squeeze(-1) - log_q.gather(-1, ids).squeeze(-1).detach())
+        sampled_log_q = log_q.gather(-1, ids).squeeze(-1)
+        base = k.detach() + k.detach() * (sampled_log_q - sampled_log_q.detach())
     elif beta == 1.0:
         base = reverse_kl
     elif beta == 0.0:
@@ -618,7 +621,8 @@ def run_loss_stage(preset, device, dtype, record, out_dir):
         try:
             results[name] = timed_runs(function, device, shape["warmup"], shape["repeats"])
         except Exception as error:  # noqa: BLE001 - an OOM is a result; anything else is reported and fails the run
-            results[name] = {"status": "oom" if is_oom(error) else "error", "error": f"{type(error).__name__}: {error}"}
+            status = "oom" if is_oom(error) else "error"
+            results[name] = {"status": status, "error": f"{type(error).__name__}: {error}"}
             if not is_oom(error):
                 traceback.print_exc()
         free_memory(device)
@@ -836,8 +840,8 @@ def run_training_steps(preset, device, dtype, record, out_dir):
                     one_step(name, trainer, batch, device)
                     elapsed = time.perf_counter() - start
                 label = "warmup" if round_index < steps["warmup"] else "timed"
-                print(f"[{label} {round_index}] {name:12s} step {elapsed:7.3f} s  rollout {timers[name].seconds:7.3f} s"
-                      f"  peak +{peak.bytes / 2**20:.0f} MiB", flush=True)  # fmt: skip
+                print(f"[{label} {round_index}] {name:12s} step {elapsed:7.3f} s  rollout "
+                      f"{timers[name].seconds:7.3f} s  peak +{peak.bytes / 2**20:.0f} MiB", flush=True)  # fmt: skip
                 if round_index >= steps["warmup"]:
                     measured[name].append((elapsed, timers[name].seconds, peak.bytes))
         tokens = steps["batch"] * steps["new_tokens"]

@@ -79,7 +79,9 @@ def test_correctness_covers_every_option_and_passes(tiny_report):
     assert report["correctness"]["passed"] and all(case["passed"] for case in cases)
     for dtype in ("float32", "bfloat16"):
         options = {
-            (c["gate"], c["reverse_kl_estimator"], c["beta"], c["forward_kl_top_k"]) for c in cases if c["dtype"] == dtype
+            (c["gate"], c["reverse_kl_estimator"], c["beta"], c["forward_kl_top_k"])
+            for c in cases
+            if c["dtype"] == dtype
         }
         assert len(options) == 2 * 4 * 2, dtype
         assert any(c["head"] == "bias_scale_softcap" for c in cases if c["dtype"] == dtype)

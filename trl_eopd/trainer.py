@@ -342,7 +342,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         if self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
             loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch, target_log_probs)
         else:
-            loss, stats, diagnose, outputs = self._full_logits_loss(model, inputs, num_items_in_batch, target_log_probs)
+            loss, stats, diagnose, outputs = self._full_logits_loss(
+                model, inputs, num_items_in_batch, target_log_probs
+            )
         self._record_metrics(mode, loss, stats, diagnose)
         if sampler_logprobs is not None:
             self._vllm_rollouts.record_mismatch(sampler_logprobs, target_log_probs)
