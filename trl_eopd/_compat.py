@@ -2,7 +2,7 @@
 
 Each entry says what it relies on and why no public API does the job. `tests/test_compat.py` checks every assumption
 against the installed libraries and fails naming the entry, so that moving the `trl<1.17` pin (or upgrading
-transformers or vLLM) shows at once which of these needs work. The vLLM entry is checked in the vLLM environment
+transformers or vLLM) shows at once which of these needs work. The vLLM entries are checked in the vLLM environment
 (`tests/vllm_engine/test_compat_vllm.py`).
 """
 
@@ -150,13 +150,61 @@ def regroup_help(parser, sections: list[tuple[str, set[str] | None]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# vLLM (CPU build): linear layers kept on their plain weights (`vllm._custom_ops._supports_onednn`)
+# vLLM (CPU build): linear layers kept on their plain weights
+# (`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`)
 #
-# On CPU, vLLM repacks linear weights for oneDNN at load time and then exposes no loader for them, so TRL's weight sync
-# fails with "'Parameter' object has no attribute 'weight_loader'". GPU engines never take this path.
+# On CPU, vLLM picks a kernel for every linear layer once its weights are loaded. Each kernel but plain `F.linear`
+# repacks the weight into a private copy: the "sgl-kernel" path (`check_cpu_sgl_kernel`, taken first on CPUs with AMX
+# for bfloat16/float16 weights up to 1 MiB), zentorch (on the Zen CPU platform) and oneDNN
+# (`vllm._custom_ops._supports_onednn`). A linear layer then swaps its weight for an empty Parameter without
+# `weight_loader`, so TRL's weight sync fails with "'Parameter' object has no attribute 'weight_loader'"; the output
+# layer keeps its weight but would go on computing with the packed copy of the old one. Switching off one path is not
+# enough (oneDNN alone was, until this ran on an AMX machine), so every two-dimensional weight is sent to the
+# dispatcher's plain `F.linear` fallback, whatever paths a vLLM version adds. vLLM imports the dispatcher from its
+# module at each call, so replacing the module attribute reaches every layer built afterwards. The dispatcher's other
+# path (packing the 3-D conv weights of hybrid Mamba/GDN models) is left alone: it keeps the parameter and its
+# loader. GPU engines never take this path.
+
+VLLM_CPU_GEMM_MODULE = "vllm.model_executor.layers.utils"
+VLLM_CPU_GEMM_DISPATCHER = "dispatch_cpu_unquantized_gemm"
+
+
+def _plain_cpu_linear(x, weight, bias):
+    import torch
+
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def disable_vllm_cpu_weight_repacking() -> None:
-    import vllm._custom_ops as vllm_ops
+    """Make vLLM's CPU linear layers compute with their own, loadable weights (idempotent)."""
+    import importlib
 
-    vllm_ops._supports_onednn = False
+    module = importlib.import_module(VLLM_CPU_GEMM_MODULE)
+    original = getattr(module, VLLM_CPU_GEMM_DISPATCHER)
+    if getattr(original, "_trl_eopd_plain", False):
+        return
+
+    def dispatch_plain(layer, remove_weight):
+        if layer.weight.ndim != 2:
+            return original(layer, remove_weight)
+        # vLLM's `cpu_unquantized_gemm` calls `layer.cpu_linear(x, layer.weight, bias)` at every forward.
+        layer.cpu_linear = _plain_cpu_linear
+
+    dispatch_plain._trl_eopd_plain = True
+    dispatch_plain.__wrapped__ = original
+    setattr(module, VLLM_CPU_GEMM_DISPATCHER, dispatch_plain)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# vLLM: shutting a colocated engine down (`LLM.llm_engine.engine_core.shutdown`)
+#
+# A colocated engine joins the training processes' torch.distributed world and makes its own groups in it. vLLM tears
+# them down only when the engine is collected, at interpreter exit in a script; by then `Trainer.end()` has destroyed
+# the world, and vLLM's teardown prints "ValueError: Invalid process group specified". `LLM` has no public shutdown in
+# vLLM 0.32; its engine-core client's `shutdown()` is the teardown the finalizer runs (it detaches that finalizer, so
+# nothing runs twice), and it also destroys the default group, which accelerate then skips.
+
+
+def shut_down_vllm_engine(llm) -> None:
+    """Tear down `llm`'s engine and the process groups it made, now rather than at interpreter exit."""
+    llm.llm_engine.engine_core.shutdown()

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 from ._gkd import GKDConfig
+from ._vllm_install import vllm_install_hint
 from .loss.options import EOPDLossOptions, sampled_estimator_error
 
 # The loss options' defaults are the loss's own (one definition, in `trl_eopd/loss/options.py`).
 _LOSS_DEFAULTS = EOPDLossOptions()
 VLLM_MODES = ("colocate", "server")
 VLLM_MODEL_IMPLS = ("vllm", "transformers", "auto", "terratorch")
-VLLM_INSTALL_HINT = 'pip install "trl-eopd[vllm]"'
 
 logger = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ class EOPDConfig(GKDConfig):
                 "`use_vllm=False`."
             )
         if not is_vllm_installed():
-            raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: run `{VLLM_INSTALL_HINT}`.")
+            raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: {vllm_install_hint()}.")
 
 
 def is_vllm_installed() -> bool:

@@ -550,6 +550,14 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             values.clear()
         super().log(logs, start_time)
 
+    def end(self):
+        """Shut a colocated vLLM engine down, then finish as [`~transformers.Trainer.end`] does."""
+        # The engine made process groups inside the training world; torn down after `end()` destroyed that world, at
+        # interpreter exit, vLLM would print an "Invalid process group" traceback.
+        if self._vllm_rollouts is not None:
+            self._vllm_rollouts.close()
+        super().end()
+
     def evaluation_loop(self, *args, **kwargs):
         # An evaluation reports its own tokens only, not leftovers of a `predict` or a manual `compute_loss` call.
         self._eopd_sums.pop("eval", None)

@@ -168,6 +168,13 @@ class VLLMRollouts:
         # One value per measured micro-batch since the last log; the trainer logs their mean (see `log`).
         self.mismatch_values: list[float] = []
 
+    def close(self) -> None:
+        """Shut a colocated engine down, while the process groups it joined still exist (see `_compat`)."""
+        llm = getattr(self.generation, "llm", None)
+        if llm is not None:
+            _compat.shut_down_vllm_engine(llm)
+            self.generation.llm = None
+
     # ----------------------------------------------------------------------------------------------------------------
     # Checks
 

@@ -21,6 +21,7 @@ else:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture
@@ -37,3 +38,23 @@ def float32_engine(monkeypatch):
 
     float32_llm = functools.partial(vllm_generation.LLM, dtype="float32", enforce_eager=True)
     monkeypatch.setattr(vllm_generation, "LLM", float32_llm)
+
+
+@pytest.fixture
+def sgl_kernel_as_on_amx(monkeypatch):
+    """vLLM's CPU dispatcher decides for the "sgl-kernel" path as on a CPU with AMX tiles, whatever this CPU is.
+
+    vLLM's own rule (`check_cpu_sgl_kernel`) runs with `torch.cpu._is_amx_tile_supported` answering yes, only while
+    it decides: an AMD machine then reaches the repacking path that only Intel machines with AMX take for real.
+    """
+    from vllm.model_executor.layers import utils as vllm_layer_utils
+
+    decide = vllm_layer_utils.check_cpu_sgl_kernel
+
+    def as_on_amx(n, k, dtype):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+            return decide(n, k, dtype)
+
+    monkeypatch.setattr(vllm_layer_utils, "check_cpu_sgl_kernel", as_on_amx)
+    return as_on_amx

@@ -301,7 +301,7 @@ def run_demo(settings: DemoSettings, output_dir: str | Path, log=print) -> dict:
     plot_pass_at_k(aggregated["summary"], KS, output_dir / "pass_at_k.png", top_p=settings.eval_top_p)
     plot_paired_differences({"": aggregated["paired_difference"]}, output_dir / "paired_difference.png",
                             top_p=settings.eval_top_p)
-    plot_mechanism({"": aggregated["summary"]}, output_dir / "mechanism.png")
+    plot_mechanism({"": aggregated["summary"]}, output_dir / "mechanism.png", top_p=settings.eval_top_p)
     results = {
         "settings": asdict(settings) | {"entropy_threshold_opd": "inf"},
         "task": {"eval_problems": len(context.problems), "samples_per_problem": settings.num_eval_samples,

@@ -1,4 +1,8 @@
-"""The paper's six math benchmarks: where they live on the Hugging Face Hub, and how to read them or a local file."""
+"""The paper's six math benchmarks: where they live on the Hugging Face Hub, and how to read them or a local file.
+
+A seventh, `TinyMath`, ships with the package: eight easy problems for checking the pipeline without a download (the
+default for `tiny://` models), never a measurement.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +58,11 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
 
 _ALIASES = {"math": "math500", "minervamath": "minerva", "olympiad": "olympiadbench", "amc": "amc23"}
 
+TINY_BENCHMARK = "TinyMath"
+TINY_BENCHMARK_FILE = Path(__file__).parent / "assets" / "tiny_math.jsonl"
+# How long to wait for the Hub to answer before calling it unreachable; `datasets` itself retries for about 25 s.
+HUB_PROBE_TIMEOUT = 10.0
+
 # Fallback columns for local files, tried in order.
 _PROBLEM_FIELDS = ("problem", "question", "prompt")
 _ANSWER_FIELDS = ("answer", "final_answer", "gt", "solution")
@@ -87,8 +96,8 @@ def resolve_benchmark(name: str) -> BenchmarkSpec:
     spec = BENCHMARKS.get(_key(name))
     if spec is None:
         raise ValueError(
-            f"Unknown benchmark {name!r}. Choose from {', '.join(benchmark_names())}, "
-            "or give a local file as NAME=path.jsonl."
+            f"Unknown benchmark {name!r}. Choose from {', '.join(benchmark_names())}, {TINY_BENCHMARK} (a smoke test "
+            "shipped with trl-eopd), or give a local file as NAME=path.jsonl."
         )
     return spec
 
@@ -132,6 +141,8 @@ def parse_benchmark_arg(value: str) -> BenchmarkSource:
             raise ValueError(f"Benchmark {value!r} must be NAME=path.jsonl.")
         spec = BENCHMARKS.get(_key(name))
         return BenchmarkSource(name=spec.name if spec else name, spec=spec, path=path)
+    if _key(value) == _key(TINY_BENCHMARK):
+        return BenchmarkSource(name=TINY_BENCHMARK, path=str(TINY_BENCHMARK_FILE))
     spec = resolve_benchmark(value)
     return BenchmarkSource(name=spec.name, spec=spec)
 
@@ -207,6 +218,10 @@ def load_jsonl_problems(path: str | Path, spec: BenchmarkSpec | None = None) -> 
     return _to_problems(rows, spec, str(path))
 
 
+class BenchmarkUnavailableError(ConnectionError):
+    """A built-in benchmark that cannot be downloaded now and is not in the local cache either."""
+
+
 def load_benchmark(source: BenchmarkSource) -> list[dict[str, str]]:
     """
     Load the problems of a benchmark, from its local file or from the Hugging Face Hub.
@@ -217,11 +232,63 @@ def load_benchmark(source: BenchmarkSource) -> list[dict[str, str]]:
 
     Returns:
         `list[dict[str, str]]`: Problems with keys `id`, `problem` and `answer`, in the dataset's order.
+
+    Raises:
+        [`BenchmarkUnavailableError`]: At once, when a Hub benchmark is not cached and the Hub is out of reach
+        (`HF_HUB_OFFLINE=1`, or no answer); the message names the benchmark and how to give a local file instead.
     """
     if source.path is not None:
         return load_jsonl_problems(source.path, source.spec)
+    from datasets import config as datasets_config
     from datasets import load_dataset
+    from huggingface_hub import is_offline_mode
 
     spec = source.spec
-    dataset = load_dataset(spec.hub_id, spec.config, split=spec.split)
+    if is_offline_mode() or datasets_config.HF_HUB_OFFLINE:
+        try:
+            dataset = load_dataset(spec.hub_id, spec.config, split=spec.split)
+        except ConnectionError as error:
+            # What `datasets` raises offline when the cache has no copy; it has not tried the network.
+            raise _unavailable(
+                source, "is not in the local cache, and offline mode (HF_HUB_OFFLINE=1) keeps the Hub out of reach"
+            ) from error
+    else:
+        unreachable = _hub_unreachable(spec.hub_id)
+        if unreachable is not None and not _cached_on_disk(spec.hub_id):
+            raise _unavailable(
+                source,
+                f"cannot be downloaded: the Hugging Face Hub did not answer ({unreachable})",
+                offline_hint=True,
+            ) from unreachable
+        # Reachable, or cached: `datasets` downloads it, or falls back to its cached copy after its retries.
+        dataset = load_dataset(spec.hub_id, spec.config, split=spec.split)
     return _to_problems(dataset, spec, spec.hub_id)
+
+
+def _hub_unreachable(repo_id: str) -> Exception | None:
+    """The error of one quick request for the dataset's card, or `None` when the Hub answered at all."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().dataset_info(repo_id, timeout=HUB_PROBE_TIMEOUT)
+    except HfHubHTTPError:
+        return None  # an answer (a gated or missing dataset): `datasets` reports it in its own words
+    except Exception as error:  # the HTTP client's connection and timeout errors have no common public base
+        return error
+    return None
+
+
+def _cached_on_disk(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "README.md", repo_type="dataset"), str)
+
+
+def _unavailable(source: BenchmarkSource, reason: str, offline_hint: bool = False) -> BenchmarkUnavailableError:
+    also = " To use a copy already in the cache, set HF_HUB_OFFLINE=1." if offline_hint else ""
+    return BenchmarkUnavailableError(
+        f"{source.name} ({source.spec.hub_id}) {reason}. Give a local copy instead as --benchmarks "
+        f"{source.name}=path.jsonl (one JSON object per line, with `problem` and `answer`), or pass "
+        f"--benchmarks {TINY_BENCHMARK} to check the pipeline with the problems shipped with trl-eopd.{also}"
+    )

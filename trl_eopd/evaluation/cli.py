@@ -7,6 +7,7 @@ import sys
 
 from transformers import HfArgumentParser
 
+from .benchmarks import TINY_BENCHMARK
 from .runner import EvalConfig, EvaluationError, default_output_dir
 
 DESCRIPTION = (
@@ -21,6 +22,8 @@ def build_parser(prog: str = "trl-eopd eval") -> HfArgumentParser:
     """The parser of `trl-eopd eval`: the fields of [`EvalConfig`], plus `--no-chat-template` and `--compare`."""
     # The plain formatter: each help text states its own default, some in words ("all six", "2 for transformers").
     parser = HfArgumentParser(EvalConfig, prog=prog, description=DESCRIPTION, formatter_class=argparse.HelpFormatter)
+    # Unset until `main` knows the model: a `tiny://` model gets the shipped smoke-test problems, any other all six.
+    parser.set_defaults(benchmarks=None)
     parser.add_argument(
         "--no-chat-template",
         dest="use_chat_template",
@@ -61,11 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         print(format_comparison(comparison))
         return 0
 
+    from ..cli.errors import UsageError
+    from ..cli.tiny_cache import TINY_SCHEME, resolve_tiny
+
+    if args.benchmarks is None and args.model and args.model.startswith(TINY_SCHEME):
+        # The tiny models answer nothing right: the six benchmarks would download thousands of problems to score 0.
+        args.benchmarks = [TINY_BENCHMARK]
     if args.model and args.output_dir is None:
         # Named after what the user typed, not after the cache folder a `tiny://` name resolves to.
         args.output_dir = default_output_dir(args.model)
-    from ..cli.errors import UsageError
-    from ..cli.tiny_cache import resolve_tiny
 
     try:
         # `tiny://` names are the same download-free models `trl-eopd train` accepts.

@@ -200,7 +200,9 @@ def resolve_backend(backend: str) -> str:
     if backend == "auto":
         return "vllm" if vllm_available() else "transformers"
     if backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ImportError("--backend vllm needs vLLM: install it with `pip install 'trl-eopd[vllm]'`.")
+        from .._vllm_install import vllm_install_hint
+
+        raise ImportError(f"--backend vllm needs vLLM, which is not installed: {vllm_install_hint()}.")
     if backend not in ("vllm", "transformers"):
         raise ValueError(f"Unknown backend {backend!r}; choose auto, vllm or transformers.")
     return backend

@@ -10,7 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .benchmarks import BenchmarkSource, benchmark_names, load_benchmark, parse_benchmark_arg
+from .benchmarks import (
+    TINY_BENCHMARK,
+    BenchmarkSource,
+    BenchmarkUnavailableError,
+    benchmark_names,
+    load_benchmark,
+    parse_benchmark_arg,
+)
 from .generation import (
     DEFAULT_PROMPT_TEMPLATE,
     SamplingSettings,
@@ -56,8 +63,9 @@ class EvalConfig:
         model (`str`):
             Checkpoint path or Hub id. Required; `None` only so that `trl-eopd eval --compare` can go without it.
         benchmarks (`list[str]`, *optional*, defaults to all six built-in benchmarks):
-            Built-in benchmark names (see [`benchmark_names`]) or `NAME=path.jsonl` entries. An entry may hold several,
-            comma-separated, as on the command line.
+            Built-in benchmark names (see [`benchmark_names`]), `"TinyMath"` (a smoke test shipped with the package)
+            or `NAME=path.jsonl` entries. An entry may hold several, comma-separated, as on the command line. `None`
+            means all six; `trl-eopd eval` gives a `tiny://` model `TinyMath` instead.
         output_dir (`str` or `None`, *optional*):
             Where `results.jsonl`, `summary.json`, `summary.md` and `protocol.json` go; `eval_results/<model name>`
             by default. A run resumes from the results already there.
@@ -104,8 +112,10 @@ class EvalConfig:
         default_factory=benchmark_names,
         metadata={
             "help": (
-                f"Benchmarks, space- or comma-separated: {', '.join(benchmark_names())} (case-insensitive), or "
-                "NAME=path.jsonl for a local file with problem/question and answer columns (default: all six)."
+                f"Benchmarks, space- or comma-separated: {', '.join(benchmark_names())} (case-insensitive), "
+                f"{TINY_BENCHMARK} (8 easy problems shipped with trl-eopd, to check the pipeline), or NAME=path.jsonl "
+                f"for a local file with problem/question and answer columns (default: all six; {TINY_BENCHMARK} for "
+                "a tiny:// model)."
             ),
             "metavar": "NAME[=PATH]",
         },
@@ -188,6 +198,8 @@ class EvalConfig:
             self.output_dir = default_output_dir(self.model)
         if isinstance(self.chat_template_kwargs, str):
             self.chat_template_kwargs = _json_object(self.chat_template_kwargs)
+        if self.benchmarks is None:
+            self.benchmarks = benchmark_names()
         self.benchmarks = [part.strip() for entry in self.benchmarks for part in entry.split(",") if part.strip()]
         if self.k is None:
             self.k = self.n
@@ -366,9 +378,11 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
     Returns:
         `dict`: The summary, as written to `summary.json`.
     """
-    from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
+    # Every benchmark first, so that a missing file or an unreachable Hub fails at once rather than after the model is
+    # loaded, or hours in.
+    problems = _load_problems(config)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = config.tokenizer or config.model
@@ -377,51 +391,15 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
     protocol = _protocol(config, chat)
     previous_settings = _check_resume(output_dir, {"model": config.model, **protocol})
 
-    # Load every benchmark before sampling anything, so that a missing file fails fast rather than hours in.
-    problems = {}
-    for source in config.sources:
-        try:
-            loaded = load_benchmark(source)
-        except Exception as error:
-            if source.path is None:
-                # Offline, the Hub client raises its own error types; point to the local-file way out.
-                raise _hub_error(source, error) from error
-            if isinstance(error, (OSError, ValueError)):
-                raise EvaluationError(str(error)) from error
-            raise
-        problems[source.name] = loaded[: config.limit] if config.limit is not None else loaded
-
     results_path = output_dir / RESULTS_FILE
     done = _read_results(results_path)
     pending = {name: [p for p in items if (name, p["id"]) not in done] for name, items in problems.items()}
-    num_pending = sum(len(items) for items in pending.values())
 
-    backend = None
-    stop_ids: list[int] = []
-    if num_pending:
-        from transformers import GenerationConfig
-
-        try:
-            generation_config = GenerationConfig.from_pretrained(config.model)
-        except (OSError, ValueError):
-            generation_config = None
-        stop_ids = stop_token_ids(tokenizer, generation_config, chat=chat)
-        if generator is None:
-            backend = resolve_backend(config.backend)
-            sampling = SamplingSettings(
-                n=config.n,
-                temperature=config.temperature,
-                top_p=config.top_p,
-                max_new_tokens=config.max_new_tokens,
-                seed=config.seed,
-            )
-            if backend == "vllm":
-                generator = VLLMGenerator(config.model, tokenizer_path, sampling, stop_ids, dtype=config.dtype)
-            else:
-                generator = TransformersGenerator(config.model, tokenizer, sampling, stop_ids, dtype=config.dtype)
+    backend, stop_ids = None, []
+    if any(pending.values()):
+        generator, backend, stop_ids = _sampler(config, tokenizer, tokenizer_path, chat, generator)
     batch_size = config.batch_size or DEFAULT_BATCH_SIZE.get(backend or "transformers")
-
-    if not num_pending and previous_settings:
+    if not any(pending.values()) and previous_settings:
         # Nothing was sampled this time: keep the record of how the samples were drawn.
         backend = previous_settings.get("backend")
         batch_size = previous_settings.get("batch_size", batch_size)
@@ -440,6 +418,62 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
         json.dumps({"model": config.model, "protocol": protocol, "settings": settings}, indent=2) + "\n"
     )
 
+    _sample_and_grade(pending, done, results_path, generator, tokenizer, config, chat, batch_size, progress)
+    summary = _summary(config, protocol, settings, problems, done)
+    (output_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+    (output_dir / SUMMARY_MD).write_text(_summary_markdown(summary))
+    return summary
+
+
+def _load_problems(config: EvalConfig) -> dict[str, list[dict]]:
+    """Every configured benchmark's problems (cut to `config.limit`), or an `EvaluationError` saying what is missing."""
+    problems = {}
+    for source in config.sources:
+        try:
+            loaded = load_benchmark(source)
+        except BenchmarkUnavailableError as error:
+            raise EvaluationError(str(error)) from error
+        except Exception as error:
+            if source.path is None:
+                # Offline, the Hub client raises its own error types; point to the local-file way out.
+                raise _hub_error(source, error) from error
+            if isinstance(error, (OSError, ValueError)):
+                raise EvaluationError(str(error)) from error
+            raise
+        problems[source.name] = loaded[: config.limit] if config.limit is not None else loaded
+    return problems
+
+
+def _sampler(config: EvalConfig, tokenizer, tokenizer_path: str, chat: bool, generator):
+    """`(generator, backend, stop_ids)`: the given generator (tests), or one loading the model on the chosen backend."""
+    from transformers import GenerationConfig
+
+    try:
+        generation_config = GenerationConfig.from_pretrained(config.model)
+    except (OSError, ValueError):
+        generation_config = None
+    stop_ids = stop_token_ids(tokenizer, generation_config, chat=chat)
+    if generator is not None:
+        return generator, None, stop_ids
+    backend = resolve_backend(config.backend)
+    sampling = SamplingSettings(
+        n=config.n,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        seed=config.seed,
+    )
+    if backend == "vllm":
+        generator = VLLMGenerator(config.model, tokenizer_path, sampling, stop_ids, dtype=config.dtype)
+    else:
+        generator = TransformersGenerator(config.model, tokenizer, sampling, stop_ids, dtype=config.dtype)
+    return generator, backend, stop_ids
+
+
+def _sample_and_grade(pending, done, results_path, generator, tokenizer, config, chat, batch_size, progress) -> None:
+    """Sample and grade every pending problem, appending each record to `results_path` as soon as it is done."""
+    from tqdm.auto import tqdm
+
     grader = MathVerifyGrader()
     with results_path.open("a", encoding="utf-8") as results_file:
         for name, items in pending.items():
@@ -456,20 +490,7 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
                     prompt_ids.append(tokenizer(text, add_special_tokens=not chat)["input_ids"])
                 samples = generator.generate(prompt_ids)
                 for problem, completions in zip(batch, samples, strict=True):
-                    grades = [grader.grade(completion.text, problem["answer"]) for completion in completions]
-                    record = {
-                        "benchmark": name,
-                        "id": problem["id"],
-                        "problem": problem["problem"],
-                        "answer": problem["answer"],
-                        "completions": [completion.text for completion in completions],
-                        "extracted": [grade.extracted for grade in grades],
-                        "correct": [grade.correct for grade in grades],
-                        "num_tokens": [completion.num_tokens for completion in completions],
-                        "finished": [completion.finished for completion in completions],
-                        "n": len(completions),
-                        "c": sum(grade.correct for grade in grades),
-                    }
+                    record = _graded_record(name, problem, completions, grader)
                     results_file.write(json.dumps(record, ensure_ascii=False) + "\n")
                     results_file.flush()
                     done[(name, problem["id"])] = record
@@ -477,6 +498,25 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
             bar.close()
         os.fsync(results_file.fileno())
 
+
+def _graded_record(benchmark: str, problem: dict, completions, grader) -> dict[str, Any]:
+    grades = [grader.grade(completion.text, problem["answer"]) for completion in completions]
+    return {
+        "benchmark": benchmark,
+        "id": problem["id"],
+        "problem": problem["problem"],
+        "answer": problem["answer"],
+        "completions": [completion.text for completion in completions],
+        "extracted": [grade.extracted for grade in grades],
+        "correct": [grade.correct for grade in grades],
+        "num_tokens": [completion.num_tokens for completion in completions],
+        "finished": [completion.finished for completion in completions],
+        "n": len(completions),
+        "c": sum(grade.correct for grade in grades),
+    }
+
+
+def _summary(config: EvalConfig, protocol: dict, settings: dict, problems: dict, done: dict) -> dict[str, Any]:
     per_benchmark = {
         name: _summarise([done[(name, p["id"])] for p in items], config.k) for name, items in problems.items()
     }
@@ -485,7 +525,7 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
         for key in ("avg_at_n", "pass_at_k", "mean_completion_tokens", "truncated_fraction")
     }
     average["num_problems"] = sum(row["num_problems"] for row in per_benchmark.values())
-    summary = {
+    return {
         "model": config.model,
         "protocol": protocol,
         "settings": settings,
@@ -493,9 +533,6 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
         # Macro average over benchmarks, the way papers average a table's columns.
         "average": average,
     }
-    (output_dir / SUMMARY_JSON).write_text(json.dumps(summary, indent=2) + "\n")
-    (output_dir / SUMMARY_MD).write_text(_summary_markdown(summary))
-    return summary
 
 
 def _hub_error(source: BenchmarkSource, error: Exception) -> EvaluationError:
