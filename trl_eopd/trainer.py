@@ -20,6 +20,7 @@ from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
+from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
 
 if is_peft_available():
     from peft import PeftConfig
@@ -278,13 +279,17 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             measure_mismatch=self._logs_next_step(),
         )
         for batch in rolled_out:
+            sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
             self._replace_student_eos(batch["input_ids"], batch["labels"])
+            if sampled_labels is not None:
+                batch[SAMPLER_LOGPROBS] = without_rewritten_tokens(batch[SAMPLER_LOGPROBS], sampled_labels,
+                                                                   batch["labels"])  # fmt: skip
         for batch in batches:
             batch[_ROLLOUT_DONE] = True
         return batches
 
     def _logs_next_step(self) -> bool:
-        """Whether the optimizer step being prepared will be logged (the vLLM mismatch costs a forward pass)."""
+        """Whether the optimizer step being prepared will be logged (only then does vLLM return log-probs)."""
         upcoming = self.state.global_step + 1
         if self.args.logging_first_step and upcoming == 1:
             return True
@@ -335,16 +340,28 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         # In eval mode a given count (from a caller summing a loss over batches) divides the summed loss as is, as in
         # GKD. The Trainer's own evaluation (TRL's `SFTTrainer.prediction_step`) passes none: per-batch token means.
 
+        # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `vllm_rollouts`): the
+        # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
+        sampler_logprobs = inputs.pop(SAMPLER_LOGPROBS, None)
+        target_log_probs = None
+        if sampler_logprobs is not None:
+            loss_mask = inputs["labels"][:, 1:] != IGNORE_INDEX
+            target_log_probs = torch.empty(int(loss_mask.sum()), dtype=torch.float32, device=loss_mask.device)
+
         outputs = None
         # Callers that want logits (compute_metrics) get them from the full-logits path.
         if self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
-            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch)
+            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch, target_log_probs)
         else:
-            loss, stats, diagnose, outputs = self._full_logits_loss(model, inputs, num_items_in_batch)
+            loss, stats, diagnose, outputs = self._full_logits_loss(
+                model, inputs, num_items_in_batch, target_log_probs
+            )
         self._record_metrics(mode, loss, stats, diagnose)
+        if sampler_logprobs is not None:
+            self._vllm_rollouts.record_mismatch(sampler_logprobs, target_log_probs)
         return (loss, outputs) if return_outputs else loss
 
-    def _full_logits_loss(self, model, inputs, num_items_in_batch):
+    def _full_logits_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
@@ -357,6 +374,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             inputs["labels"][:, 1:],
             self.loss_options,
             num_items_in_batch=num_items_in_batch,
+            target_log_probs_out=target_log_probs_out,
         )
 
         def diagnose():
@@ -367,15 +385,16 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose, student_outputs
 
-    def _memory_efficient_loss(self, model, inputs, num_items_in_batch):
+    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
         # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
         # sharded parameters, lm_head included, available for the projection.
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
-            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch
-        )
+            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch,
+            target_log_probs_out,
+        )  # fmt: skip
 
-    def _project_and_score(self, student, inputs, num_items_in_batch):
+    def _project_and_score(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         shifted_labels = inputs["labels"][:, 1:]
         loss_mask = shifted_labels != IGNORE_INDEX
@@ -411,6 +430,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 options=self.loss_options,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
+                target_log_probs_out=target_log_probs_out,
             )
 
         def diagnose():
