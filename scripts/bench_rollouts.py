@@ -28,14 +28,19 @@ import time
 TRAINERS = ("gkd_generate", "eopd_generate", "eopd_vllm")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_arguments(parser) -> None:
+    """The models' shapes and the rollout size, shared with bench_peers.py so both benchmarks can run the same work."""
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="Timed rounds (one step of each trainer per round).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first (allocation, engine warm-up).")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for training and for the vLLM engine.")
