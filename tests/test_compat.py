@@ -5,8 +5,10 @@ internals still holds. A failure names the entry to revisit after an upgrade (th
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import logging
+import warnings
 
 import pytest
 import torch
@@ -125,7 +127,76 @@ def test_trl_model_cards_read_the_trainer_class_attributes():
         assert attribute in vars(EOPDTrainer)
 
 
-@pytest.mark.parametrize("name", ["forward_redirection", "training_step_without_gkd_rollout"])
+def test_trl_still_toggles_checkpointing_through_the_deprecated_names():
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.models.utils import unwrap_model_for_generation
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model.activation_checkpointing_enable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with unwrap_model_for_generation(model, Accelerator(cpu=True)):
+            pass
+    raised_in = {w.filename for w in caught if w.category is FutureWarning and "checkpointing" in str(w.message)}
+    assert raised_in, (
+        "_compat.unwrap_model_for_generation: TRL's unwrap_model_for_generation no longer warns about transformers' "
+        "checkpointing names; EOPDTrainer can call it directly again."
+    )
+    import transformers.modeling_utils
+
+    assert raised_in == {transformers.modeling_utils.__file__}, (
+        f"_compat.unwrap_model_for_generation: the checkpointing FutureWarnings now come from {raised_in}, not "
+        "transformers.modeling_utils; the module filter would miss them."
+    )
+
+
+def test_gkd_rollout_still_passes_return_dict_in_generate_as_an_argument():
+    source = inspect.getsource(_gkd_trainer().generate_on_policy_outputs)
+    assert "generation_config=generation_config" in source and "return_dict_in_generate=True" in source, (
+        "_compat.GenerationConfigOnly: GKD's generate_on_policy_outputs no longer passes return_dict_in_generate next "
+        "to its generation config; EOPDTrainer can hand it the model itself."
+    )
+    assert ".generate(" in source and "model." in source
+
+
+def test_deepspeed_shm_op_still_prints_from_the_function_the_backend_calls():
+    pytest.importorskip("deepspeed")
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    assert "print(" in inspect.getsource(ds_torch.build_shm_op), (
+        "_compat.deepspeed_shm_op_built_quietly: DeepSpeed's build_shm_op no longer prints; the wrapper can go."
+    )
+    assert "build_shm_op()" in inspect.getsource(ds_torch.TorchBackend.__init__), (
+        "_compat.deepspeed_shm_op_built_quietly: DeepSpeed's torch backend no longer builds its op through the "
+        "module's build_shm_op, so wrapping that name no longer silences it."
+    )
+
+
+def test_deepspeed_backend_still_holds_torch_deprecated_collectives():
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    backend = importlib.import_module("deepspeed.comm.torch").TorchBackend
+    held = [(backend.get_all_gather_function(), "all_gather_into_tensor", "all_gather_single"),
+            (backend.get_reduce_scatter_function(), "reduce_scatter_tensor", "reduce_scatter_single")]
+    for function, old, new in held:
+        assert function is getattr(dist, old), (
+            f"_compat.deepspeed_collectives_by_current_torch_names: DeepSpeed no longer holds "
+            f"torch.distributed.{old}; the entry can go."
+        )
+        assert callable(getattr(dist, new, None)), (
+            f"_compat.deepspeed_collectives_by_current_torch_names: torch.distributed.{new} is gone."
+        )
+        assert list(inspect.signature(getattr(dist, new)).parameters)[:2] == list(
+            inspect.signature(function).parameters
+        )[:2], f"_compat.deepspeed_collectives_by_current_torch_names: {new} takes other arguments than {old}."
+
+
+@pytest.mark.parametrize("name", [
+    "forward_redirection", "training_step_without_gkd_rollout", "unwrap_model_for_generation",
+    "GenerationConfigOnly", "deepspeed_shm_op_built_quietly", "deepspeed_collectives_by_current_torch_names",
+])
 def test_compat_entries_exist(name):
     assert callable(getattr(_compat, name))
 

@@ -140,7 +140,8 @@ def zero3_run(tiny_env, tmp_path_factory):
 
 
 # Messages a CPU ZeRO-3 run printed before they were fixed at their cause or silenced where they arise
-# (trl_eopd/cli/quiet.py); a new warning of any kind also fails the test, so that it gets looked at.
+# (trl_eopd/cli/quiet.py says where each is fixed); a new warning of any kind also fails the test, so that it gets
+# looked at.
 NOISE = ("Warning", "warnings.warn", "Setting accelerator to CPU", "Gradient accumulation steps mismatch",
          "generation-related arguments", "built successfully", "Traceback")
 

@@ -56,6 +56,66 @@ def test_pass_at_k_explains_its_error_bars(saved_figures, tmp_path):
     assert ax.get_ylabel().startswith("pass@k") and ax.get_xlabel().startswith("k")
 
 
+def _summary(seeds):
+    """A demo `summary` whose top-p 1 numbers differ from the headline protocol's, so a mix-up shows."""
+    def stat(values):
+        return {"mean": sum(values) / len(values), "std": 0.05, "values": values}
+
+    metrics = ("distinct_correct", "token_entropy", "high_entropy_ratio_own")
+    return {model: {**{m: stat([0.2 + 0.1 * i + 0.01 * s for s in range(seeds)]) for m in metrics},
+                    **{f"top_p1/{m}": stat([0.9 + 0.01 * s for s in range(seeds)]) for m in metrics}}
+            for i, model in enumerate(("teacher", "student_init", "opd", "eopd"))}
+
+
+def test_mechanism_shows_the_headline_protocol_with_every_seed_visible(saved_figures, tmp_path):
+    from matplotlib.collections import PathCollection
+
+    from trl_eopd.demo.plots import plot_mechanism
+
+    summary = _summary(seeds=5)
+    plot_mechanism({"": summary}, tmp_path / "mechanism.png", top_p=0.8)
+    (figure,) = saved_figures
+    assert "top-p 0.8" in figure._suptitle.get_text() and "top-p 1" not in figure._suptitle.get_text()
+    for ax in figure.axes:
+        metric = {"distinct": "distinct_correct", "entropy on": "token_entropy", "share": "high_entropy_ratio_own"}
+        (key,) = [m for word, m in metric.items() if word in ax.get_title()]
+        heights = [bar.get_height() for bar in ax.patches]
+        assert heights == [summary[model][key]["mean"] for model in ("teacher", "student_init", "opd", "eopd")]
+        dots = [c for c in ax.collections if isinstance(c, PathCollection)]
+        assert sum(len(c.get_offsets()) for c in dots) == 4 * 5
+        bars_and_errors = [ax.patches[0].get_zorder()] + [line.get_zorder() for line in ax.lines]
+        assert all(c.get_zorder() > max(bars_and_errors) for c in dots)
+        # Spread sideways: the five seeds of a model are five distinct points, not a stack behind the error bar.
+        assert len({round(x, 6) for x, _ in dots[0].get_offsets()}) == 5
+
+
+def test_paired_difference_names_only_the_rows_it_has(saved_figures, tmp_path):
+    from trl_eopd.demo.plots import plot_paired_differences
+
+    def stat(mean):
+        return {"mean": mean, "ci_low": mean - 0.01, "ci_high": mean + 0.01, "n_seeds": 3, "wins": 2}
+
+    keys = ("pass@1", "pass@8", "distinct_correct", "token_entropy", "high_entropy_ratio_own")
+    demo = {**{k: stat(0.02) for k in keys}, **{f"top_p1/{k}": stat(-0.01) for k in keys}}
+    plot_paired_differences({"": demo}, tmp_path / "demo.png", top_p=0.8)
+    plot_paired_differences({"": {k: stat(0.02) for k in keys}}, tmp_path / "paper_only.png", top_p=0.8)
+    plot_paired_differences({"2-layer student": demo, "4-layer student": demo}, tmp_path / "study.png", top_p=0.8)
+    demo_fig, paper_only_fig, study_fig = saved_figures
+
+    def how_to_read(figure):
+        return figure.axes[-1].texts[0].get_text()
+
+    def rows(figure):
+        # Top to bottom, as a reader sees them (matplotlib lists tick labels from the bottom).
+        return [label.get_text() for label in figure.axes[0].get_yticklabels()][::-1]
+
+    assert "regime" not in how_to_read(demo_fig) and "Open square: top-p 1" in how_to_read(demo_fig)
+    assert rows(demo_fig) == ["top-p 0.8 (paper)", "top-p 1"]
+    assert "square" not in how_to_read(paper_only_fig) and rows(paper_only_fig) == ["top-p 0.8 (paper)"]
+    assert "student regime" in how_to_read(study_fig)
+    assert rows(study_fig)[0] == "2-layer student, top-p 0.8 (paper)" and len(rows(study_fig)) == 4
+
+
 def test_toy_figure_shows_which_mode_collapsed(saved_figures, tmp_path):
     spec = importlib.util.spec_from_file_location("toy_experiment", ROOT / "scripts" / "toy_experiment.py")
     toy = importlib.util.module_from_spec(spec)

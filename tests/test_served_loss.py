@@ -203,3 +203,11 @@ def test_bad_arguments_name_the_argument(kwargs, message):
     case = make_case(seed=6, n=4)
     with pytest.raises(ValueError, match=message):
         served(case, **kwargs)
+
+
+def test_the_students_target_log_probs_are_handed_back():
+    case = make_case(seed=7)
+    out = torch.empty(N, dtype=torch.float32)
+    served(case, target_log_probs_out=out)
+    expected = student_logits(case).double().log_softmax(-1).gather(-1, case["targets"][:, None])[:, 0]
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)

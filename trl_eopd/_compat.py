@@ -1,4 +1,5 @@
-"""Every private name of TRL, transformers, argparse and vLLM that trl-eopd relies on, and nothing else.
+"""Every private name of TRL, transformers, argparse, DeepSpeed and vLLM that trl-eopd relies on, and every library
+behaviour it works around, and nothing else.
 
 Each entry says what it relies on and why no public API does the job. `tests/test_compat.py` checks every assumption
 against the installed libraries and fails naming the entry, so that moving the `trl<1.17` pin (or upgrading
@@ -8,9 +9,14 @@ transformers or vLLM) shows at once which of these needs work. The vLLM entries 
 
 from __future__ import annotations
 
+import copy
+import importlib
+import io
 import json
 import logging
-from contextlib import contextmanager
+import sys
+import warnings
+from contextlib import contextmanager, redirect_stdout
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TRL: running a function inside a wrapped model's forward (`trl.models.utils._ForwardRedirection`)
@@ -177,8 +183,6 @@ def _plain_cpu_linear(x, weight, bias):
 
 def disable_vllm_cpu_weight_repacking() -> None:
     """Make vLLM's CPU linear layers compute with their own, loadable weights (idempotent)."""
-    import importlib
-
     module = importlib.import_module(VLLM_CPU_GEMM_MODULE)
     original = getattr(module, VLLM_CPU_GEMM_DISPATCHER)
     if getattr(original, "_trl_eopd_plain", False):
@@ -208,6 +212,133 @@ def disable_vllm_cpu_weight_repacking() -> None:
 def shut_down_vllm_engine(llm) -> None:
     """Tear down `llm`'s engine and the process groups it made, now rather than at interpreter exit."""
     llm.llm_engine.engine_core.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL: activation checkpointing toggled through transformers' deprecated names (`unwrap_model_for_generation`)
+#
+# Around every rollout, TRL's `unwrap_model_for_generation` reads `is_gradient_checkpointing` and calls
+# `gradient_checkpointing_disable` / `gradient_checkpointing_enable`, which transformers 5 renamed to
+# `*activation_checkpointing*` and now warns about (FutureWarning, raised in `transformers.modeling_utils`). The user
+# can do nothing about it, and the aliases do what the new names do. Only that module's FutureWarnings are ignored, and
+# only while TRL's context is entered and exited: generation inside the context warns as usual.
+
+_CHECKPOINTING_ALIAS_MODULE = r"transformers\.modeling_utils\Z"
+
+
+@contextmanager
+def _checkpointing_aliases_ignored():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning, module=_CHECKPOINTING_ALIAS_MODULE)
+        yield
+
+
+@contextmanager
+def unwrap_model_for_generation(model, accelerator, **kwargs):
+    """TRL's `unwrap_model_for_generation`, without transformers' warnings about the names TRL toggles it through."""
+    from trl.models.utils import unwrap_model_for_generation as trl_unwrap
+
+    context = trl_unwrap(model, accelerator, **kwargs)
+    with _checkpointing_aliases_ignored():
+        unwrapped = context.__enter__()
+    try:
+        yield unwrapped
+    except BaseException:
+        with _checkpointing_aliases_ignored():
+            if not context.__exit__(*sys.exc_info()):
+                raise
+    else:
+        with _checkpointing_aliases_ignored():
+            context.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRL: GKD's rollout passes `return_dict_in_generate=True` next to a full generation config
+#
+# `GKDTrainer.generate_on_policy_outputs` calls `model.generate(generation_config=..., return_dict_in_generate=True)`,
+# and transformers 5 deprecates generation arguments next to a `generation_config` (it logs so, once per process).
+# EOPDTrainer's generation config already carries `return_dict_in_generate=True`; this hands GKD's method the model
+# behind a `generate` that folds the flag into the config, so transformers gets the config alone, as it asks.
+
+
+class GenerationConfigOnly:
+    """`model`, whose `generate` reads `return_dict_in_generate` from its generation config, not as an argument."""
+
+    def __init__(self, model):
+        self._model = model
+
+    def __getattr__(self, name):
+        if name == "_model":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._model, name)
+
+    def generate(self, *args, generation_config=None, return_dict_in_generate=None, **kwargs):
+        wanted = return_dict_in_generate
+        if generation_config is None:
+            if wanted is not None:
+                kwargs["return_dict_in_generate"] = wanted
+        elif wanted is not None and generation_config.return_dict_in_generate != wanted:
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.return_dict_in_generate = wanted
+        return self._model.generate(*args, generation_config=generation_config, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed: the success line printed by the CPU shared-memory op (`deepspeed.comm.torch.build_shm_op`)
+#
+# On CPU, DeepSpeed's torch backend builds its shared-memory communication op when the process group is set up, and
+# `build_shm_op` then prints "DeepSpeed ... built successfully" from every rank (a `print`, not a log record). The op
+# is worth keeping (DeepSpeed's CPU all-reduce uses it). Within the block, that one function's stdout is held back and
+# dropped when it succeeds, or printed before its error when it fails; nothing else printed is touched.
+
+
+@contextmanager
+def deepspeed_shm_op_built_quietly():
+    # By module path: `deepspeed.comm.torch` as an attribute is the `torch` that `deepspeed.comm` imports.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    build = ds_torch.build_shm_op
+
+    def build_quietly():
+        held = io.StringIO()
+        try:
+            with redirect_stdout(held):
+                return build()
+        except BaseException:
+            sys.stdout.write(held.getvalue())
+            raise
+
+    ds_torch.build_shm_op = build_quietly
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed: collectives held under torch's deprecated names (`TorchBackend.all_gather_function`,
+# `TorchBackend.reduce_scatter_function`)
+#
+# DeepSpeed's torch backend looks up `torch.distributed.all_gather_into_tensor` and `reduce_scatter_tensor` once, when
+# it is built, and ZeRO gathers and scatters every parameter shard through them; torch 2.13 deprecated both names in
+# favour of `all_gather_single` / `reduce_scatter_single` (same arguments; the old names call the new ones), with a
+# FutureWarning per rank. Pointing the built backend at the new names removes the call that warns.
+
+
+def deepspeed_collectives_by_current_torch_names() -> None:
+    """Point DeepSpeed's torch backend, once built, at torch's current names for the two collectives ZeRO uses."""
+    import torch.distributed as dist
+
+    # Only a backend DeepSpeed already built: nothing to fix (and nothing imported) in a run without DeepSpeed.
+    backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+
+    renames = [
+        ("all_gather_function", "all_gather_into_tensor", "all_gather_single"),
+        ("reduce_scatter_function", "reduce_scatter_tensor", "reduce_scatter_single"),
+    ]
+    for attribute, old, new in renames:
+        deprecated, current = getattr(dist, old, None), getattr(dist, new, None)
+        if deprecated is not None and current is not None and getattr(backend, attribute, None) is deprecated:
+            setattr(backend, attribute, current)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import send_to_device
 from torch import nn
 from transformers.utils import is_peft_available
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from . import _compat
 from ._gkd import GKDTrainer
@@ -19,8 +20,7 @@ from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
-from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import maybe_gather_lm_head_ctx
+from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
 
 if is_peft_available():
     from peft import PeftConfig
@@ -188,6 +188,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             )
 
         args.teacher_model_init_kwargs = teacher_model_init_kwargs
+        # GKD's rollout asks generate() for a dict output; the config says so itself (_compat.GenerationConfigOnly).
+        self.generation_config.return_dict_in_generate = True
         self.loss_options = args.loss_options
         # Per mode, the float64 sums of `EOPDStats` over every process since the last log (see `log`).
         self._eopd_sums: dict[str, torch.Tensor] = {}
@@ -225,6 +227,16 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 train_dataset=self.train_dataset,
                 collator_max_length=getattr(self.data_collator, "max_length", None),
             )
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        # transformers starts accelerate's gradient accumulation at 1 (the Trainer accumulates itself) and writes the
+        # real count into the DeepSpeed config; accelerate, preparing the model, finds the two differ, logs a mismatch
+        # and takes DeepSpeed's value. Under DeepSpeed accelerate never divides the loss by its count (the engine
+        # does) and the Trainer never enters `accelerator.accumulate`: giving it that value up front changes nothing
+        # but the spurious log.
+        if self.is_deepspeed_enabled:
+            self.accelerator.gradient_accumulation_steps = self.args.gradient_accumulation_steps
 
     # ----------------------------------------------------------------------------------------------------------------
     # Generation
@@ -269,7 +281,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         else:
             inputs[_ROLLOUT_DONE] = True
             return inputs
-        with unwrap_model_for_generation(
+        with _compat.unwrap_model_for_generation(
             generator,
             self.accelerator,
             generation_kwargs=self.generation_kwargs,
@@ -278,7 +290,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             try:
                 # GKD's static method, unchanged, so code calling it on the class keeps working.
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    unwrapped_model, inputs, self.generation_config
+                    _compat.GenerationConfigOnly(unwrapped_model), inputs, self.generation_config
                 )
             except RuntimeError as error:
                 # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
@@ -303,7 +315,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 measure_mismatch=self._logs_next_step(),
             )
             for batch in rolled_out:
+                sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
                 self._replace_student_eos(batch["input_ids"], batch["labels"])
+                if sampled_labels is not None:
+                    batch[SAMPLER_LOGPROBS] = without_rewritten_tokens(batch[SAMPLER_LOGPROBS], sampled_labels,
+                                                                       batch["labels"])  # fmt: skip
             for batch in batches:
                 batch[_ROLLOUT_DONE] = True
         if self._teacher_server is not None:
@@ -319,7 +335,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             batch[_SERVED_TEACHER] = teacher.to(batch["input_ids"].device)
 
     def _logs_next_step(self) -> bool:
-        """Whether the optimizer step being prepared will be logged (the vLLM mismatch costs a forward pass)."""
+        """Whether the optimizer step being prepared will be logged (only then does vLLM return log-probs)."""
         upcoming = self.state.global_step + 1
         if self.args.logging_first_step and upcoming == 1:
             return True
@@ -370,18 +386,30 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         # In eval mode a given count (from a caller summing a loss over batches) divides the summed loss as is, as in
         # GKD. The Trainer's own evaluation (TRL's `SFTTrainer.prediction_step`) passes none: per-batch token means.
 
+        # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `vllm_rollouts`): the
+        # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
+        sampler_logprobs = inputs.pop(SAMPLER_LOGPROBS, None)
+        target_log_probs = None
+        if sampler_logprobs is not None:
+            loss_mask = inputs["labels"][:, 1:] != IGNORE_INDEX
+            target_log_probs = torch.empty(int(loss_mask.sum()), dtype=torch.float32, device=loss_mask.device)
+
         outputs = None
         if self._teacher_server is not None:
-            loss, stats, diagnose = self._served_teacher_loss(model, inputs, num_items_in_batch)
+            loss, stats, diagnose = self._served_teacher_loss(model, inputs, num_items_in_batch, target_log_probs)
         # Callers that want logits (compute_metrics) get them from the full-logits path.
         elif self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
-            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch)
+            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch, target_log_probs)
         else:
-            loss, stats, diagnose, outputs = self._full_logits_loss(model, inputs, num_items_in_batch)
+            loss, stats, diagnose, outputs = self._full_logits_loss(
+                model, inputs, num_items_in_batch, target_log_probs
+            )
         self._record_metrics(mode, loss, stats, diagnose)
+        if sampler_logprobs is not None:
+            self._vllm_rollouts.record_mismatch(sampler_logprobs, target_log_probs)
         return (loss, outputs) if return_outputs else loss
 
-    def _full_logits_loss(self, model, inputs, num_items_in_batch):
+    def _full_logits_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
@@ -394,6 +422,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             inputs["labels"][:, 1:],
             self.loss_options,
             num_items_in_batch=num_items_in_batch,
+            target_log_probs_out=target_log_probs_out,
         )
 
         def diagnose():
@@ -404,7 +433,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose, student_outputs
 
-    def _served_teacher_loss(self, model, inputs, num_items_in_batch):
+    def _served_teacher_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
         if _SERVED_TEACHER not in inputs:  # evaluation batches, or a batch built outside the training loop
             self._fetch_served_teacher([inputs])
         if not self._memory_efficient_is_exact(model, inputs):
@@ -414,10 +443,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             )
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
-            model, unwrapped_student, self._project_and_score_served, unwrapped_student, inputs, num_items_in_batch
+            model, unwrapped_student, self._project_and_score_served, unwrapped_student, inputs, num_items_in_batch,
+            target_log_probs_out,
         )
 
-    def _project_and_score_served(self, student, inputs, num_items_in_batch):
+    def _project_and_score_served(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
         from .loss.served import served_teacher_eopd_loss_and_stats
 
         shifted_labels = inputs["labels"][:, 1:]
@@ -445,6 +475,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 monitor_entropy_threshold=options.monitor_entropy_threshold,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
+                target_log_probs_out=target_log_probs_out,
             )
 
         def diagnose():
@@ -455,15 +486,16 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose
 
-    def _memory_efficient_loss(self, model, inputs, num_items_in_batch):
+    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
         # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
         # sharded parameters, lm_head included, available for the projection.
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
-            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch
-        )
+            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch,
+            target_log_probs_out,
+        )  # fmt: skip
 
-    def _project_and_score(self, student, inputs, num_items_in_batch):
+    def _project_and_score(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         shifted_labels = inputs["labels"][:, 1:]
         loss_mask = shifted_labels != IGNORE_INDEX
@@ -499,6 +531,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 options=self.loss_options,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
+                target_log_probs_out=target_log_probs_out,
             )
 
         def diagnose():

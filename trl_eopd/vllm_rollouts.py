@@ -9,7 +9,9 @@ behind `DistillationTrainer` and `GRPOTrainer`. This module only decides what to
 - the completions rebuilt into exactly the batch that `GKDTrainer.generate_on_policy_outputs` builds, so the loss, the
   token count and the teacher-EOS rewrite downstream cannot tell the two paths apart;
 - the same on-policy/off-policy decision on every process (colocate engines and ZeRO-3 gathers are collectives);
-- the sampler/trainer mismatch: vLLM's log-probability of each sampled token against the student's own.
+- the sampler/trainer mismatch: vLLM's log-probability of each sampled token against the student's own, on logged
+  steps only. The engine is asked for log-probs only then, and the student's side comes from the loss itself (it
+  computes the student's log-softmax anyway), so unlogged steps pay nothing and logged ones no extra forward pass.
 
 It is built from explicit arguments and knows nothing of the trainer: the trainer decides when to roll out, and
 rewrites end-of-turn tokens and marks the batches afterwards.
@@ -17,6 +19,7 @@ rewrites end-of-turn tokens and marks the batches afterwards.
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 
@@ -24,9 +27,12 @@ import torch
 
 from . import _compat
 from .loss.options import IGNORE_INDEX
-from .loss.projection import find_output_projection, last_hidden_state, project
 
 MISMATCH_METRIC = "eopd/vllm_logprob_abs_diff"
+# Batch key of vLLM's log-prob of each sampled token: a list of floats, one per loss token in the loss's order (NaN
+# where there is none). `EOPDTrainer.compute_loss` pops it and compares it with the loss's own log-probs. A list, not a
+# tensor, so that the Trainer's input preparation (which casts float tensors to bf16 under DeepSpeed) leaves it as is.
+SAMPLER_LOGPROBS = "eopd_sampler_logprobs"
 
 
 def build_rollout_batch(
@@ -139,8 +145,9 @@ class VLLMRollouts:
                 min_p=0.0,
                 repetition_penalty=1.0,
                 max_completion_length=args.max_new_tokens,
-                # The sampled token's log-probability (after temperature), for the mismatch metric.
-                logprobs=0,
+                # The sampled token's log-probability (after temperature), for the mismatch metric; `roll_out` sets
+                # it per call, since only logged steps need it.
+                logprobs=None,
                 # Token ids are all the trainer reads: skipping the text saves engine time, and a vocabulary padded
                 # beyond the tokenizer (Qwen3's) can sample ids that have no text.
                 generation_kwargs={"stop_token_ids": self.stop_token_ids, "detokenize": False},
@@ -158,7 +165,7 @@ class VLLMRollouts:
         if args.vllm_mode == "colocate":
             self.max_model_length = self.generation.llm.llm_engine.model_config.max_model_len
         self._synced_at_step = None
-        # One value per measured optimizer step since the last log; the trainer logs their mean (see `log`).
+        # One value per measured micro-batch since the last log; the trainer logs their mean (see `log`).
         self.mismatch_values: list[float] = []
 
     def close(self) -> None:
@@ -237,8 +244,9 @@ class VLLMRollouts:
         """Replace the completions of the on-policy micro-batches of one accumulation window by the student's.
 
         `global_step` is the optimizer step the window feeds (one weight push per step), `lmbda` the share of
-        on-policy micro-batches, and `measure_mismatch` whether to measure the sampler/trainer mismatch (it costs a
-        student forward pass: the trainer asks for it on logged steps only). Returns the batches that were replaced.
+        on-policy micro-batches, and `measure_mismatch` whether to measure the sampler/trainer mismatch (the trainer
+        asks for it on logged steps only): then the engine returns each sampled token's log-prob, and each replaced
+        batch carries them under `SAMPLER_LOGPROBS` for the loss to compare. Returns the batches that were replaced.
         """
         decisions = self._on_policy_decisions(len(batches), lmbda)
         on_policy = [batch for batch, on in zip(batches, decisions, strict=True) if on]
@@ -249,11 +257,10 @@ class VLLMRollouts:
         flat_prompts = [row for rows in prompt_rows for row in rows]
         self._check_prompt_lengths(flat_prompts)
         self._sync_weights_once_per_step(global_step)
+        # `VLLMGeneration` reads `logprobs` at every call: the engine computes them only for the steps that log them.
+        self.generation.logprobs = 0 if measure_mismatch else None
         _, completions, logprobs, _ = self.generation.generate(prompts=flat_prompts, images=None, num_generations=1)
 
-        measure = measure_mismatch
-        abs_diff_sum = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
-        token_count = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
         start = 0
         for batch, rows in zip(on_policy, prompt_rows, strict=True):
             batch_completions = [list(c) for c in completions[start : start + len(rows)]]
@@ -262,58 +269,53 @@ class VLLMRollouts:
             input_ids, attention_mask, labels = build_rollout_batch(
                 batch["prompts"], batch["prompt_attention_mask"], batch_completions, self.pad_token_id
             )
-            if measure and batch_logprobs is not None:
-                diff_sum, count = self._logprob_abs_diff(input_ids, attention_mask, labels, batch_logprobs)
-                abs_diff_sum += diff_sum
-                token_count += count
             batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        if measure:
-            totals = self.accelerator.reduce(torch.stack([abs_diff_sum, token_count]), reduction="sum")
-            if totals[1] > 0:
-                self.mismatch_values.append((totals[0] / totals[1]).item())
+            if measure_mismatch and batch_logprobs is not None:
+                batch[SAMPLER_LOGPROBS] = sampler_logprobs_per_loss_token(labels, batch_logprobs)
         return on_policy
 
     # ----------------------------------------------------------------------------------------------------------------
     # Sampler/trainer mismatch
 
-    @torch.no_grad()
-    def _logprob_abs_diff(self, input_ids, attention_mask, labels, sampler_logprobs):
-        """Sum over the completion tokens of |vLLM's log-prob - the student's|, and the number of tokens."""
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
+    def record_mismatch(self, sampler_logprobs: list[float], student_logprobs: torch.Tensor) -> None:
+        """Add one micro-batch's mean |vLLM's log-prob - the student's| over its sampled tokens, over every process.
 
-        model = self.model
-        chunk_size = self.args.loss_chunk_size
-        shifted_labels = labels[:, 1:]
-        mask = shifted_labels != IGNORE_INDEX
-        targets = shifted_labels[mask]
-        temperature = self.args.temperature
-        projection, _ = find_output_projection(model)
-        if projection is not None:
-            hidden = last_hidden_state(model, input_ids, attention_mask)[:, :-1][mask]
-            token_logprobs = []
-            with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
-                # A chunk at a time: the full (tokens, vocab) logits are what on-policy training must not build.
-                for begin in range(0, hidden.size(0), chunk_size):
-                    logits = project(hidden[begin : begin + chunk_size].float(), projection)
-                    chunk_targets = targets[begin : begin + logits.size(0)]
-                    log_probs = torch.log_softmax(logits.float() / temperature, dim=-1)
-                    token_logprobs.append(log_probs.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1))
-            student = torch.cat(token_logprobs) if token_logprobs else hidden.new_zeros(0)
-        else:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][mask]
-            student = torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, targets.unsqueeze(-1))[:, 0]
-
-        # vLLM reports one list of log-probs per completion token; row order and completion order match `mask`.
-        sampler = torch.tensor(
-            [float("nan") if lp[0] is None else lp[0] for row in sampler_logprobs for lp in row],
-            dtype=torch.float64,
-            device=student.device,
-        )
-        if sampler.numel() != student.numel():
+        Both are per loss token in the loss's order; NaN sampler entries (no log-prob, or a rewritten end token) are
+        left out. Every process calls this for the same micro-batches: the measured steps and the on-policy decisions
+        are the same everywhere.
+        """
+        sampler = torch.tensor(sampler_logprobs, dtype=torch.float64, device=student_logprobs.device)
+        if sampler.numel() != student_logprobs.numel():
             raise RuntimeError(
-                f"vLLM returned {sampler.numel()} log-probs for {student.numel()} completion tokens; the rollout "
-                "batch and the engine's outputs are out of step."
+                f"{sampler.numel()} vLLM log-probs for {student_logprobs.numel()} loss tokens: the batch's labels "
+                "changed after the rollout."
             )
-        diff = (sampler - student.double()).abs()
+        diff = (sampler - student_logprobs.double()).abs()
         finite = torch.isfinite(diff)
-        return diff[finite].sum(), finite.sum().to(torch.float64)
+        local = torch.stack([diff[finite].sum(), finite.sum().to(torch.float64)]).to(self.accelerator.device)
+        totals = self.accelerator.reduce(local, reduction="sum")
+        if totals[1] > 0:
+            self.mismatch_values.append((totals[0] / totals[1]).item())
+
+
+def sampler_logprobs_per_loss_token(labels: torch.Tensor, sampler_logprobs) -> list[float]:
+    """vLLM's log-prob of each loss token of `labels[:, 1:]`, row-major (NaN where vLLM gave none)."""
+    mask = labels[:, 1:] != IGNORE_INDEX
+    # vLLM reports one list of log-probs per completion token; row order and completion order match `mask`.
+    values = [math.nan if lp[0] is None else lp[0] for row in sampler_logprobs for lp in row]
+    if len(values) != int(mask.sum()):
+        raise RuntimeError(
+            f"vLLM returned {len(values)} log-probs for {int(mask.sum())} completion tokens; the rollout batch and "
+            "the engine's outputs are out of step."
+        )
+    return values
+
+
+def without_rewritten_tokens(values: list[float], sampled_labels: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """`values` (one per loss token of `sampled_labels`) with NaN where `labels` no longer holds the sampled token.
+
+    A student end token rewritten to the teacher's is not what vLLM sampled: the loss scores the teacher's there.
+    """
+    mask = sampled_labels[:, 1:] != IGNORE_INDEX
+    rewritten = (labels != sampled_labels)[:, 1:][mask].tolist()
+    return [math.nan if changed else value for value, changed in zip(values, rewritten, strict=True)]

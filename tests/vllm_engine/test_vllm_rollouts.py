@@ -8,6 +8,7 @@ differ by 0.1 to 1.5 when it holds stale ones (the learning rate is large on pur
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
@@ -128,6 +129,7 @@ def test_engine_samples_from_the_updated_student_every_step(
     rollouts.mismatch_values.clear()
     batch = trainer._prepare_inputs(trainer.data_collator([dict(r) for r in trainer.train_dataset.select(range(2))]))
     trainer._roll_out_window([batch])
+    trainer.compute_loss(trainer.model, batch)  # the loss measures the mismatch from its own log-probs
     stale = rollouts.mismatch_values
     assert calls["sync_weights"] == STEPS and stale and stale[0] > 0.05, stale
 
@@ -136,7 +138,36 @@ def test_engine_samples_from_the_updated_student_every_step(
     rollouts.mismatch_values.clear()
     batch = trainer._prepare_inputs(trainer.data_collator([dict(r) for r in trainer.train_dataset.select(range(2))]))
     trainer._roll_out_window([batch])
+    trainer.compute_loss(trainer.model, batch)
     assert rollouts.mismatch_values[0] < TOLERANCE
+
+
+def test_log_probs_only_on_logged_steps_and_no_extra_forward_pass(assets, float32_engine, monkeypatch):
+    import trl_eopd.trainer as trainer_module
+
+    trainer = _trainer(assets, "untied", gradient_accumulation_steps=1, max_steps=4, logging_steps=2)
+    generation = trainer._vllm_rollouts.generation
+    requested, forwards = [], Counter()
+    original_generate, original_hidden = generation.generate, trainer_module.last_hidden_state
+
+    def recording(*args, **kwargs):
+        requested.append(generation.logprobs)
+        return original_generate(*args, **kwargs)
+
+    def counting(*args, **kwargs):
+        forwards[trainer.state.global_step] += 1
+        return original_hidden(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", recording)
+    monkeypatch.setattr(trainer_module, "last_hidden_state", counting)
+    trainer.train()
+
+    # Steps 2 and 4 are logged: only their engine calls ask for the sampled tokens' log-probs.
+    assert requested == [None, 0, None, 0]
+    # A measured step runs the same forward passes as an unmeasured one (step 1 also checks the output projection).
+    assert forwards[1] == forwards[2] == forwards[3] == 2, forwards
+    logged = [entry[MISMATCH_METRIC] for entry in trainer.state.log_history if MISMATCH_METRIC in entry]
+    assert len(logged) == 2 and max(logged) < TOLERANCE, logged
 
 
 def test_rollout_batch_matches_the_generate_path_layout(assets, float32_engine, monkeypatch):

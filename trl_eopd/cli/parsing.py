@@ -75,7 +75,7 @@ def load_recipe(path: Path, valid: list[str]) -> dict[str, Any]:
 def parse_args(parser, argv: list[str] | None = None):
     """Parse argv (and its `--config` recipe) with `parser` into its dataclasses, naming unknown keys and flags."""
     from .cpu_deepspeed import check_launcher_precision, needs_gloo
-    from .quiet import harmless_prints_dropped
+    from .quiet import deepspeed_set_up_quietly, uses_deepspeed
 
     argv = list(sys.argv[1:] if argv is None else argv)
     valid = valid_keys(parser)
@@ -86,8 +86,8 @@ def parse_args(parser, argv: list[str] | None = None):
     if needs_gloo(argv, recipe):
         argv += ["--ddp_backend", "gloo"]
     try:
-        # Parsing the training arguments sets up the process group, where DeepSpeed prints from every rank.
-        with harmless_prints_dropped():
+        # Parsing the training arguments sets up the process group, and with it DeepSpeed's torch backend.
+        with deepspeed_set_up_quietly(uses_deepspeed(argv, recipe)):
             *parsed, remaining = parser.parse_args_and_config(argv, return_remaining_strings=True)
     except ValueError as e:
         # Validation errors from EOPDConfig / TrainingArguments __post_init__ (e.g. an invalid estimator combination).

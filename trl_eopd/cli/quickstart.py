@@ -49,7 +49,6 @@ def _run(args, output_dir: str):
 
     from .. import EOPDConfig, EOPDTrainer
     from ..tiny import save_tiny_setup
-    from .quiet import harmless_warnings_silenced
 
     paths = save_tiny_setup(f"{output_dir}/tiny")
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
@@ -77,8 +76,7 @@ def _run(args, output_dir: str):
         processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)
-    with harmless_warnings_silenced():
-        trainer.train()
-        trainer.evaluate()
-        trainer.save_model(f"{output_dir}/run/final")
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model(f"{output_dir}/run/final")
     return trainer

@@ -126,7 +126,6 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
     from trl import get_peft_config, get_quantization_config
 
     from ..trainer import EOPDTrainer
-    from .quiet import harmless_warnings_silenced
 
     quantization_config = get_quantization_config(model_args)
     model_init_kwargs = {
@@ -153,28 +152,27 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
     training_args.teacher_model_init_kwargs = teacher_init_kwargs
     training_args.teacher_model_name_or_path = teacher
 
-    with harmless_warnings_silenced():
-        trainer = EOPDTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=training_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=tokenizer,
-            peft_config=get_peft_config(model_args),
-            callbacks=callbacks,
-        )
-        served = trainer._teacher_server
-        source = f"teacher {teacher}" if served is None else f"the teacher served at {served.url}"
-        _log(state, f"training {student} from {source} on {len(train_dataset)} rows")
-        trainer.train(resume_from_checkpoint=resume)
+    trainer = EOPDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=callbacks,
+    )
+    served = trainer._teacher_server
+    source = f"teacher {teacher}" if served is None else f"the teacher served at {served.url}"
+    _log(state, f"training {student} from {source} on {len(train_dataset)} rows")
+    trainer.train(resume_from_checkpoint=resume)
 
-        if eval_dataset is not None:
-            metrics = trainer.evaluate()
-            trainer.log_metrics("eval", metrics)
-            trainer.save_metrics("eval", metrics)
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
 
-        trainer.save_model(training_args.output_dir)
+    trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
     trainer.accelerator.wait_for_everyone()

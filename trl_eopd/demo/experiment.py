@@ -110,7 +110,6 @@ def _distill(student_path: Path, teacher, tokenizer, settings: DemoSettings, met
     from transformers import PrinterCallback, TrainerCallback
 
     from .. import EOPDConfig, EOPDTrainer
-    from ..cli.quiet import harmless_warnings_silenced
 
     student = load_model(student_path)
     rows = training_rows_fn(set())(0, random.Random(50_000 + seed), settings.steps * settings.batch_size)
@@ -152,8 +151,7 @@ def _distill(student_path: Path, teacher, tokenizer, settings: DemoSettings, met
                 on_step(state.global_step, state.max_steps)
 
         trainer.add_callback(_ReportStep())
-    with harmless_warnings_silenced():
-        trainer.train()
+    trainer.train()
     model = trainer.model
     model.eval()
     return model, trainer.state.log_history
@@ -301,7 +299,7 @@ def run_demo(settings: DemoSettings, output_dir: str | Path, log=print) -> dict:
     plot_pass_at_k(aggregated["summary"], KS, output_dir / "pass_at_k.png", top_p=settings.eval_top_p)
     plot_paired_differences({"": aggregated["paired_difference"]}, output_dir / "paired_difference.png",
                             top_p=settings.eval_top_p)
-    plot_mechanism({"": aggregated["summary"]}, output_dir / "mechanism.png")
+    plot_mechanism({"": aggregated["summary"]}, output_dir / "mechanism.png", top_p=settings.eval_top_p)
     results = {
         "settings": asdict(settings) | {"entropy_threshold_opd": "inf"},
         "task": {"eval_problems": len(context.problems), "samples_per_problem": settings.num_eval_samples,

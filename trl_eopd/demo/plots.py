@@ -137,12 +137,14 @@ def _protocol_prefixes(stats: dict) -> list[tuple[str, str]]:
 
 def plot_paired_differences(regimes: dict[str, dict], path: Path, top_p: float = 0.8) -> None:
     """`regimes[label]` is a `paired_difference` dict; one panel per metric, one row per regime and protocol, each a
-    mean EOPD - OPD with its 95% interval over seeds."""
+    mean EOPD - OPD with its 95% interval over seeds. A single regime labelled `""` (the demo's) gets rows named by
+    protocol only."""
     plt = _pyplot()
     height = 1.2 + 0.5 * 2 * len(regimes)
     fig, grid = plt.subplots(2, 3, figsize=(16, 2 * height + 1.2))
     axes = list(grid.flat)
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    secondary_labels = set()
     for ax, (metric, title, unit) in zip(axes, PAIRED_PANELS):
         rows = []
         for i, (regime, paired) in enumerate(regimes.items()):
@@ -153,6 +155,8 @@ def plot_paired_differences(regimes: dict[str, dict], path: Path, top_p: float =
                 protocol = label or f"top-p {top_p:g} (paper)"
                 name = f"{regime}, {protocol}" if regime else protocol
                 rows.append((name, stat, palette[i % len(palette)], prefix != ""))
+                if prefix:
+                    secondary_labels.add(label)
         for y, (name, stat, color, secondary) in enumerate(reversed(rows)):
             mean = stat["mean"]
             if stat["ci_low"] is not None:
@@ -171,11 +175,16 @@ def plot_paired_differences(regimes: dict[str, dict], path: Path, top_p: float =
         ax.set_xlabel(f"EOPD − OPD ({unit})", fontsize=8)
         ax.grid(alpha=0.3, axis="x")
     axes[-1].axis("off")
-    axes[-1].text(0, 0.5, "How to read: each row is one student regime and one evaluation\nprotocol; the marker is the "
-                  "mean over seeds of EOPD − OPD,\nthe bar its 95% t interval. An interval that crosses the black\n"
-                  "line at 0 means no difference was detected. Filled circle:\nthe paper's protocol (top-p "
-                  f"{top_p:g}); open square: top-p 1.\nNumber above a marker: seeds where EOPD was higher.",
-                  fontsize=9, va="center")
+    several = len(regimes) > 1 or any(regimes)
+    lines = ["How to read: each row is " + ("one student regime and one\nevaluation protocol;" if several
+                                          else "one evaluation protocol;"),
+             "the marker is the mean over seeds of EOPD − OPD, the bar",
+             "its 95% t interval. An interval that crosses the black line",
+             "at 0 means no difference was detected.",
+             f"Filled circle: the paper's protocol (top-p {top_p:g})."]
+    lines += [f"Open square: {', '.join(sorted(secondary_labels))}."] if secondary_labels else []
+    lines += ["Number above a marker: seeds where EOPD was higher."]
+    axes[-1].text(0, 0.5, "\n".join(lines), fontsize=9, va="center")
     n_seeds = {stat["n_seeds"] for paired in regimes.values() for stat in paired.values()}
     fig.suptitle("EOPD − OPD from the same initial student, paired by seed: mean and 95% t interval over "
                  f"{'/'.join(map(str, sorted(n_seeds)))} seeds (right of 0: EOPD higher; "
@@ -185,33 +194,35 @@ def plot_paired_differences(regimes: dict[str, dict], path: Path, top_p: float =
     plt.close(fig)
 
 
-def plot_mechanism(regimes: dict[str, dict], path: Path) -> None:
+def plot_mechanism(regimes: dict[str, dict], path: Path, top_p: float = 0.8) -> None:
     """`regimes[label]` is a demo `summary`; bars per model (teacher, initial student, OPD, EOPD) for the paper's
-    mechanism: how many different correct solutions a model finds and how spread its own token distribution is."""
+    mechanism: how many different correct solutions a model finds and how spread its own token distribution is.
+
+    The bars are the evaluation's main protocol (top-p `top_p`, the one the printed headline uses), and each seed is a
+    dot drawn over its bar and error bar, spread sideways so that the seeds can be counted."""
     plt = _pyplot()
     fig, axes = plt.subplots(len(regimes), len(MECHANISM_PANELS), figsize=(13, 3.6 * len(regimes)), squeeze=False)
     for row, (regime, summary) in enumerate(regimes.items()):
-        # The students' own distribution (top-p 1, what they are trained on) when it was measured.
-        prefixes = _protocol_prefixes(summary["teacher"])
-        prefix, label = next(((p, lab) for p, lab in prefixes if p == "top_p1/"), prefixes[0])
         for ax, (metric, title, unit) in zip(axes[row], MECHANISM_PANELS):
             models = [m for m in COLORS if m in summary]
             for x, model in enumerate(models):
-                stat = summary[model][prefix + metric]
-                ax.bar(x, stat["mean"], color=COLORS[model], alpha=0.8)
-                ax.errorbar(x, stat["mean"], yerr=stat["std"], color="black", capsize=4)
+                stat = summary[model][metric]
+                ax.bar(x, stat["mean"], color=COLORS[model], alpha=0.8, zorder=1)
+                ax.errorbar(x - 0.25, stat["mean"], yerr=stat["std"], color="black", capsize=4, zorder=2)
                 values = stat.get("values", [])
-                ax.plot([x] * len(values), values, ".", color="black", alpha=0.35, ms=3)
-                ax.annotate(f"{stat['mean']:.3f}", (x, stat["mean"]), textcoords="offset points", xytext=(12, 2),
-                            fontsize=7)
+                # A fixed spread over the middle of the bar: the same picture on every redraw.
+                offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
+                ax.scatter(x + offsets, values, s=10, color="black", edgecolors="white", linewidths=0.5, zorder=3)
+                ax.annotate(f"{stat['mean']:.3f}", (x, stat["mean"]), textcoords="offset points", xytext=(14, 2),
+                            fontsize=7, zorder=4)
             ax.set_xticks(range(len(models)))
             ax.set_xticklabels([LABELS[m] for m in models])
             ax.set_ylabel(unit)
             ax.set_title(f"{regime}: {title}" if regime else title, fontsize=9)
-            ax.grid(alpha=0.3, axis="y")
-    sampler = label or "the evaluation's sampler"
-    fig.suptitle(f"Does the student keep the teacher's spread? Rollouts sampled at temperature 1, {sampler}; "
-                 "bar: mean over seeds, error bar ±1 std, dots: seeds", fontsize=10)
+            ax.grid(alpha=0.3, axis="y", zorder=0)
+            ax.set_axisbelow(True)
+    fig.suptitle(f"Does the student keep the teacher's spread? Rollouts sampled at temperature 1, top-p {top_p:g}; "
+                 "bar: mean over seeds, error bar (left of centre): ±1 std, dots: one per seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -233,7 +244,7 @@ def replot(output_dir: str | Path) -> list[Path]:
     if "paired_difference" in results:
         paths += [output_dir / "paired_difference.png", output_dir / "mechanism.png"]
         plot_paired_differences({"": results["paired_difference"]}, paths[2], top_p=results["settings"]["eval_top_p"])
-        plot_mechanism({"": summary}, paths[3])
+        plot_mechanism({"": summary}, paths[3], top_p=results["settings"]["eval_top_p"])
     return paths
 
 

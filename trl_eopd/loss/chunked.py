@@ -168,6 +168,7 @@ class _ChunkTerms:
     base_weight: Tensor
     base: Tensor
     forward: Tensor
+    target_log_probs: Tensor  # log q(y) at the targets
     # Only the option that needs them sets these.
     sampled_ids: Tensor | None = None  # (n, 1)
     sampled_log_ratio: Tensor | None = None  # log q(y) - log p(y)
@@ -235,6 +236,7 @@ def _per_token_terms(
     top_ids = top_teacher_probs = sampled_ids = sampled_log_ratio = student_minus_mixture = student_to_mixture = None
 
     # Whatever needs log q itself is read here, before its storage becomes log q - log p.
+    target_log_probs = student_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     if top_k is not None:
         forward_top_k, top_ids, top_teacher_probs = _top_k_forward_kl(student_log_probs, teacher_log_probs, top_k)
     if sampled:
@@ -270,6 +272,7 @@ def _per_token_terms(
         base_weight=torch.ones_like(gate) if opts.gate == "augment" else 1.0 - gate,
         base=base,
         forward=forward_kl if top_k is None else forward_top_k,
+        target_log_probs=target_log_probs,
         sampled_ids=sampled_ids,
         sampled_log_ratio=sampled_log_ratio,
         top_ids=top_ids,
@@ -396,6 +399,7 @@ def _eopd_chunks(
     divisor: float,
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
+    target_log_probs_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loss, per-token statistic sums and (optionally) the loss's gradients w.r.t. the student's hidden, weight, bias.
 
@@ -447,6 +451,8 @@ def _eopd_chunks(
         )
         terms = _per_token_terms(probs, log_probs, targets[start:end], opts, top_k)
         _record_stats(per_token[start:end], terms, opts)
+        if target_log_probs_out is not None:
+            target_log_probs_out[start:end] = terms.target_log_probs
         if need_any:
             # Pushed through the projection now, while this chunk's hidden states are at hand.
             grad = _student_logit_gradient(terms, opts, top_k, softcap_derivative)
@@ -470,7 +476,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                targets, opts, divisor, chunk_size):  # fmt: skip
+                targets, opts, divisor, chunk_size, target_log_probs_out):  # fmt: skip
         needs_grad = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -478,7 +484,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
         )
         loss, sums, grad_hidden, grad_weight, grad_bias = _eopd_chunks(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets,
-            opts, divisor, chunk_size, needs_grad,
+            opts, divisor, chunk_size, needs_grad, target_log_probs_out,
         )  # fmt: skip
         # Kept in the parameters' dtype until backward: for a bf16 model this halves the (vocab, hidden) gradient held
         # between the two passes, and it is the dtype autograd would have produced anyway.
@@ -498,7 +504,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
         # The usual caller back-propagates the loss itself (grad_loss == 1): skip a vocabulary-sized multiply then.
         if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
             grads = [None if grad is None else grad * grad_loss.to(grad.dtype) for grad in grads]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)
 
 
 def chunked_eopd_loss_and_stats(
@@ -517,6 +523,7 @@ def chunked_eopd_loss_and_stats(
     options: EOPDLossOptions | None = None,
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
+    target_log_probs_out: Tensor | None = None,
     **option_overrides,
 ) -> tuple[Tensor, EOPDStats]:
     """EOPD loss and statistics computed from hidden states, a chunk of tokens at a time.
@@ -557,6 +564,9 @@ def chunked_eopd_loss_and_stats(
             Divisor for the summed loss; defaults to `max(N, 1)`. 0 (no loss token in the whole window) gives 0.
         chunk_size (`int`, *optional*, defaults to `256`):
             Tokens per chunk. Peak memory grows as `2 * 2 * chunk_size * V` float32 values.
+        target_log_probs_out (`torch.Tensor`, *optional*):
+            As in [`eopd_loss_and_stats`]: a float32 tensor of shape `(N,)` that receives the student's tempered
+            log-probability of each target, detached.
         **option_overrides:
             Any field of [`EOPDLossOptions`] by name, replacing its value in `options`.
 
@@ -614,13 +624,14 @@ def chunked_eopd_loss_and_stats(
     student_tensors = [t for t in (student_hidden, student_weight, student_bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in student_tensors):
         loss, sums = _ChunkedEOPDFunction.apply(
-            student_hidden, student_weight, student_bias, *teacher_args, targets, opts, divisor, chunk_size
-        )
+            student_hidden, student_weight, student_bias, *teacher_args, targets, opts, divisor, chunk_size,
+            target_log_probs_out,
+        )  # fmt: skip
     else:
         with torch.no_grad():
             loss, sums, *_ = _eopd_chunks(
                 student_hidden, student_weight, student_bias, *teacher_args, targets, opts, divisor, chunk_size,
-                (False, False, False),
+                (False, False, False), target_log_probs_out,
             )  # fmt: skip
 
     stats = EOPDStats(

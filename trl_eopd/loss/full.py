@@ -94,12 +94,15 @@ def eopd_loss_and_stats(
     options: EOPDLossOptions | None = None,
     *,
     num_items_in_batch: torch.Tensor | int | None = None,
+    target_log_probs_out: torch.Tensor | None = None,
     **option_overrides,
 ) -> tuple[torch.Tensor, EOPDStats]:
     """Like [`eopd_loss`], and also returns the detached [`EOPDStats`] of the batch, computed from the same logits.
 
     `monitor_entropy_threshold` (nats) only affects the statistics: the `*_monitor` fields count and measure the tokens
-    whose entropy is above it, whatever the gate.
+    whose entropy is above it, whatever the gate. `target_log_probs_out`, if given, is a float32 tensor of shape
+    `(num_loss_tokens,)` that receives the student's tempered log-probability of each label, detached, in the order of
+    `labels[labels != -100]` (a sampler's log-probabilities can be compared with it at no extra forward pass).
     """
     opts = EOPDLossOptions.resolve(options, option_overrides)
     entropy_threshold, forward_kl_coef, gate = opts.entropy_threshold, opts.forward_kl_coef, opts.gate
@@ -115,6 +118,8 @@ def eopd_loss_and_stats(
 
     student_log_probs = F.log_softmax(scaled_student, dim=-1)
     teacher_log_probs = F.log_softmax(scaled_teacher, dim=-1)
+    if target_log_probs_out is not None:
+        target_log_probs_out.copy_(student_log_probs.detach().gather(-1, targets.unsqueeze(-1)).squeeze(-1))
 
     with torch.no_grad():
         teacher_entropy = -(teacher_log_probs.exp() * teacher_log_probs).sum(-1)

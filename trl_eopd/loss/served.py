@@ -171,7 +171,7 @@ def _renormalised_top_k(top_log_probs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _served_chunks(student_hidden, student_weight, student_bias, served: _Served, targets, opts: _Options,
-                   divisor: float, chunk_size: int, needs_grad):  # fmt: skip
+                   divisor: float, chunk_size: int, needs_grad, target_log_probs_out=None):  # fmt: skip
     """Loss, statistic sums and (optionally) the student's gradients, a chunk of tokens at a time."""
     device = student_hidden.device
     num_tokens, vocab_size = targets.numel(), student_weight.size(0)
@@ -207,7 +207,10 @@ def _served_chunks(student_hidden, student_weight, student_bias, served: _Served
         torch.exp(log_probs, out=probs)
 
         sampled_ids = targets[start:end].unsqueeze(-1)
-        sampled_log_ratio = log_probs.gather(-1, sampled_ids).squeeze(-1) - served.target_log_probs[start:end]
+        target_log_probs = log_probs.gather(-1, sampled_ids).squeeze(-1)
+        if target_log_probs_out is not None:
+            target_log_probs_out[start:end] = target_log_probs
+        sampled_log_ratio = target_log_probs - served.target_log_probs[start:end]
         top_ids = served.top_ids[start:end]
         top_teacher_probs, top_teacher_log_probs = _renormalised_top_k(served.top_log_probs[start:end])
         # 0 * log 0 is 0 on the teacher's side; only the student's log q at those ids can be used as is.
@@ -246,6 +249,7 @@ def _served_chunks(student_hidden, student_weight, student_bias, served: _Served
                 base_weight=base_weight,
                 base=sampled_log_ratio,
                 forward=forward,
+                target_log_probs=target_log_probs,
                 sampled_ids=sampled_ids,
                 sampled_log_ratio=sampled_log_ratio,
                 top_ids=top_ids,
@@ -261,21 +265,21 @@ def _served_chunks(student_hidden, student_weight, student_bias, served: _Served
     return sums[_LOSS] / divisor, sums, grad_hidden, grad_weight, grad_bias
 
 
-class _ServedTeacherEOPDFunction(_ChunkedEOPDFunction):
-    """The chunked loss's autograd wrapper (its backward only rescales), around the served-teacher chunk loop."""
+class _ServedTeacherEOPDFunction(torch.autograd.Function):
+    """Autograd wrapper like the chunked loss's: the forward computes the student's gradients, backward rescales."""
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
-                _unused_a, _unused_b):  # fmt: skip
-        # Ten inputs, as the inherited backward returns gradients for ten: the student's three, then Nones.
+                target_log_probs_out):  # fmt: skip
         needs_grad = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
             student_bias is not None and ctx.needs_input_grad[2],
         )
         loss, sums, *grads = _served_chunks(
-            student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size, needs_grad
-        )
+            student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size, needs_grad,
+            target_log_probs_out,
+        )  # fmt: skip
         grads = [
             None if grad is None else grad.to(like.dtype)
             for grad, like in zip(grads, (student_hidden, student_weight, student_bias))
@@ -283,6 +287,12 @@ class _ServedTeacherEOPDFunction(_ChunkedEOPDFunction):
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(sums)
         return loss, sums
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_sums):
+        # The chunked loss's rescaling of the saved gradients, then no gradient for the six other inputs.
+        student_grads = _ChunkedEOPDFunction.backward(ctx, grad_loss, grad_sums)[:3]
+        return (*student_grads, None, None, None, None, None, None)
 
 
 def served_teacher_eopd_loss_and_stats(
@@ -306,6 +316,7 @@ def served_teacher_eopd_loss_and_stats(
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
     monitor_entropy_threshold: float = _DEFAULTS.monitor_entropy_threshold,
+    target_log_probs_out: Tensor | None = None,
 ) -> tuple[Tensor, ServedTeacherStats]:
     """EOPD loss and statistics from the student's hidden states and a served teacher's top log-probabilities.
 
@@ -352,6 +363,9 @@ def served_teacher_eopd_loss_and_stats(
             Tokens projected to the vocabulary at once.
         monitor_entropy_threshold (`float`, *optional*, defaults to `0.8`):
             Threshold of the `*_monitor*` statistics only.
+        target_log_probs_out (`torch.Tensor`, *optional*):
+            A float32 `(N,)` tensor that receives the student's log-probability of each target token (detached), as
+            with [`chunked_eopd_loss_and_stats`].
 
     Returns:
         `tuple[torch.Tensor, ServedTeacherStats]`: the scalar float32 loss and the detached statistics.
@@ -417,13 +431,14 @@ def served_teacher_eopd_loss_and_stats(
     student_tensors = [t for t in (student_hidden, student_weight, student_bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in student_tensors):
         loss, sums = _ServedTeacherEOPDFunction.apply(
-            student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size, None, None
+            student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
+            target_log_probs_out,
         )
     else:
         with torch.no_grad():
             loss, sums, *_ = _served_chunks(
                 student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
-                (False, False, False),
+                (False, False, False), target_log_probs_out,
             )  # fmt: skip
 
     def count(column):
