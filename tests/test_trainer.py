@@ -845,3 +845,28 @@ def test_python_quick_start_runs_where_bf16_is_unsupported(tmp_path, monkeypatch
     assert trainer.state.global_step == 2
     assert next(trainer.model.parameters()).dtype == torch.float32
 
+
+
+# With a served teacher (trl_eopd/teacher_server.py), what needs a local teacher is refused before any server is asked;
+# the server itself is exercised in tests/vllm_engine/test_teacher_server.py.
+SERVED = dict(teacher_model_server_url="http://127.0.0.1:9", reverse_kl_estimator="sampled")
+
+
+def test_served_teacher_refuses_a_teacher_module_and_compute_metrics(tiny, tokenizer, dataset, tmp_path):
+    args = make_args(tmp_path, **SERVED)
+    with pytest.raises(ValueError, match=r"`teacher_model` must be None or a name when"):
+        EOPDTrainer(model=tiny["student"], teacher_model=AutoModelForCausalLM.from_pretrained(tiny["teacher"]),
+                    args=args, train_dataset=dataset, processing_class=tokenizer)  # fmt: skip
+    with pytest.raises(ValueError, match=r"`compute_metrics` needs full logits of both models"):
+        EOPDTrainer(model=tiny["student"], teacher_model=None, args=args, train_dataset=dataset,
+                    processing_class=tokenizer, compute_metrics=lambda prediction: {})  # fmt: skip
+
+
+def test_served_teacher_that_does_not_answer_names_the_url_and_the_timeout(tiny, tokenizer, dataset, tmp_path):
+    from trl_eopd.teacher_server import TeacherServerError
+
+    args = make_args(tmp_path, **SERVED, teacher_model_server_timeout=1.0)
+    with pytest.raises(TeacherServerError, match=r"http://127.0.0.1:9 did not answer GET /health within "
+                                                 r"`teacher_model_server_timeout=1`"):  # fmt: skip
+        EOPDTrainer(model=tiny["student"], teacher_model=None, args=args, train_dataset=dataset,
+                    processing_class=tokenizer)  # fmt: skip

@@ -149,6 +149,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 "`teacher_model` must be None or a name when `args.teacher_model_server_url` is set: the served model "
                 f"at {served_teacher_url} is the teacher, and a second one in this process would only take memory."
             )
+        if served_teacher_url is not None and compute_metrics is not None:
+            raise ValueError(
+                "`compute_metrics` needs full logits of both models, which a served teacher does not give; drop it, "
+                "or train with a local teacher (`args.teacher_model_server_url=None`)."
+            )
         if teacher_model is None and served_teacher_url is None:
             raise ValueError(
                 "`teacher_model` is required: pass a model or a Hub id / local path, or serve the teacher with vLLM "
