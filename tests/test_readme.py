@@ -224,6 +224,14 @@ def _check_accelerate(argv: list[str], what: str) -> None:
         _check_script(args.training_script, args.training_script_args, what)
 
 
+def _check_vllm(argv: list[str], what: str) -> None:
+    # vLLM is not installed here; what the docs must get right is the flags a served EOPD teacher needs.
+    assert argv[:1] == ["serve"] and len(argv) > 1 and not argv[1].startswith("-"), f"{what}: `vllm serve MODEL ...`"
+    joined = " ".join(argv)
+    for flags in ("--max-logprobs -1", "--logprobs-mode processed_logprobs"):
+        assert flags in joined, f"{what}: a served teacher needs `{flags}` (trl_eopd/teacher_server.py)"
+
+
 def check_command(command: list[str], what: str) -> None:
     while command and _ENV_ASSIGNMENT.match(command[0]):
         command = command[1:]
@@ -234,6 +242,8 @@ def check_command(command: list[str], what: str) -> None:
         _check_accelerate(rest, what)
     elif program == "pip":
         _check_pip(rest, what)
+    elif program == "vllm":
+        _check_vllm(rest, what)
     elif program in ("python", "python3") or program.endswith("/bin/python"):
         if rest[0] == "-m":
             _check_module(rest[1:], what)
