@@ -218,15 +218,18 @@ def test_zero3_resume_restores_the_sharded_weights_exactly(zero3_run, tiny_env, 
     torch.testing.assert_close(restored, final, rtol=0, atol=0)
 
 
-def test_lora_student_under_zero3(tiny_env, tmp_path):
-    env, paths = tiny_env
+def test_lora_student_under_zero3_with_tiny_models_built_by_the_launch(tiny_env, tmp_path):
+    """Also the first use of `tiny://` on a machine: both ZeRO-3 processes build the tiny models themselves, after the
+    ZeRO-3 arguments exist, and must still write them whole (unpartitioned)."""
+    env, _ = tiny_env
+    env = {**env, "TRL_EOPD_TINY_DIR": str(tmp_path / "fresh-tiny")}
     out = tmp_path / "lora"
     log = launch(env, "zero3", out, "--use_peft", "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "1e-2")
     assert_ranks_logged(log)
     assert_metrics_gathered(out)
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     assert not (out / "model.safetensors").exists()
-    assert_reload_matches(out, base=paths["student"])
+    assert_reload_matches(out, base=str(tmp_path / "fresh-tiny" / "student"))
 
 
 def test_metrics_are_token_weighted_across_processes(tiny_env, tmp_path):

@@ -26,6 +26,7 @@ def tiny_dir() -> Path:
 
 def ensure_tiny_setup() -> dict[str, str]:
     """Build the tiny models and dataset once; safe when several processes (or nodes) race to do it."""
+    from .._compat import without_zero3_model_partitioning
     from ..tiny import save_tiny_setup
 
     root = tiny_dir()
@@ -37,7 +38,9 @@ def ensure_tiny_setup() -> dict[str, str]:
     # rename wins, every process sees identical files, and nobody ever reads a half-written one.
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
     try:
-        built = save_tiny_setup(tmp)
+        # A process of a ZeRO-3 launch builds its own copy, whole: partitioned, it would be saved without weights.
+        with without_zero3_model_partitioning():
+            built = save_tiny_setup(tmp)
         (tmp / "COMPLETE").write_text(json.dumps(built))
         try:
             os.rename(tmp, root)
