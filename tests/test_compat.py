@@ -237,17 +237,3 @@ def test_gkd_init_prepares_the_teacher_through_its_module_level_prepare_deepspee
         assert gkd_trainer.prepare_deepspeed(stand_in, None) is stand_in and stand_in.config is sentinel
     assert gkd_trainer.prepare_deepspeed.__name__ == "prepare_deepspeed"  # restored
 
-
-def test_zero3_model_partitioning_can_be_switched_off_and_restored():
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-
-    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
-    try:
-        assert is_deepspeed_zero3_enabled()
-        with _compat.without_zero3_model_partitioning():
-            assert not is_deepspeed_zero3_enabled()
-        assert is_deepspeed_zero3_enabled()
-    finally:
-        unset_hf_deepspeed_config()
-    del zero3

@@ -68,8 +68,11 @@ def test_every_section_is_reported(tiny_report):
     for name, result in report["training_steps"]["results"].items():
         assert 0 < result["rollout_s"] < result["step_s"], (name, result)
         assert result["tokens_per_s"] > 0
-    for ratio in ("chunked_time_vs_trl", "chunked_peak_vs_trl", "eopd_tokens_per_s_vs_distillation"):
+    for ratio in ("chunked_time_vs_trl", "eopd_tokens_per_s_vs_distillation"):
         assert report["targets"][ratio] > 0
+    # On CPU the allocator can serve the chunked loss's buffers from memory it already holds: a peak of 0 above the
+    # inputs is a measurement there, not a missing one.
+    assert report["targets"]["chunked_peak_vs_trl"] >= 0
     assert "| eopd_chunked | ok |" in table and "| distillation |" in table
 
 

@@ -395,23 +395,3 @@ def gkd_init_without_teacher():
     finally:
         gkd_trainer.prepare_deepspeed = prepare_deepspeed
 
-
-# ---------------------------------------------------------------------------------------------------------------------
-# transformers: building a model outside a ZeRO-3 run's partitioning (`integrations.deepspeed._hf_deepspeed_config_weak_ref`)
-#
-# Once a ZeRO-3 `TrainingArguments` exists, transformers partitions every model it builds or saves across the processes
-# (`is_deepspeed_zero3_enabled()`), and `save_pretrained` writes from the main process only. The tiny local models of
-# `tiny://` are built by each process for itself, after the arguments are parsed: partitioned, they would be saved
-# without their weights. transformers can unset the global config publicly, but not hand back the one it had.
-
-
-@contextmanager
-def without_zero3_model_partitioning():
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

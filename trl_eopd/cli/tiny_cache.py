@@ -26,21 +26,38 @@ def tiny_dir() -> Path:
 
 def ensure_tiny_setup() -> dict[str, str]:
     """Build the tiny models and dataset once; safe when several processes (or nodes) race to do it."""
-    from .._compat import without_zero3_model_partitioning
-    from ..tiny import save_tiny_setup
+    import torch.distributed as dist
 
     root = tiny_dir()
     paths = {"student": str(root / "student"), "teacher": str(root / "teacher"), "train": str(root / "train.jsonl")}
-    if (root / "COMPLETE").exists():
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        _build_once(root)
         return paths
+    # Inside a launch, `save_pretrained` writes the weights from global rank 0 only, so another process's build would
+    # be empty: rank 0 builds, the others wait. Every process calls this the same number of times with the same
+    # names, so all of them reach the barrier.
+    if dist.get_rank() == 0:
+        _build_once(root)
+    dist.barrier()
+    if not (root / "COMPLETE").exists():
+        raise UsageError(
+            f"the tiny models were built by the first process in {root}, which this process (rank {dist.get_rank()}) "
+            "cannot see: on several nodes, set TRL_EOPD_TINY_DIR to a folder all nodes share."
+        )
+    return paths
+
+
+def _build_once(root: Path) -> None:
+    from ..tiny import save_tiny_setup
+
+    if (root / "COMPLETE").exists():
+        return
     root.parent.mkdir(parents=True, exist_ok=True)
-    # Each process builds into its own folder and renames it into place; the build is deterministic, so whichever
-    # rename wins, every process sees identical files, and nobody ever reads a half-written one.
+    # Each builder writes into its own folder and renames it into place; the build is deterministic, so whichever
+    # rename wins, everyone sees identical files, and nobody ever reads a half-written one.
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
     try:
-        # A process of a ZeRO-3 launch builds its own copy, whole: partitioned, it would be saved without weights.
-        with without_zero3_model_partitioning():
-            built = save_tiny_setup(tmp)
+        built = save_tiny_setup(tmp)
         (tmp / "COMPLETE").write_text(json.dumps(built))
         try:
             os.rename(tmp, root)
@@ -49,7 +66,6 @@ def ensure_tiny_setup() -> dict[str, str]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return paths
 
 
 def resolve_tiny(name: str | None) -> str | None:
