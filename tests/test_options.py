@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from trl_eopd import EOPDConfig, EOPDLossOptions, chunked_eopd_loss_and_stats, eopd_loss, eopd_loss_and_stats
+from trl_eopd.loss import served_teacher_eopd_loss_and_stats
 
 
 def _config(**kwargs):
@@ -28,7 +29,9 @@ def test_every_loss_option_default_is_the_configs():
     assert (paper.beta, paper.temperature, paper.reverse_kl_estimator) == (1.0, 1.0, "analytic")
 
 
-@pytest.mark.parametrize("function", [eopd_loss, eopd_loss_and_stats, chunked_eopd_loss_and_stats])
+@pytest.mark.parametrize(
+    "function", [eopd_loss, eopd_loss_and_stats, chunked_eopd_loss_and_stats, served_teacher_eopd_loss_and_stats]
+)
 def test_loss_functions_take_the_options_object_not_a_copy_of_its_fields(function):
     parameters = inspect.signature(function).parameters
     assert "options" in parameters

@@ -460,7 +460,6 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         teacher = inputs.pop(_SERVED_TEACHER)
         student_hidden = last_hidden_state(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1][loss_mask]
         projection, _ = find_output_projection(student)
-        options = self.loss_options  # its estimator, beta and temperature are fixed by the config's checks
         with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
             loss, stats = served_teacher_eopd_loss_and_stats(
                 student_hidden,
@@ -473,11 +472,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 student_logit_scale=projection.logit_scale,
                 student_softcap=projection.softcap,
                 vocab_size=self._teacher_server.vocab_size,
-                entropy_threshold=options.entropy_threshold,
-                forward_kl_coef=options.forward_kl_coef,
-                gate=options.gate,
-                forward_kl_top_k=options.forward_kl_top_k,
-                monitor_entropy_threshold=options.monitor_entropy_threshold,
+                options=self.loss_options,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,

@@ -44,8 +44,6 @@ from .chunked import (
 )
 from .options import EOPDLossOptions
 
-_DEFAULTS = EOPDLossOptions()
-
 ENTROPY_ESTIMATES = ("midpoint", "lower", "upper", "top_k")
 
 (
@@ -307,16 +305,13 @@ def served_teacher_eopd_loss_and_stats(
     student_logit_scale: float = 1.0,
     student_softcap: float | None = None,
     vocab_size: int | None = None,
-    entropy_threshold: float = 0.8,
-    forward_kl_coef: float = 1.0,
-    gate: str = "augment",
-    forward_kl_top_k: int = 16,
+    options: EOPDLossOptions | None = None,
     entropy_estimate: str = "midpoint",
     teacher_entropy: Tensor | None = None,
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
-    monitor_entropy_threshold: float = _DEFAULTS.monitor_entropy_threshold,
     target_log_probs_out: Tensor | None = None,
+    **option_overrides,
 ) -> tuple[Tensor, ServedTeacherStats]:
     """EOPD loss and statistics from the student's hidden states and a served teacher's top log-probabilities.
 
@@ -347,10 +342,10 @@ def served_teacher_eopd_loss_and_stats(
             If set, the student's logits are `c * tanh(logits / c)`.
         vocab_size (`int`, *optional*):
             The teacher's vocabulary size V for the entropy's upper bound; defaults to the student's `V`.
-        entropy_threshold, forward_kl_coef, gate:
-            As in [`eopd_loss`].
-        forward_kl_top_k (`int`, *optional*, defaults to `16`):
-            Size of the teacher's renormalised support in the forward KL.
+        options ([`EOPDLossOptions`], *optional*):
+            The loss options; defaults to the paper's with `reverse_kl_estimator="sampled"`, the only base term a
+            served teacher gives exactly. `beta` and `temperature` must be 1 and `forward_kl_top_k` an integer (the
+            size of the teacher's renormalised support in the forward KL).
         entropy_estimate (`str`, *optional*, defaults to `"midpoint"`):
             The gate's entropy: `"midpoint"` of the bounds, `"lower"`, `"upper"`, or `"top_k"` (the top-K entropy,
             ignoring the tail).
@@ -361,17 +356,28 @@ def served_teacher_eopd_loss_and_stats(
             Divisor for the summed loss; defaults to `max(N, 1)`. 0 gives 0.
         chunk_size (`int`, *optional*, defaults to `256`):
             Tokens projected to the vocabulary at once.
-        monitor_entropy_threshold (`float`, *optional*, defaults to `0.8`):
-            Threshold of the `*_monitor*` statistics only.
         target_log_probs_out (`torch.Tensor`, *optional*):
             A float32 `(N,)` tensor that receives the student's log-probability of each target token (detached), as
             with [`chunked_eopd_loss_and_stats`].
+        **option_overrides:
+            Any field of [`EOPDLossOptions`] by name, replacing its value in `options`.
 
     Returns:
         `tuple[torch.Tensor, ServedTeacherStats]`: the scalar float32 loss and the detached statistics.
     """
-    if forward_kl_top_k is None:
+    loss_options = EOPDLossOptions.resolve(
+        options if options is not None else EOPDLossOptions(reverse_kl_estimator="sampled"), option_overrides
+    )
+    # What the served log-probs determine exactly (trl_eopd/teacher_server.py refuses the rest in the config).
+    if loss_options.forward_kl_top_k is None:
         raise ValueError("`forward_kl_top_k` must be an integer: a served teacher only gives its top log-probs.")
+    for name, required in (("reverse_kl_estimator", "sampled"), ("beta", 1.0), ("temperature", 1.0)):
+        if getattr(loss_options, name) != required:
+            raise ValueError(
+                f"`{name}` must be {required!r} with a served teacher (got {getattr(loss_options, name)!r}): the "
+                "other settings need the teacher's full distribution."
+            )
+    forward_kl_top_k = loss_options.forward_kl_top_k
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be an integer >= 1; got {chunk_size!r}.")
     num_tokens, fetched = targets.numel(), teacher_top_log_probs.size(-1)
@@ -401,16 +407,9 @@ def served_teacher_eopd_loss_and_stats(
         raise ValueError(f"`num_items_in_batch` must be a finite number >= 0; got {num_items_in_batch!r}.")
     divisor = divisor or 1.0  # a window without loss tokens: keep its 0 loss, not 0 / 0
 
-    # Validated as every EOPD loss option is (a ValueError naming the option); the rest is fixed by the served teacher.
     opts = _Options(
-        entropy_threshold=entropy_threshold,
-        forward_kl_coef=forward_kl_coef,
-        gate=gate,
-        beta=1.0,
-        temperature=1.0,
+        **{name: getattr(loss_options, name) for name in EOPDLossOptions.names() if name != "forward_kl_top_k"},
         forward_kl_top_k=top_k,
-        reverse_kl_estimator="sampled",
-        monitor_entropy_threshold=monitor_entropy_threshold,
         student_logit_scale=float(student_logit_scale),
         student_softcap=None if student_softcap is None else float(student_softcap),
     )
