@@ -36,13 +36,10 @@ MODES = ("local", "served")
 
 
 def parse_args(argv=None):
+    from bench_rollouts import add_workload_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--vocab-size", type=int, default=32768)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=128)
+    add_workload_arguments(parser)
     parser.add_argument("--top-logprobs", type=int, default=None, help="Fetch count (default: EOPDConfig's).")
     parser.add_argument("--repeats", type=int, default=5, help="Timed rounds (one step of each trainer per round).")
     parser.add_argument("--warmup", type=int, default=1, help="Untimed rounds first.")

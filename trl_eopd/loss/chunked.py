@@ -387,6 +387,21 @@ def _student_logit_gradient(
 # ---------------------------------------------------------------------------------------------------- chunk driver
 
 
+def _zero_student_gradients(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
+                            needs_grad: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Float32 accumulators for the gradients of the student's hidden states, weight and bias (None if not needed)."""
+    need_hidden, need_weight, need_bias = needs_grad
+
+    def zeros(like):
+        return torch.zeros(like.shape, dtype=torch.float32, device=student_hidden.device)
+
+    return (
+        zeros(student_hidden) if need_hidden else None,
+        zeros(student_weight) if need_weight else None,
+        zeros(student_bias) if need_bias and student_bias is not None else None,
+    )
+
+
 def _eopd_chunks(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -408,17 +423,12 @@ def _eopd_chunks(
     """
     device = student_hidden.device
     num_tokens, vocab_size = targets.numel(), student_weight.size(0)
-    need_hidden, need_weight, need_bias = needs_grad
-    need_any = need_hidden or need_weight or need_bias
+    need_any = any(needs_grad)
     top_k = None if opts.forward_kl_top_k is None else min(opts.forward_kl_top_k, vocab_size)
 
-    def zeros(shape):
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-
-    per_token = zeros((num_tokens, _NUM_COLUMNS))
-    grad_hidden = zeros(student_hidden.shape) if need_hidden else None
-    grad_weight = zeros(student_weight.shape) if need_weight else None
-    grad_bias = zeros(student_bias.shape) if need_bias and student_bias is not None else None
+    per_token = torch.zeros((num_tokens, _NUM_COLUMNS), dtype=torch.float32, device=device)
+    grad_hidden, grad_weight, grad_bias = _zero_student_gradients(student_hidden, student_weight, student_bias,
+                                                                  needs_grad)  # fmt: skip
 
     rows = min(chunk_size, num_tokens)
     # Student and teacher share one (rows, 2, vocab) buffer so that a single log-softmax, a single exp and one batched

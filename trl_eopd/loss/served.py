@@ -34,6 +34,7 @@ from torch import Tensor
 
 from .chunked import (
     _add_projection_gradients,
+    _zero_student_gradients,
     _ChunkedEOPDFunction,
     _ChunkTerms,
     _Options,
@@ -173,16 +174,11 @@ def _served_chunks(student_hidden, student_weight, student_bias, served: _Served
     """Loss, statistic sums and (optionally) the student's gradients, a chunk of tokens at a time."""
     device = student_hidden.device
     num_tokens, vocab_size = targets.numel(), student_weight.size(0)
-    need_hidden, need_weight, need_bias = needs_grad
-    need_any = need_hidden or need_weight or need_bias
+    need_any = any(needs_grad)
 
-    def zeros(shape):
-        return torch.zeros(shape, dtype=torch.float32, device=device)
-
-    per_token = zeros((num_tokens, _NUM_COLUMNS))
-    grad_hidden = zeros(student_hidden.shape) if need_hidden else None
-    grad_weight = zeros(student_weight.shape) if need_weight else None
-    grad_bias = zeros(student_bias.shape) if need_bias and student_bias is not None else None
+    per_token = torch.zeros((num_tokens, _NUM_COLUMNS), dtype=torch.float32, device=device)
+    grad_hidden, grad_weight, grad_bias = _zero_student_gradients(student_hidden, student_weight, student_bias,
+                                                                  needs_grad)  # fmt: skip
     rows = min(chunk_size, num_tokens)
     logits_buffer = torch.empty(rows, vocab_size, dtype=torch.float32, device=device)
     log_probs_buffer = torch.empty_like(logits_buffer)
