@@ -28,7 +28,7 @@ BATCH_SIZES = (1, 2, 4)
 TOP_K = 4
 FORWARD_KL_COEF = 0.5
 # Where the student sits near its teacher: the analytic reverse KL on the rows below is small and positive while the
-# sampled estimate on the same tokens is far below 0 (asserted in `_reference`, so the tests keep reproducing it).
+# sampled estimate on the same tokens is far below 0 (asserted in `expected`, so the tests keep reproducing it).
 STUDENT_NOISE = 0.02
 
 
@@ -56,12 +56,18 @@ def setup(tmp_path_factory):
 
 
 def _trainer(setup, name, **overrides):
-    args = dict(output_dir=str(setup["root"] / name), bf16=False, report_to=[], lmbda=1.0, max_new_tokens=8,
-                forward_kl_top_k=TOP_K, forward_kl_coef=FORWARD_KL_COEF)  # fmt: skip
-    args.update(overrides)
+    args = {
+        "output_dir": str(setup["root"] / name), "bf16": False, "report_to": [], "lmbda": 1.0, "max_new_tokens": 8,
+        "forward_kl_top_k": TOP_K, "forward_kl_coef": FORWARD_KL_COEF, **overrides,
+    }  # fmt: skip
     served = args.get("teacher_model_server_url") is not None
-    return EOPDTrainer(model=setup["student"], teacher_model=None if served else setup["teacher"],
-                       args=EOPDConfig(**args), train_dataset=setup["dataset"], processing_class=setup["tokenizer"])
+    return EOPDTrainer(
+        model=setup["student"],
+        teacher_model=None if served else setup["teacher"],
+        args=EOPDConfig(**args),
+        train_dataset=setup["dataset"],
+        processing_class=setup["tokenizer"],
+    )
 
 
 def _evaluate_at_each_batch_size(trainer, dataset):
@@ -86,20 +92,23 @@ def _per_token_float64(setup, collator):
             student_logits = student(input_ids=batch["input_ids"]).logits[0, :-1][mask]
             teacher_logits = teacher(input_ids=batch["input_ids"]).logits[0, :-1][mask]
         rows += [index] * int(mask.sum())
-        for s, t, label in zip(student_logits, teacher_logits, batch["labels"][0, 1:][mask].tolist()):
-            def term(estimator, gate="augment", entropy_threshold=0.0, forward_kl_coef=0.0):
-                return reference_per_token(
-                    s, t, label, reverse_kl_estimator=estimator, gate=gate, entropy_threshold=entropy_threshold,
-                    forward_kl_coef=forward_kl_coef, beta=1.0, temperature=1.0, forward_kl_top_k=TOP_K,
-                )
-
-            base, entropy, _ = term("analytic")
+        for token in zip(student_logits, teacher_logits, batch["labels"][0, 1:][mask].tolist()):
+            base, entropy, _ = _reference_term(*token, "analytic")
             columns["entropy"].append(entropy)
             columns["analytic"].append(float(base))
-            columns["sampled"].append(float(term("sampled")[0]))
+            columns["sampled"].append(float(_reference_term(*token, "sampled")[0]))
             # A gate open everywhere that switches the base term off leaves the forward term alone.
-            columns["forward_top_k"].append(float(term("analytic", "switch", -1.0, 1.0)[0]))
+            forward, _, _ = _reference_term(*token, "analytic", gate="switch", entropy_threshold=-1.0,
+                                            forward_kl_coef=1.0)  # fmt: skip
+            columns["forward_top_k"].append(float(forward))
     return {name: torch.tensor(values, dtype=torch.float64) for name, values in columns.items()}, torch.tensor(rows)
+
+
+def _reference_term(student_row, teacher_row, label, estimator, gate="augment", entropy_threshold=0.0,
+                    forward_kl_coef=0.0):  # fmt: skip
+    options = {"gate": gate, "entropy_threshold": entropy_threshold, "forward_kl_coef": forward_kl_coef, "beta": 1.0,
+               "temperature": 1.0, "forward_kl_top_k": TOP_K}  # fmt: skip
+    return reference_per_token(student_row, teacher_row, label, reverse_kl_estimator=estimator, **options)
 
 
 def _threshold_in_a_gap(entropies):
@@ -125,6 +134,8 @@ def expected(setup):
         "reverse_kl": float(columns["analytic"].mean()),
         "loss_forward_gated": float(gated_forward.mean()),
         "forward_kl_top_k": float(columns["forward_top_k"].mean()),
+        # Per token of the first two rows, for the loss of one evaluation batch.
+        "first_rows": {"loss": loss[rows < 2], "forward_kl_top_k": columns["forward_top_k"][rows < 2]},
     }
     # The two defects' conditions hold on these rows, so the tests below reproduce them: the gate has tokens on both
     # sides, the sampled estimate is negative where the KL is not, and a mean of per-row means (the Trainer's loop at
@@ -144,7 +155,9 @@ def _assert_no_negative_divergence(log):
 
 @pytest.mark.parametrize("estimator", ["analytic", "sampled"])
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
-def test_local_teacher_evaluation_is_per_token_and_scores_the_analytic_kl(setup, expected, estimator, memory_efficient):
+def test_local_teacher_evaluation_is_per_token_and_scores_the_analytic_kl(
+    setup, expected, estimator, memory_efficient
+):
     trainer = _trainer(setup, f"local-{estimator}", reverse_kl_estimator=estimator, memory_efficient_loss=memory_efficient,
                        entropy_threshold=expected["threshold"])  # fmt: skip
     logs = _evaluate_at_each_batch_size(trainer, setup["dataset"])
@@ -158,6 +171,18 @@ def test_local_teacher_evaluation_is_per_token_and_scores_the_analytic_kl(setup,
         assert log["eval_loss"] == pytest.approx(parts, rel=1e-6), batch_size
         assert log["eval_loss"] == pytest.approx(logs[BATCH_SIZES[0]]["eval_loss"], rel=1e-6), batch_size
         _assert_no_negative_divergence(log)
+    # What evaluation averages: the loss of one batch in eval mode, a per-token mean, or a sum over a given count.
+    _assert_eval_mode_batch_loss(trainer, setup, expected["first_rows"]["loss"])
+
+
+def _assert_eval_mode_batch_loss(trainer, setup, per_token):
+    batch = trainer._prepare_inputs(trainer.data_collator([setup["dataset"][0], setup["dataset"][1]]))
+    trainer.model.eval()
+    with torch.no_grad():
+        mean = trainer.compute_loss(trainer.model, dict(batch))
+        summed = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=3 * len(per_token))
+    assert float(mean) == pytest.approx(float(per_token.mean()), rel=1e-5)
+    assert float(summed) == pytest.approx(float(per_token.sum()) / (3 * len(per_token)), rel=1e-5)
 
 
 class _LocalTeacherServer:
@@ -190,8 +215,9 @@ class _LocalTeacherServer:
 def test_served_teacher_evaluation_reports_the_top_k_forward_kl(setup, expected, monkeypatch):
     from trl_eopd import teacher_server
 
-    monkeypatch.setattr(teacher_server, "TeacherServer",
-                        lambda *args, **kwargs: _LocalTeacherServer(setup["teacher"], *args, **kwargs))
+    monkeypatch.setattr(
+        teacher_server, "TeacherServer", lambda *args, **kwargs: _LocalTeacherServer(setup["teacher"], *args, **kwargs)
+    )
     trainer = _trainer(setup, "served", teacher_model_server_url="http://stand-in:8000", reverse_kl_estimator="sampled",
                        entropy_threshold=expected["threshold"], max_steps=1, logging_steps=1)  # fmt: skip
     logs = _evaluate_at_each_batch_size(trainer, setup["dataset"])
@@ -203,6 +229,7 @@ def test_served_teacher_evaluation_reports_the_top_k_forward_kl(setup, expected,
         assert log["eval_loss"] == pytest.approx(log["eval_eopd/forward_kl_top_k"], rel=1e-6), batch_size
         assert log["eval_loss"] == pytest.approx(logs[BATCH_SIZES[0]]["eval_loss"], rel=1e-6), batch_size
         _assert_no_negative_divergence(log)
+    _assert_eval_mode_batch_loss(trainer, setup, expected["first_rows"]["forward_kl_top_k"])
     # On the student's own samples, in training, the sampled estimate and the loss's terms are logged as before.
     trainer.train()
     (log,) = [log for log in trainer.state.log_history if "loss" in log]

@@ -18,8 +18,10 @@ from ._gkd import GKDTrainer
 from ._paths import check_model_path
 from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_not_empty
 from .config import EOPDConfig
-from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
+from .loss import IGNORE_INDEX, EOPDLossOptions, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
+from .loss.full import safe_divisor
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
+from .loss.stats import evaluation_loss_sum, evaluation_means
 from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
 
 if is_peft_available():
@@ -389,7 +391,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             # count; the average then equals the global per-token mean.
             num_items_in_batch = num_items_in_batch / self.accelerator.num_processes
         # In eval mode a given count (from a caller summing a loss over batches) divides the summed loss as is, as in
-        # GKD. The Trainer's own evaluation (TRL's `SFTTrainer.prediction_step`) passes none: per-batch token means.
+        # GKD. The Trainer's own evaluation (TRL's `SFTTrainer.prediction_step`) passes none: per-batch token means,
+        # which `evaluation_loop` replaces by the mean over every token of the evaluation.
+        options = self._loss_options_for(mode)
 
         # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `vllm_rollouts`): the
         # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
@@ -401,20 +405,38 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         outputs = None
         if self._teacher_server is not None:
-            loss, stats, diagnose = self._served_teacher_loss(model, inputs, num_items_in_batch, target_log_probs)
+            loss, stats, diagnose = self._served_teacher_loss(model, inputs, num_items_in_batch, options,
+                                                              target_log_probs)  # fmt: skip
+            if mode == "eval":
+                divisor = stats.num_tokens if num_items_in_batch is None else num_items_in_batch
+                loss = evaluation_loss_sum(stats, options.forward_kl_coef) / safe_divisor(divisor, loss.device)
         # Callers that want logits (compute_metrics) get them from the full-logits path.
         elif self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
-            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch, target_log_probs)
+            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch, options,
+                                                                target_log_probs)  # fmt: skip
         else:
             loss, stats, diagnose, outputs = self._full_logits_loss(
-                model, inputs, num_items_in_batch, target_log_probs
+                model, inputs, num_items_in_batch, options, target_log_probs
             )
         self._record_metrics(mode, loss, stats, diagnose)
         if sampler_logprobs is not None:
             self._vllm_rollouts.record_mismatch(sampler_logprobs, target_log_probs)
         return (loss, outputs) if return_outputs else loss
 
-    def _full_logits_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _loss_options_for(self, mode: str) -> EOPDLossOptions:
+        """The loss options for training, or for evaluation, which scores the dataset's completions.
+
+        The sampled estimate log q(y) - log p(y) is only valid on the student's own samples; on the dataset's
+        completions its value estimates no KL (on a student close to its teacher it is often negative). Evaluation
+        with a local teacher therefore takes its expectation over the student's next token at each prefix, the
+        analytic reverse KL (`beta` is 1 with the sampled estimator). A served teacher gives no full distribution:
+        its options stay, and its evaluation loss is the top-k forward KL instead (see `evaluation_loss_sum`).
+        """
+        if mode == "eval" and self._teacher_server is None and self.loss_options.reverse_kl_estimator == "sampled":
+            return self.loss_options.replace(reverse_kl_estimator="analytic")
+        return self.loss_options
+
+    def _full_logits_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None):
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
@@ -425,7 +447,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             student_logits,
             teacher_logits,
             inputs["labels"][:, 1:],
-            self.loss_options,
+            options,
             num_items_in_batch=num_items_in_batch,
             target_log_probs_out=target_log_probs_out,
         )
@@ -438,7 +460,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose, student_outputs
 
-    def _served_teacher_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _served_teacher_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None):
         if _SERVED_TEACHER not in inputs:  # evaluation batches, or a batch built outside the training loop
             self._fetch_served_teacher([inputs])
         if not self._memory_efficient_is_exact(model, inputs):
@@ -449,10 +471,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
             model, unwrapped_student, self._project_and_score_served, unwrapped_student, inputs, num_items_in_batch,
-            target_log_probs_out,
+            options, target_log_probs_out,
         )
 
-    def _project_and_score_served(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _project_and_score_served(self, student, inputs, num_items_in_batch, options, target_log_probs_out=None):
         from .loss.served import served_teacher_eopd_loss_and_stats
 
         shifted_labels = inputs["labels"][:, 1:]
@@ -472,7 +494,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 student_logit_scale=projection.logit_scale,
                 student_softcap=projection.softcap,
                 vocab_size=self._teacher_server.vocab_size,
-                options=self.loss_options,
+                options=options,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,
@@ -486,16 +508,16 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose
 
-    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None):
         # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
         # sharded parameters, lm_head included, available for the projection.
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
-            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch,
+            model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch, options,
             target_log_probs_out,
         )  # fmt: skip
 
-    def _project_and_score(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _project_and_score(self, student, inputs, num_items_in_batch, options, target_log_probs_out=None):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         shifted_labels = inputs["labels"][:, 1:]
         loss_mask = shifted_labels != IGNORE_INDEX
@@ -528,7 +550,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 teacher_logit_scale=teacher_projection.logit_scale,
                 student_softcap=student_projection.softcap,
                 teacher_softcap=teacher_projection.softcap,
-                options=self.loss_options,
+                options=options,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,
@@ -653,8 +675,12 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         mode = "train" if self.model.training else "eval"
         sums = self._eopd_sums.pop(mode, None)
         if sums is not None:
-            prefix = _metric_prefix(logs) if mode == "eval" else ""
-            means = self._stats_class.from_tensor(sums.cpu()).means()
+            stats = self._stats_class.from_tensor(sums.cpu())
+            if mode == "eval":
+                prefix = _metric_prefix(logs)
+                _, means = evaluation_means(stats, self.loss_options.forward_kl_coef)
+            else:
+                prefix, means = "", stats.means()
             logs.update({prefix + name: value for name, value in means.items()})
         if mode == "train" and self._vllm_rollouts is not None and self._vllm_rollouts.mismatch_values:
             from .vllm_rollouts import MISMATCH_METRIC
@@ -672,10 +698,25 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             self._vllm_rollouts.close()
         super().end()
 
-    def evaluation_loop(self, *args, **kwargs):
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):  # fmt: skip
+        """Run [`~transformers.Trainer.evaluation_loop`], then make its loss the mean over every token it scored.
+
+        The Trainer's loss is a mean of per-batch means, so it changes with `per_device_eval_batch_size` on the same
+        rows; the token-weighted sums behind the `eopd/*` metrics give the loss that equals its parts at any size.
+        """
         # An evaluation reports its own tokens only, not leftovers of a `predict` or a manual `compute_loss` call.
         self._eopd_sums.pop("eval", None)
-        return super().evaluation_loop(*args, **kwargs)
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
+            metric_key_prefix=metric_key_prefix,
+        )  # fmt: skip
+        sums = self._eopd_sums.get("eval")
+        loss_key = f"{metric_key_prefix}_loss"
+        if sums is not None and loss_key in output.metrics:
+            stats = self._stats_class.from_tensor(sums.cpu())
+            output.metrics[loss_key], _ = evaluation_means(stats, self.loss_options.forward_kl_coef)
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # Without compute_metrics nobody reads evaluation logits; asking for them would force full-logits projections.
