@@ -158,8 +158,8 @@ def _assert_no_negative_divergence(log):
 def test_local_teacher_evaluation_is_per_token_and_scores_the_analytic_kl(
     setup, expected, estimator, memory_efficient
 ):
-    trainer = _trainer(setup, f"local-{estimator}", reverse_kl_estimator=estimator, memory_efficient_loss=memory_efficient,
-                       entropy_threshold=expected["threshold"])  # fmt: skip
+    trainer = _trainer(setup, f"local-{estimator}", reverse_kl_estimator=estimator,
+                       memory_efficient_loss=memory_efficient, entropy_threshold=expected["threshold"])  # fmt: skip
     logs = _evaluate_at_each_batch_size(trainer, setup["dataset"])
     for batch_size, log in logs.items():
         # Both estimators are scored with the analytic reverse KL: the dataset's completions are not the student's.
@@ -218,8 +218,9 @@ def test_served_teacher_evaluation_reports_the_top_k_forward_kl(setup, expected,
     monkeypatch.setattr(
         teacher_server, "TeacherServer", lambda *args, **kwargs: _LocalTeacherServer(setup["teacher"], *args, **kwargs)
     )
-    trainer = _trainer(setup, "served", teacher_model_server_url="http://stand-in:8000", reverse_kl_estimator="sampled",
-                       entropy_threshold=expected["threshold"], max_steps=1, logging_steps=1)  # fmt: skip
+    trainer = _trainer(setup, "served", teacher_model_server_url="http://stand-in:8000",
+                       reverse_kl_estimator="sampled", entropy_threshold=expected["threshold"], max_steps=1,
+                       logging_steps=1)  # fmt: skip
     logs = _evaluate_at_each_batch_size(trainer, setup["dataset"])
     for batch_size, log in logs.items():
         # The sampled estimate and the loss terms made of it are not logged; the loss is the top-k forward KL.

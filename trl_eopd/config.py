@@ -59,7 +59,8 @@ class EOPDConfig(GKDConfig):
         reverse_kl_estimator (`str`, *optional*, defaults to `"analytic"`):
             `"analytic"`: GKD's generalized JSD with `beta` over the full vocabulary (beta=1 is the exact reverse KL).
             `"sampled"`: the paper's single-sample policy-gradient estimate on the student's sampled token; it requires
-            `beta=1.0`, `lmbda=1.0` and `seq_kd=False`.
+            `beta=1.0`, `lmbda=1.0` and `seq_kd=False`. Evaluation, which scores the dataset's completions, uses the
+            analytic reverse KL instead (with a served teacher, the top-k forward KL).
         monitor_entropy_threshold (`float`, *optional*, defaults to `0.8`):
             Entropy, in nats, above which a token counts as high-entropy in the `eopd/monitor/*` metrics (the teacher's
             and the student's high-entropy shares, and the forward KL on the teacher's high-entropy tokens). It does

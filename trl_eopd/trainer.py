@@ -69,7 +69,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
       `EOPDConfig.memory_efficient_loss`), instead of full `(batch, seq, vocab)` logits for both models;
     - logs `eopd/*` metrics (entropies, high-entropy shares at the gate's and at a gate-independent threshold, reverse
       and forward KL, and the loss's two terms as used), token-weighted over every micro-batch, step and process since
-      the last log, in training and evaluation;
+      the last log, in training and evaluation, where `eval_loss` is token-weighted too, whatever the eval batch size;
     - keeps prompts longer than the room `max_length` leaves whole (cutting the reference completion instead, with a
       warning), and names the model when sampling hits non-finite probabilities;
     - with `args.use_vllm`, samples the on-policy completions with vLLM through TRL's `VLLMGeneration`, one engine call
@@ -90,7 +90,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             Training prompts (and completions, used when a batch is not on-policy), in a `messages` column. A streaming
             dataset needs `args.max_steps`, as with any Trainer.
         eval_dataset ([`~datasets.Dataset`], [`~datasets.IterableDataset`] or `dict` of them, *optional*):
-            Evaluation data. Evaluation scores the dataset's completions, as `GKDTrainer` does.
+            Evaluation data. Evaluation scores the dataset's completions, as `GKDTrainer` does. The sampled
+            reverse-KL estimate is only valid on the student's own samples, so with
+            `args.reverse_kl_estimator="sampled"` evaluation takes the analytic reverse KL instead (local teacher),
+            or leaves the estimate out and reports the top-k forward KL as `eval_loss` (served teacher).
         processing_class ([`~transformers.PreTrainedTokenizerBase`], *optional*):
             The student's tokenizer; it must have a pad token.
         compute_metrics (`Callable`, *optional*):

@@ -5,6 +5,7 @@ smallest vLLM's CPU engine runs), its logits sharpened so that its entropies str
 
 - the served log-probabilities, and the loss and gradients computed from them, against the same teacher run locally;
 - the gate's agreement with the exact one, measured on the teacher's own samples;
+- evaluation: `eval_loss` is the top-k forward KL at any eval batch size, and no sampled estimate is logged;
 - `trl-eopd train` end to end with 1 and 2 processes;
 - every start-up error (unreachable server, vocabulary, context, fetch count) and the fault path: the server killed
   mid-run, bounded retries, the error naming the URL and the step, the last checkpoint intact, and a resumed run
@@ -207,6 +208,49 @@ def test_a_teacher_module_with_a_server_url_is_refused(server, teacher_dir, tmp_
         EOPDTrainer(model=str(teacher_dir), teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir), args=args,
                     train_dataset=Dataset.from_list(toy_arithmetic_conversations(4)),
                     processing_class=AutoTokenizer.from_pretrained(teacher_dir))  # fmt: skip
+
+
+def test_evaluation_with_a_served_teacher_reports_the_top_k_forward_kl(server, teacher_dir, tmp_path):
+    """`eval_loss` is the top-k forward KL per token at any eval batch size; no sampled estimate is logged."""
+    import copy
+
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_eopd import EOPDConfig, EOPDTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    student = copy.deepcopy(teacher)  # near its teacher, where the sampled estimate on dataset tokens is negative
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in student.parameters():
+            parameter.add_(0.02 * torch.randn(parameter.shape, generator=generator))
+    rows = Dataset.from_list(toy_arithmetic_conversations(4, seed=5))
+    logs = []
+    for batch_size in (1, 4):
+        args = EOPDConfig(output_dir=str(tmp_path), bf16=False, report_to=[], use_cpu=True, forward_kl_top_k=16,
+                          reverse_kl_estimator="sampled", teacher_model_server_url=server.url,
+                          per_device_eval_batch_size=batch_size)  # fmt: skip
+        trainer = EOPDTrainer(model=student, args=args, train_dataset=rows, processing_class=tokenizer)
+        logs.append(trainer.evaluate(rows))
+    # The same top-16 forward KL from the local teacher in float64, row by row.
+    per_token = []
+    for row in rows:
+        batch = trainer.data_collator([row])
+        mask = batch["labels"][0, 1:] != -100
+        with torch.no_grad():
+            log_q = student(input_ids=batch["input_ids"]).logits[0, :-1][mask].double().log_softmax(-1)
+            log_p = teacher(input_ids=batch["input_ids"]).logits[0, :-1][mask].double().log_softmax(-1)
+        top_log_p, top_ids = log_p.topk(16, dim=-1)
+        renormalised = top_log_p - top_log_p.logsumexp(-1, keepdim=True)
+        per_token.append((renormalised.exp() * (renormalised - log_q.gather(-1, top_ids))).sum(-1))
+    expected = float(torch.cat(per_token).mean())
+    for log in logs:
+        assert "eval_eopd/reverse_kl_sampled" not in log and "eval_eopd/loss_base" not in log
+        assert log["eval_loss"] == pytest.approx(log["eval_eopd/forward_kl_top_k"], rel=1e-6)
+        assert log["eval_loss"] == pytest.approx(expected, rel=1e-4)
+    assert logs[0]["eval_loss"] == pytest.approx(logs[1]["eval_loss"], rel=1e-6)
 
 
 def _train_command(server, output_dir, *extra):

@@ -1,4 +1,5 @@
-"""Per-batch sums of the EOPD loss's statistics, shared by both loss paths and reduced by the trainer."""
+"""Per-batch sums of the EOPD loss's statistics, shared by the loss paths and reduced by the trainer, and what
+evaluation reports from them."""
 
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def evaluation_loss_sum(stats, forward_kl_coef: float) -> torch.Tensor:
     """The evaluation loss summed over the tokens of `stats` (an [`EOPDStats`] or a `ServedTeacherStats`).
 
     With a local teacher it is the loss's own sum, `loss_base + forward_kl_coef * loss_forward`: evaluation computes
-    the base term with the analytic reverse KL whatever `reverse_kl_estimator` (see `EOPDTrainer.compute_loss`). With
+    the base term with the analytic reverse KL whatever `reverse_kl_estimator` (`EOPDTrainer._loss_options_for`). With
     a served teacher, whose full distribution is out of reach, it is the top-k forward KL over every token.
     """
     if _is_served(stats):
