@@ -234,7 +234,9 @@ def test_lora_student_under_zero3_with_tiny_models_built_by_the_launch(tiny_env,
 
 def test_metrics_are_token_weighted_across_processes(tiny_env, tmp_path):
     """Two processes with a batch of 2 rows each log, for the step, what a float64 computation over all 4 rows gives:
-    sums are gathered from every process before dividing, so the processes' uneven token counts weigh in."""
+    sums are gathered from every process before dividing, so the processes' uneven token counts weigh in. Evaluation
+    on 3 rows, 2 per process, logs the values of those 3 rows: the row accelerate repeats to fill the second
+    process's batch (the first, the longest) is not counted."""
     from test_trainer import ALL_METRICS, _hand_metrics, _per_token_float64, _threshold_in_a_gap, _uneven_dataset
     from transformers import AutoTokenizer
 
@@ -249,15 +251,30 @@ def test_metrics_are_token_weighted_across_processes(tiny_env, tmp_path):
     gate = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]), 0.1, 0.5)
     monitor = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]), 0.5, 0.9)
     expected = _hand_metrics(columns, entropy_threshold=gate, monitor_threshold=monitor)
+    eval_order = [3, 0, 2]  # the 40-token row first
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text("".join(json.dumps(rows[i]) + "\n" for i in eval_order))
+    expected_eval = _hand_metrics({name: [values[i] for i in eval_order] for name, values in columns.items()},
+                                  entropy_threshold=gate, monitor_threshold=monitor)  # fmt: skip
 
     out = tmp_path / "out"
     launch(env, "zero2", out, "--dataset_name", str(data), "--max_steps", "1", "--lmbda", "0",
            "--reverse_kl_estimator", "analytic", "--per_device_train_batch_size", "2",
            "--gradient_accumulation_steps", "1", "--forward_kl_top_k", "4", "--forward_kl_coef", "0.5",
-           "--entropy_threshold", repr(gate), "--monitor_entropy_threshold", repr(monitor))
+           "--entropy_threshold", repr(gate), "--monitor_entropy_threshold", repr(monitor),
+           "--eval_dataset_name", str(eval_data), "--eval_strategy", "steps", "--eval_steps", "1",
+           "--per_device_eval_batch_size", "2", "--learning_rate", "0")  # evaluated after the step: unchanged
     for history in histories(out):
         (log,) = [entry for entry in history if "loss" in entry]
         for key in ALL_METRICS:
             assert log[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
         assert log["loss"] == pytest.approx(expected["eopd/loss_base"] + 0.5 * expected["eopd/loss_forward_gated"],
                                             rel=1e-5)
+        eval_logs = [entry for entry in history if "eval_loss" in entry]  # at step 1, and the script's final one
+        assert eval_logs
+        for eval_log in eval_logs:
+            for key in ALL_METRICS:
+                assert eval_log[f"eval_{key}"] == pytest.approx(expected_eval[key], rel=1e-5, abs=1e-6), key
+            assert eval_log["eval_loss"] == pytest.approx(
+                expected_eval["eopd/loss_base"] + 0.5 * expected_eval["eopd/loss_forward_gated"], rel=1e-5
+            )

@@ -725,7 +725,26 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         # Without compute_metrics nobody reads evaluation logits; asking for them would force full-logits projections.
         if self.compute_metrics is None:
             prediction_loss_only = True
+        inputs = self._without_repeated_rows(inputs)
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def _without_repeated_rows(self, inputs: dict) -> dict:
+        """Leave out of the loss the rows accelerate repeats to fill every process's last evaluation batch.
+
+        `gather_for_metrics` drops them from what the Trainer gathers; the `eopd/*` sums, and `eval_loss` made from
+        them, add up each process's tokens, so the repeats are masked here. As `gather_for_metrics` assumes, the
+        dataset's rows come first, in process order, and every process's last batch has the same number of rows.
+        """
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return inputs
+        rows = inputs["labels"].size(0)
+        kept = min(max(state.remainder - self.accelerator.process_index * rows, 0), rows)
+        if kept == rows:
+            return inputs
+        labels = inputs["labels"].clone()
+        labels[kept:] = IGNORE_INDEX
+        return {**inputs, "labels": labels}
 
 
 def _metric_prefix(logs: dict) -> str:
