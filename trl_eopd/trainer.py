@@ -736,7 +736,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         dataset's rows come first, in process order, and every process's last batch has the same number of rows.
         """
         state = self.accelerator.gradient_state
-        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+        repeats = self.accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0
+        if not repeats or "labels" not in inputs:
             return inputs
         rows = inputs["labels"].size(0)
         kept = min(max(state.remainder - self.accelerator.process_index * rows, 0), rows)
