@@ -74,7 +74,8 @@ def test_the_plugin_entropy_is_read_per_completion_token_and_never_taken_for_a_t
 def test_an_entropy_missing_after_start_up_stops_training_instead_of_falling_back():
     client = _client()
     client.exact_entropy = True
-    choice = _choice({"7": {"logprob": -0.1, "rank": 1}, **_entropy_entry(0.4, 3)}, {"4": {"logprob": -0.2, "rank": 1}})
+    choice = _choice({"7": {"logprob": -0.1, "rank": 1}, **_entropy_entry(0.4, 3)},
+                     {"4": {"logprob": -0.2, "rank": 1}})  # fmt: skip
     with pytest.raises(TeacherServerError, match=r"entropy for 1 of 2 tokens.*restarted without trl-eopd's vLLM"):
         client._to_tensors([choice], [[5, 7, 4]], [1])
 

@@ -30,7 +30,8 @@ def test_the_bundled_entry_point_record_declares_what_pyproject_declares():
 
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["vllm.general_plugins"]
     (distribution,) = importlib.metadata.distributions(path=[str(serve.ENTRY_POINT_DIR)])
-    bundled = {entry.name: entry.value for entry in distribution.entry_points if entry.group == serve.GENERAL_PLUGINS_GROUP}
+    group = serve.GENERAL_PLUGINS_GROUP
+    bundled = {entry.name: entry.value for entry in distribution.entry_points if entry.group == group}
     assert bundled == declared == {PLUGIN_NAME: "trl_eopd.vllm_plugin:register"}
     parser = configparser.ConfigParser()
     parser.read(next(serve.ENTRY_POINT_DIR.glob("*.dist-info")) / "entry_points.txt")

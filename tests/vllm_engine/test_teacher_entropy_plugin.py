@@ -1,4 +1,4 @@
-"""trl-eopd's vLLM plugin (trl_eopd/vllm_plugin/): a real server returns the teacher's exact entropy, and the gate is exact.
+"""trl-eopd's vLLM plugin (trl_eopd/vllm_plugin/): a real server returns the teacher's exact entropy; the gate is exact.
 
 One server for the module, started with `python -m trl_eopd.vllm_plugin.serve` (the repository is only on PYTHONPATH
 here, as in CI), hosting `trl_eopd.tiny.build_servable_tiny_teacher`, whose entropies straddle the 0.8-nat gate. The
@@ -160,7 +160,8 @@ def test_a_changed_vllm_function_is_not_patched_and_says_which(monkeypatch, capl
     from trl_eopd import _compat
 
     before = Sampler.gather_logprobs
-    targets = [(m, c, a, p + ["extra"] if a == "empty_cpu" else p) for m, c, a, p in _compat.VLLM_ENTROPY_PLUGIN_TARGETS]
+    targets = [(module, owner, name, [*parameters, "extra"] if name == "empty_cpu" else parameters)
+               for module, owner, name, parameters in _compat.VLLM_ENTROPY_PLUGIN_TARGETS]  # fmt: skip
     monkeypatch.setattr(_compat, "VLLM_ENTROPY_PLUGIN_TARGETS", tuple(targets))
     logger = logging.getLogger("trl_eopd_plugin_test")
     with caplog.at_level(logging.WARNING, logger=logger.name):

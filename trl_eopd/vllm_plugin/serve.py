@@ -1,4 +1,4 @@
-"""Start vLLM's OpenAI-compatible server with the teacher-entropy plugin selected, whether trl-eopd is installed or not.
+"""Start vLLM's OpenAI-compatible server with the teacher-entropy plugin selected, trl-eopd installed or not.
 
     python -m trl_eopd.vllm_plugin.serve --model TEACHER --max-logprobs -1 --logprobs-mode processed_logprobs ...
 
