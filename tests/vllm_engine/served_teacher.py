@@ -28,13 +28,15 @@ class TeacherServerProcess:
     """One `vllm.entrypoints.openai.api_server` subprocess; `stop()` ends it by its PID, `start()` starts it again."""
 
     def __init__(self, model_dir: str, *, port: int | None = None, max_model_len: int = 256, log_dir: str | Path,
-                 python: str | None = None, entropy_plugin: bool = False):  # fmt: skip
+                 python: str | None = None, entropy_plugin: bool = False,
+                 extra_args: tuple[str, ...] = ()):  # fmt: skip
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.max_model_len = max_model_len
         self.log_dir = Path(log_dir)
         self.python = python or os.environ.get("TRL_EOPD_VLLM_PYTHON") or sys.executable
         self.entropy_plugin = entropy_plugin
+        self.extra_args = list(extra_args)  # more of vLLM's server flags
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -49,6 +51,7 @@ class TeacherServerProcess:
             self.python, "-m", module, "--model", self.model_dir,
             "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-logprobs", "-1",
             "--logprobs-mode", "processed_logprobs", "--max-model-len", str(self.max_model_len), "--enforce-eager",
+            *self.extra_args,
         ]  # fmt: skip
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         # The server must not inherit the in-process engine switch the other tests set.

@@ -23,6 +23,9 @@ THRESHOLD = 0.8
 # Closest a token's float64 entropy may lie to the threshold for the gates to be comparable at all: the server's
 # float32 entropy is within ~1e-6 of it (the check below allows 1e-5).
 MARGIN = 1e-4
+# Prompt tokens the server computes per step: the test's sequences are longer, so their prompt log-probs (and the
+# plugin's extra column) are filled over several prefill chunks, as for long prompts on a real server.
+PREFILL_CHUNK = 32
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +39,10 @@ def teacher_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(teacher_dir, tmp_path_factory):
-    process = TeacherServerProcess(str(teacher_dir), max_model_len=256, log_dir=tmp_path_factory.mktemp("logs"),
-                                   entropy_plugin=True)  # fmt: skip
+    process = TeacherServerProcess(
+        str(teacher_dir), max_model_len=256, log_dir=tmp_path_factory.mktemp("logs"), entropy_plugin=True,
+        extra_args=("--max-num-batched-tokens", str(PREFILL_CHUNK), "--max-num-seqs", "8"),
+    )  # fmt: skip
     process.start()
     yield process
     process.stop()
@@ -52,6 +57,7 @@ def test_the_served_entropy_gate_and_loss_are_the_local_teachers(server, teacher
     assert f"{PLUGIN_NAME} active (vLLM 0.32" in server.log_tail(200_000), "the server log does not say it is active"
     # Seed 1: the midpoint estimate misses 4 of these 576 gates (measured); seed 0 it gets all right.
     batch, teacher = teacher_sampled_batch(teacher_dir, seed=1)
+    assert int(batch["attention_mask"].sum(1).max()) > 2 * PREFILL_CHUNK
     with caplog.at_level(logging.INFO, logger="trl_eopd.teacher_server"):
         client = _client(server)
     assert client.exact_entropy and "the gate is exact" in caplog.text
