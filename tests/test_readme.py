@@ -188,6 +188,10 @@ def _check_module(argv: list[str], what: str) -> None:
     if module == "trl_eopd.cli":
         _check_trl_eopd(rest, what)
         return
+    if module == "trl_eopd.vllm_plugin.serve":  # vLLM's server with the teacher-entropy plugin: vLLM's own flags
+        assert "--model" in rest[:-1] and not rest[rest.index("--model") + 1].startswith("-"), f"{what}: --model MODEL"
+        _check_teacher_server_flags(rest, what)
+        return
     spec = importlib.util.find_spec(module)
     assert spec is not None, f"{what}: no module {module}"
     if spec.submodule_search_locations is not None:
@@ -227,6 +231,10 @@ def _check_accelerate(argv: list[str], what: str) -> None:
 def _check_vllm(argv: list[str], what: str) -> None:
     # vLLM is not installed here; what the docs must get right is the flags a served EOPD teacher needs.
     assert argv[:1] == ["serve"] and len(argv) > 1 and not argv[1].startswith("-"), f"{what}: `vllm serve MODEL ...`"
+    _check_teacher_server_flags(argv, what)
+
+
+def _check_teacher_server_flags(argv: list[str], what: str) -> None:
     joined = " ".join(argv)
     for flags in ("--max-logprobs -1", "--logprobs-mode processed_logprobs"):
         assert flags in joined, f"{what}: a served teacher needs `{flags}` (trl_eopd/teacher_server.py)"
@@ -301,6 +309,8 @@ def test_every_command_in_the_docs_works():
     ('pip install -e ".[gpu]"', "no extra"),
     ('pip install "trl-eopd[vllm]"', "published package"),
     ("python -m pytest tests/test_nothing.py -q", "no test path"),
+    ("python -m trl_eopd.vllm_plugin.serve --model M --max-logprobs -1", "a served teacher needs"),
+    ("python -m trl_eopd.vllm_plugin.serve --max-logprobs -1 --logprobs-mode processed_logprobs", "--model MODEL"),
     ("git clone somewhere", "no check"),
 ])
 def test_a_broken_command_is_caught(broken, message):

@@ -197,6 +197,7 @@ def test_no_grad_and_empty_batches():
         (dict(forward_kl_top_k=None), r"`forward_kl_top_k` must be an integer"),
         (dict(entropy_estimate="mean"), r"`entropy_estimate` must be one of"),
         (dict(chunk_size=0), r"`chunk_size` must be an integer >= 1"),
+        (dict(teacher_entropy=torch.ones(3)), r"Expected `teacher_entropy` \(N,\) like `targets`; got \(3,\)"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, message):
@@ -211,3 +212,23 @@ def test_the_students_target_log_probs_are_handed_back():
     served(case, target_log_probs_out=out)
     expected = student_logits(case).double().log_softmax(-1).gather(-1, case["targets"][:, None])[:, 0]
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
+
+
+def test_the_statistics_name_the_entropy_exact_only_when_it_was_given():
+    """A server with trl-eopd's vLLM plugin gives the exact entropy: then its metrics drop the `_estimate` names."""
+    case = make_case(seed=8)
+    exact = case["exact_entropy"]
+    _, with_exact, _, _ = served(case, teacher_entropy=exact.float(), monitor_entropy_threshold=1.5)
+    _, estimated, _, _ = served(case, monitor_entropy_threshold=1.5)
+    means = with_exact.means()
+    assert means["eopd/teacher_entropy_exact"] == 1.0 and estimated.means()["eopd/teacher_entropy_exact"] == 0.0
+    assert means["eopd/teacher_entropy"] == pytest.approx(float(exact.mean()), rel=1e-6)
+    assert means["eopd/monitor/teacher_high_entropy_ratio"] == pytest.approx(float((exact > 1.5).double().mean()))
+    assert means["eopd/high_entropy_ratio"] == pytest.approx(float((exact > 0.8).double().mean()))
+    assert not any(name.endswith("_estimate") for name in means)
+    estimate = estimate_teacher_entropy(case["top_log_probs"], V)
+    assert estimated.means()["eopd/teacher_entropy_estimate"] == pytest.approx(float(estimate.mean()), rel=1e-6)
+    assert "eopd/teacher_entropy" not in estimated.means()
+    # Summed over processes and steps as the trainer does (one packed vector), the names survive.
+    packed = with_exact.to_tensor() + with_exact.to_tensor()
+    assert type(with_exact).from_tensor(packed).means()["eopd/teacher_entropy_exact"] == 1.0

@@ -195,6 +195,34 @@ def disable_vllm_cpu_weight_repacking() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# vLLM: the prompt log-probabilities path that the teacher-entropy plugin wraps (`trl_eopd/vllm_plugin/patches.py`)
+#
+# A served teacher's exact entropy needs the full-vocabulary log-softmax, which vLLM computes for prompt log-probs
+# and throws away after keeping the top-K. No public API returns anything else from it, so the plugin wraps, on the V1
+# model runner (the only one on CPU; on GPUs with `VLLM_USE_V2_MODEL_RUNNER=0`):
+# - `GPUModelRunner._get_prompt_logprobs_dict`: marks the calls below as the prompt path and gives the logprobs mode;
+# - `LogprobsTensors.empty_cpu` (only called there): one more column in the per-request buffer;
+# - `Sampler.gather_logprobs`: appends that column, the entropy under the reserved token id;
+# - in the API process, `append_logprobs_for_next_position` (which zips the row with K + 1 ranks and would drop the
+#   extra column) and `convert_ids_list_to_tokens` (the reserved id is no token), as imported by
+#   `vllm.v1.engine.logprobs`.
+# The plugin patches only the vLLM minor versions listed here (the ones CI runs); on any other it patches nothing and
+# logs why, and the client falls back to the estimate. `tests/vllm_engine/test_compat_vllm.py` checks the names.
+
+VLLM_ENTROPY_PLUGIN_TESTED_VERSIONS = ("0.32",)
+VLLM_ENTROPY_PLUGIN_TARGETS = (
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", "_get_prompt_logprobs_dict", ["self", "hidden_states",
+                                                                                          "num_scheduled_tokens"]),
+    ("vllm.v1.outputs", "LogprobsTensors", "empty_cpu", ["num_positions", "num_tokens_per_position"]),
+    ("vllm.v1.sample.sampler", "Sampler", "gather_logprobs", ["logprobs", "num_logprobs", "token_ids"]),
+    ("vllm.v1.engine.logprobs", None, "append_logprobs_for_next_position", ["request_logprobs", "token_ids",
+                                                                            "logprobs", "decoded_tokens", "rank",
+                                                                            "num_logprobs"]),
+    ("vllm.v1.engine.logprobs", None, "convert_ids_list_to_tokens", ["tokenizer", "token_ids"]),
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # vLLM: shutting a colocated engine down (`LLM.llm_engine.engine_core.shutdown`)
 #
 # A colocated engine joins the training processes' torch.distributed world and makes its own groups in it. vLLM tears

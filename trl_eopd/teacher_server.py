@@ -3,8 +3,10 @@
 The server is any OpenAI-compatible vLLM server (`vllm serve TEACHER --max-logprobs -1 --logprobs-mode
 processed_logprobs`). For every completion token it returns, through `/v1/completions` with `prompt_logprobs`, the
 teacher's top log-probabilities with their token ids and the log-probability of the actual token, whatever its rank.
-That is all the paper's recipe (arXiv 2603.07079) needs exactly, except the teacher's entropy: see
-`trl_eopd/loss/served.py` for how the gate estimates it.
+That is all the paper's recipe (arXiv 2603.07079) needs exactly, except the teacher's entropy. A server started with
+trl-eopd's vLLM plugin (`python -m trl_eopd.vllm_plugin.serve`, see `trl_eopd/vllm_plugin/`) also returns each
+position's exact entropy; the start-up probe finds out whether it does, and otherwise the gate estimates the entropy
+(`trl_eopd/loss/served.py`), saying so once.
 
 Why not TRL's `VLLMClient.get_sequence_logprobs`: its module needs vLLM installed in the trainer's process only to be
 constructed (it speaks plain HTTP), its session retries with a backoff that no request timeout bounds, and its
@@ -15,6 +17,7 @@ the parts that fit: `build_teacher_request_inputs` (padded batch -> trimmed sequ
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -24,6 +27,9 @@ from numbers import Integral, Real
 import torch
 
 from . import _compat
+from .vllm_plugin import ENTROPY_TOKEN_ID
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # On the teachers of `scripts/teacher_gate_agreement.py`, 32 halved the estimated gate's disagreements with the exact
@@ -32,6 +38,9 @@ DEFAULT_TEACHER_TOP_LOGPROBS = 32
 # vLLM writes this instead of -inf for a probability that underflows to zero (JSON has no infinity).
 _VLLM_ZERO_PROBABILITY_LOGPROB = -9999.0
 _SERVER_FLAGS = "--max-logprobs -1 --logprobs-mode processed_logprobs"
+_PLUGIN_SERVER = f"python -m trl_eopd.vllm_plugin.serve --model TEACHER {_SERVER_FLAGS}"
+# The key of the plugin's entropy entry in a position's prompt log-probs (JSON object keys are strings).
+_ENTROPY_KEY = str(ENTROPY_TOKEN_ID)
 
 
 class TeacherServerError(RuntimeError):
@@ -96,24 +105,32 @@ class ServedTeacherLogProbs:
     """The teacher's log-probabilities at `N` completion tokens, in the order of the loss positions.
 
     `top_log_probs` `(N, K)` is sorted by rank (padded with -inf), `top_ids` `(N, K)` holds their token ids, and
-    `target_log_probs` `(N,)` the log-probability of the token actually in the sequence.
+    `target_log_probs` `(N,)` the log-probability of the token actually in the sequence. `entropy` `(N,)` is the
+    teacher's exact entropy in nats where the server's plugin returns it, else None.
     """
 
     top_log_probs: torch.Tensor
     top_ids: torch.Tensor
     target_log_probs: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        tensors = (self.top_log_probs, self.top_ids, self.target_log_probs)
+        return tensors if self.entropy is None else (*tensors, self.entropy)
 
     def split(self, sizes: list[int]) -> list[ServedTeacherLogProbs]:
-        parts = zip(*(t.split(sizes) for t in (self.top_log_probs, self.top_ids, self.target_log_probs)), strict=True)
+        parts = zip(*(t.split(sizes) for t in self._tensors()), strict=True)
         return [ServedTeacherLogProbs(*part) for part in parts]
 
     def to(self, device) -> ServedTeacherLogProbs:
-        tensors = (self.top_log_probs, self.top_ids, self.target_log_probs)
-        return ServedTeacherLogProbs(*(t.to(device) for t in tensors))
+        return ServedTeacherLogProbs(*(t.to(device) for t in self._tensors()))
 
 
 class TeacherServer:
     """A vLLM server hosting the teacher, checked at construction.
+
+    `exact_entropy` says whether the server returns the teacher's exact entropy (its vLLM plugin is active); found by
+    the start-up probe, and logged as a warning when it does not.
 
     Args:
         url (`str`):
@@ -129,6 +146,8 @@ class TeacherServer:
         teacher_name (`str`, *optional*):
             If given, a warning is issued when the server hosts a model of another name.
     """
+
+    exact_entropy: bool = False
 
     def __init__(
         self,
@@ -151,7 +170,7 @@ class TeacherServer:
         self._wait_until_healthy()
         self.model_name, self.max_model_len = self._served_model(teacher_name)
         self._check_vocabulary()
-        self._check_logprobs_allowance()
+        self.exact_entropy = self._probe_logprobs()
 
     # ------------------------------------------------------------------------------------------------ start-up checks
 
@@ -217,7 +236,10 @@ class TeacherServer:
             f"{self.vocab_size}. EOPD compares the two distributions id by id, so both need the same vocabulary."
         )
 
-    def _check_logprobs_allowance(self) -> None:
+    def _probe_logprobs(self) -> bool:
+        """Check that the server allows `top_logprobs` prompt log-probs; return whether it gives the entropy too."""
+        import json
+
         status, body = self._post_completion([[0, 0]], prompt_logprobs=self.top_logprobs)
         if status != 200 and status != 400:
             raise TeacherServerError(
@@ -229,6 +251,18 @@ class TeacherServer:
                 f"(`teacher_top_logprobs`): {body[:300]}. Restart it with `{_SERVER_FLAGS}`, or lower "
                 "`teacher_top_logprobs`."
             )
+        (choice,) = json.loads(body)["choices"]
+        positions = choice.get("prompt_logprobs") or [None, None]
+        if _ENTROPY_KEY in (positions[-1] or {}):
+            logger.info(f"The teacher server at {self.url} returns the teacher's exact entropy: the gate is exact.")
+            return True
+        logger.warning(
+            f"The teacher server at {self.url} does not return the teacher's entropy (trl-eopd's vLLM plugin is not "
+            f"active there), so the gate uses an estimate from the top-{self.top_logprobs} log-probabilities "
+            f"(`eopd/teacher_entropy_estimate`). For an exact gate, start the server with `{_PLUGIN_SERVER}`; its "
+            "log says why when the plugin is loaded but does not patch (docs/teacher_server.md)."
+        )
+        return False
 
     # --------------------------------------------------------------------------------------------------- requests
 
@@ -326,9 +360,19 @@ class TeacherServer:
             "checkpoints already saved are intact: restart the server and resume with `--resume_from_checkpoint`."
         )
 
+    def _entropies(self, choice: dict, prompt_length: int) -> list[float]:
+        """Take the plugin's entropy entries out of a choice's completion positions (they are no tokens)."""
+        entropies = []
+        for position_logprobs in choice["prompt_logprobs"][prompt_length:]:
+            entry = (position_logprobs or {}).pop(_ENTROPY_KEY, None)
+            if entry is not None:
+                entropies.append(entry["logprob"])
+        return entropies
+
     def _to_tensors(self, choices: list[dict], sequences, prompt_lengths) -> ServedTeacherLogProbs:
-        top_log_probs, top_ids, target_log_probs = [], [], []
+        top_log_probs, top_ids, target_log_probs, entropies = [], [], [], []
         for choice, sequence, prompt_length in zip(choices, sequences, prompt_lengths, strict=True):
+            entropies += self._entropies(choice, prompt_length)
             formatted = _compat.format_sequence_logprobs(choice, sequence, prompt_length, self.top_logprobs)
             top_log_probs += formatted["logprobs"]
             top_ids += formatted["logprob_token_ids"]
@@ -344,7 +388,15 @@ class TeacherServer:
                 "teacher gives them probability 0, or the server does not return the actual token's log-probability."
             )
         ids = torch.tensor(top_ids, dtype=torch.long).reshape(-1, self.top_logprobs)
-        return ServedTeacherLogProbs(top, ids, target)
+        if not self.exact_entropy:
+            return ServedTeacherLogProbs(top, ids, target)
+        if len(entropies) != target.numel():
+            raise TeacherServerError(
+                f"The teacher server at {self.url} returned the teacher's entropy for {len(entropies)} of "
+                f"{target.numel()} tokens, though it returned it at start-up: was it restarted without trl-eopd's "
+                f"vLLM plugin? Restart it with `{_PLUGIN_SERVER}`, then resume with `--resume_from_checkpoint`."
+            )
+        return ServedTeacherLogProbs(top, ids, target, torch.tensor(entropies, dtype=torch.float32))
 
     def close(self) -> None:
         self._session.close()

@@ -493,6 +493,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 teacher.top_log_probs,
                 teacher.top_ids,
                 teacher.target_log_probs,
+                teacher_entropy=teacher.entropy,  # the exact entropy where the server's plugin gives it
                 student_bias=projection.bias,
                 student_logit_scale=projection.logit_scale,
                 student_softcap=projection.softcap,

