@@ -202,28 +202,28 @@ def disable_vllm_cpu_weight_repacking() -> None:
 # 0.32.0, the release tests/vllm_engine/ runs against, so the advice to install another version is nothing a user can
 # act on. The check warns nothing else (tests/test_compat.py and tests/vllm_engine/test_compat_vllm.py count), so its
 # UserWarnings are ignored while it runs. TRL's modules import the function by name: the quiet one replaces it in
-# `trl.import_utils` and in every TRL module already holding it, before trl-eopd imports `trl.generation`.
+# `trl.import_utils` and in every TRL module already holding it, so that modules imported later take it too. trl-eopd
+# does so as it loads TRL's GKD (`_gkd`) and before each import that may load `trl.generation`.
 
 
 def trl_vllm_version_check_quiet() -> None:
     """Make TRL's `is_vllm_available` answer without its supported-versions warning (idempotent)."""
     import trl.import_utils as trl_imports
 
-    check = trl_imports.is_vllm_available
-    if not getattr(check, "_trl_eopd_quiet", False):
+    loud = trl_imports.is_vllm_available
+    if getattr(loud, "_trl_eopd_quiet", False):
+        return
 
-        def is_vllm_available_quietly(*args, **kwargs):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                return check(*args, **kwargs)
+    def is_vllm_available_quietly(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return loud(*args, **kwargs)
 
-        is_vllm_available_quietly._trl_eopd_quiet = True
-        is_vllm_available_quietly.__wrapped__ = check
-        trl_imports.is_vllm_available = is_vllm_available_quietly
-    quiet, loud = trl_imports.is_vllm_available, trl_imports.is_vllm_available.__wrapped__
+    is_vllm_available_quietly._trl_eopd_quiet = True
+    is_vllm_available_quietly.__wrapped__ = loud
     for name, module in list(sys.modules.items()):
-        if name.startswith("trl.") and getattr(module, "is_vllm_available", None) is loud:
-            module.is_vllm_available = quiet
+        if (name == "trl" or name.startswith("trl.")) and getattr(module, "is_vllm_available", None) is loud:
+            module.is_vllm_available = is_vllm_available_quietly
 
 
 # ---------------------------------------------------------------------------------------------------------------------
