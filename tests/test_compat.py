@@ -99,6 +99,35 @@ def test_gkd_migration_advice_is_the_only_record_of_the_logger_kept_quiet(caplog
     assert [r.getMessage() for r in caplog.records] == ["an error still shows", "after the block, warnings show again"]
 
 
+def test_trl_vllm_version_warning_is_all_its_check_warns_and_the_quiet_check_answers_alike(monkeypatch):
+    import trl.import_utils as trl_imports
+
+    entry = "_compat.trl_vllm_version_check_quiet"
+    _compat.trl_vllm_version_check_quiet()
+    quiet = trl_imports.is_vllm_available
+    loud = quiet.__wrapped__
+    # A vLLM past any range TRL lists (this environment has none; tests/vllm_engine/ checks the installed one).
+    found = trl_imports._is_package_available
+    monkeypatch.setattr(trl_imports, "_is_package_available",
+                        lambda name, return_version=False: (True, "999.0.0") if name == "vllm"
+                        else found(name, return_version))  # fmt: skip
+    for min_version in (None, "998.0", "1000.0"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            answer = loud(min_version)
+        assert caught, f"{entry}: TRL no longer warns of a vLLM outside its range; the entry can go."
+        assert [w.category for w in caught] == [UserWarning] and "999.0.0" in str(caught[0].message), (
+            f"{entry}: TRL's is_vllm_available now warns otherwise ({[str(w.message) for w in caught]}); ignoring "
+            "its UserWarnings could hide something the user can act on."
+        )
+        assert answer is (min_version != "1000.0")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert quiet(min_version) is answer and not caught, (min_version, caught)
+    _compat.trl_vllm_version_check_quiet()
+    assert trl_imports.is_vllm_available is quiet, f"{entry}: not idempotent"
+
+
 def test_chat_template_variables_fixed_in_the_template_win():
     from trl_eopd.tiny import build_tiny_tokenizer
 
@@ -203,6 +232,7 @@ def test_deepspeed_backend_still_holds_torch_deprecated_collectives():
 @pytest.mark.parametrize("name", [
     "forward_redirection", "training_step_without_gkd_rollout", "unwrap_model_for_generation",
     "GenerationConfigOnly", "deepspeed_shm_op_built_quietly", "deepspeed_collectives_by_current_torch_names",
+    "trl_vllm_version_check_quiet",
 ])
 def test_compat_entries_exist(name):
     assert callable(getattr(_compat, name))

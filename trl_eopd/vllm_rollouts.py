@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 
 import torch
 
@@ -111,10 +110,8 @@ class VLLMRollouts:
         if self.accelerator.device.type == "cpu":
             # vLLM's repacked CPU weights cannot receive the student's (see `_compat`).
             _compat.disable_vllm_cpu_weight_repacking()
-        with warnings.catch_warnings():
-            # TRL warns that it was tested up to an older vLLM minor; the tests here run the installed one.
-            warnings.filterwarnings("ignore", message=".*TRL currently supports vLLM.*")
-            from trl.generation.vllm_generation import VLLMGeneration
+        _compat.trl_vllm_version_check_quiet()
+        from trl.generation.vllm_generation import VLLMGeneration
 
         try:
             self.generation = VLLMGeneration(
