@@ -116,7 +116,7 @@ def _zipf(exponent, vocab_size, head_gap=None, tail_drop=4.0):
 
 
 def _laplace(scale, vocab_size, generator):
-    """Laplace logits: exp(logit) has a Pareto tail of index 1 / scale, so the probabilities fall like a random Zipf."""
+    """Laplace logits: exp(logit) has a Pareto tail of index 1 / scale, so the probabilities fall like a random Zipf"""
     uniform = torch.rand(vocab_size, generator=generator, dtype=torch.float64) - 0.5
     return -scale * uniform.sign() * torch.log1p(-2 * uniform.abs())
 
@@ -202,21 +202,23 @@ def histogram_density(entropy):
     return normal.log_prob(z).exp() / (entropy * sigma)
 
 
-def synthetic_rows(shape, ks, estimates, *, points, draws, threshold, vocab_size, seed):
+def synthetic_rows(shape, ks, estimates, *, points, draws, repeats, threshold, vocab_size, seed):
     """Per K and estimate: sweep agreement, histogram-weighted agreement, signed error at the threshold (mean, s.d. and
     worst over `draws` teachers for random shapes, whose top ranks scatter from draw to draw).
 
     The weighted agreement is 1 - integral over the sweep of density(H) * [estimated gate != exact gate] dH
-    (midpoint rule on the sweep's cells); tokens outside the sweep count as agreeing, which `ends_agree` checks.
+    (midpoint rule on the sweep's cells); tokens outside the sweep count as agreeing, which `ends_agree` checks. Random
+    shapes sweep `repeats` times, a fresh teacher at every point, and average.
     """
     generator = torch.Generator().manual_seed(seed)
     # Cell midpoints: no point falls exactly on the threshold, where the exact gate itself is a rounding coin flip.
     step = (SWEEP[1] - SWEEP[0]) / points
     grid = (SWEEP[0] + step * (torch.arange(points, dtype=torch.float64) + 0.5)).tolist()
-    exact, top = _teachers_at(shape, grid, vocab_size, max(ks), generator)
+    repeats = repeats if shape.startswith(_RANDOM_SHAPES) else 1
+    exact, top = _teachers_at(shape, grid * repeats, vocab_size, max(ks), generator)
     at_threshold = [threshold] * (draws if shape.startswith(_RANDOM_SHAPES) else 1)
     exact_t, top_t = _teachers_at(shape, at_threshold, vocab_size, max(ks), generator)
-    weights = histogram_density(exact) * step
+    weights = histogram_density(exact) * step / repeats
     rows = []
     for k in ks:
         row = {"k": k}
@@ -230,7 +232,7 @@ def synthetic_rows(shape, ks, estimates, *, points, draws, threshold, vocab_size
                 "error": error.mean().item(),
                 "error_sd": error.std().item() if error.numel() > 1 else 0.0,
                 "worst_error": error[error.abs().argmax()].item(),
-                "ends_agree": not (wrong[0] or wrong[-1]),
+                "ends_agree": not wrong.view(repeats, points)[:, [0, -1]].any(),
             }
         rows.append(row)
     return rows
@@ -242,7 +244,8 @@ TARGETS = {"weighted": 0.997, "sweep": 0.97, "error": 0.03}
 def synthetic_main(args):
     vocab_size = args.vocab_size
     shapes = args.shapes or list(SHAPES)
-    print(f"Synthetic teachers over V = {vocab_size}, exact entropy swept over {SWEEP} in {args.points} points; "
+    print(f"Synthetic teachers over V = {vocab_size}, exact entropy swept over {SWEEP} in {args.points} points "
+          f"({args.repeats} sweeps of fresh teachers for random shapes); "
           f"top-K as float32 log-probabilities; gate at {args.threshold} nats. Per estimate: sweep agreement, "
           "agreement weighted by the realistic histogram (log-normal, median "
           f"{HISTOGRAM_MEDIAN}, {HISTOGRAM_SHARE_ABOVE:.0%} above 0.8), signed error at H = {args.threshold} (mean "
@@ -250,7 +253,7 @@ def synthetic_main(args):
     summary = []
     for shape in shapes:
         started = time.perf_counter()
-        rows = synthetic_rows(shape, args.ks, ESTIMATES, points=args.points, draws=args.draws,
+        rows = synthetic_rows(shape, args.ks, ESTIMATES, points=args.points, draws=args.draws, repeats=args.repeats,
                               threshold=args.threshold, vocab_size=vocab_size, seed=args.seed)  # fmt: skip
         tuned = "tuned" if SHAPES[shape][2] else "held out"
         print(f"\n{shape} ({tuned}, {time.perf_counter() - started:.1f} s)")
@@ -267,7 +270,7 @@ def synthetic_main(args):
     if summary:
         print(f"\nTargets at K = 32 for the default estimate {DEFAULT_ENTROPY_ESTIMATE!r} (weighted >= "
               f"{TARGETS['weighted']:.1%}, sweep >= {TARGETS['sweep']:.0%}, |mean error at {args.threshold}| <= "
-              f"{TARGETS['error']}; for random shapes the s.d. and worst of the error over the draws follow):")  # fmt: skip
+              f"{TARGETS['error']}; random shapes: then the s.d. and worst of the error over the draws):")  # fmt: skip
         for shape, tuned, r in summary:
             met = (r["weighted"] >= TARGETS["weighted"] and r["sweep"] >= TARGETS["sweep"]
                    and abs(r["error"]) <= TARGETS["error"])  # fmt: skip
@@ -280,7 +283,7 @@ def synthetic_main(args):
     started = time.perf_counter()
     estimate_teacher_entropy(top, vocab_size)
     print(f"\nCost of the default estimate: {time.perf_counter() - started:.3f} s for {tokens} tokens at K = 32 "
-          f"({torch.get_num_threads()} thread).")
+          f"({torch.get_num_threads()} thread).")  # fmt: skip
 
 
 def main(argv=None):
@@ -288,7 +291,8 @@ def main(argv=None):
     parser.add_argument("--synthetic", action="store_true", help="Synthetic teachers over V = 151,936 instead.")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="With --synthetic: the tail shapes.")
     parser.add_argument("--points", type=int, default=120, help="With --synthetic: entropies in the sweep.")
-    parser.add_argument("--draws", type=int, default=8, help="With --synthetic: random teachers at the threshold.")
+    parser.add_argument("--draws", type=int, default=16, help="With --synthetic: random teachers at the threshold.")
+    parser.add_argument("--repeats", type=int, default=4, help="With --synthetic: sweeps of each random shape.")
     parser.add_argument("--vocab-size", type=int, default=QWEN3_VOCAB_SIZE, help="With --synthetic.")
     parser.add_argument("--teachers", nargs="+", default=["servable", "tiny", "demo"])
     parser.add_argument("--ks", nargs="+", type=int, help="Fetch counts (default 16 20 32 64; 16 32 64 synthetic).")

@@ -267,7 +267,7 @@ def test_each_named_estimate_is_the_bound_it_names(vocab_size, k):
     even, concentrated = tails_for(top, vocab_size - k, mass)
     row = top.log().float().reshape(1, k)
     estimates = {name: float(estimate_teacher_entropy(row, vocab_size, name)[0]) for name in ENTROPY_ESTIMATES}
-    lower, upper, top_k_entropy, tail_mass = (float(t[0]) for t in teacher_entropy_bounds(row, vocab_size))
+    lower, upper, _, tail_mass = (float(t[0]) for t in teacher_entropy_bounds(row, vocab_size))
     assert estimates["upper"] == upper and estimates["lower"] == lower
     tolerance = 1e-5 * max(1.0, entropy_of(top, even))  # float32 log-probs in, float64 arithmetic
     assert abs(upper - entropy_of(top, even)) < tolerance

@@ -11,7 +11,6 @@ from numbers import Integral, Real
 from ._gkd import GKDConfig
 from ._vllm_install import vllm_install_hint
 from .loss.options import EOPDLossOptions, sampled_estimator_error
-
 from .loss.served import DEFAULT_ENTROPY_ESTIMATE, ENTROPY_ESTIMATES
 from .teacher_server import DEFAULT_TEACHER_TOP_LOGPROBS, validate_teacher_server_options
 

@@ -37,7 +37,6 @@ from torch import Tensor
 
 from .chunked import (
     _add_projection_gradients,
-    _zero_student_gradients,
     _ChunkedEOPDFunction,
     _ChunkTerms,
     _Options,
@@ -45,11 +44,12 @@ from .chunked import (
     _row_dots,
     _scale_into_tempered_logits,
     _student_logit_gradient,
+    _zero_student_gradients,
     log_softmax_into,
 )
 from .options import EOPDLossOptions
 
-# The gate's teacher-entropy estimates with a served teacher; the first is the default (see `estimate_teacher_entropy`).
+# The gate's teacher-entropy estimates with a served teacher, the default first (see `estimate_teacher_entropy`).
 ENTROPY_ESTIMATES = ("decay", "midpoint", "lower", "upper", "top_k")
 DEFAULT_ENTROPY_ESTIMATE = ENTROPY_ESTIMATES[0]
 # The decay model's tail, ranks K+1..V, is summed over bins: the first ranks one by one, where a steep decay puts
@@ -186,7 +186,7 @@ def _tail_rank_bins(top_k: int, vocab_size: int, device: torch.device) -> tuple[
 
 
 def _decayed_tail_entropy(log_probs: Tensor, tail_mass: Tensor, vocab_size: int) -> Tensor:
-    """Entropy of the tail (ranks K+1..V) modelled as the top-K's decay continued; float64 `(N,)`, NaN where unmodelled.
+    """Entropy of the tail (ranks K+1..V) modelled as the top-K's decay continued; float64 `(N,)`, NaN if unmodelled.
 
     The top-K shows how fast the probabilities fall near rank K: the local power-law exponent `a`, fitted by least
     squares to `log p_r` against `log r` over ranks K/4..K. The tail continues from `p_K` as `p_K (r / K)^-a`, and must
@@ -203,7 +203,7 @@ def _decayed_tail_entropy(log_probs: Tensor, tail_mass: Tensor, vocab_size: int)
     bounds' clamp in `estimate_teacher_entropy` answers for. Rows with a zero probability in the top-K or no tail mass
     are left to the bounds (NaN), as is everything when there is no tail.
     """
-    num_rows, top_k = log_probs.shape
+    top_k = log_probs.size(-1)
     tail_tokens = vocab_size - top_k
     modelled = torch.isfinite(log_probs).all(-1) & (tail_mass > 0)
     if tail_tokens < 1 or top_k < 1 or not bool(modelled.any()):
@@ -534,7 +534,7 @@ def served_teacher_eopd_loss_and_stats(
     )
     device = student_hidden.device
     with torch.no_grad():
-        lower, upper, top_k_entropy, tail_mass = teacher_entropy_bounds(teacher_top_log_probs.detach(), vocab_size)
+        lower, upper, _, tail_mass = teacher_entropy_bounds(teacher_top_log_probs.detach(), vocab_size)
         if teacher_entropy is None:
             teacher_entropy = estimate_teacher_entropy(teacher_top_log_probs.detach(), vocab_size, entropy_estimate)
         entropy = teacher_entropy.detach().to(device, torch.float32)
