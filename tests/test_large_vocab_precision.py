@@ -1,9 +1,11 @@
 """Float32 losses over a Qwen3-sized vocabulary (V = 151,936) on peaked rows, against the float64 reference.
 
 On CPU, `torch.log_softmax` in float32 over ~150k logits was off by up to ~1e-4 (absolute) on rows where one token
-holds most of the mass (measured: 7e-5 with the rows below, while `logits - logsumexp(logits)` stayed within 3e-6).
-The error is a shift of the whole row's log-normaliser, so it passes straight into log q(y), the KL terms and the
-entropies. Every loss path must stay within its stated float32 tolerance (1e-5 relative, docs/benchmarks.md) here.
+holds most of the mass, and so was one batched matmul summing p log p over the whole vocabulary; `python
+tests/test_large_vocab_precision.py` prints both on the rows below, next to `logits - logsumexp(logits)` and the sums
+in blocks that the losses use. The log_softmax error is a shift of the whole row's log-normaliser, so it passes
+straight into log q(y), the KL terms and the entropies. Every loss path must stay within its stated float32 tolerance
+(1e-5 relative, docs/benchmarks.md) here.
 """
 
 from __future__ import annotations
@@ -96,3 +98,27 @@ def test_served_loss_matches_float64_on_peaked_rows(case):
             teacher_entropy=exact_entropy[rows], entropy_threshold=0.3,
         )  # fmt: skip
         torch.testing.assert_close(loss.double(), expected[i], rtol=1e-5, atol=1e-6, msg=f"row {i}")
+
+
+def measured_errors(case):
+    """Worst absolute errors, on these rows, of the float32 normalisations and vocabulary sums (against float64)."""
+    from trl_eopd.loss.chunked import _vocab_bmm
+
+    stacked = torch.stack([logits(case, "student"), logits(case, "teacher")], 1)  # (N, 2, V), as the chunked loss
+    reference = stacked.double().log_softmax(-1)
+    by_logsumexp = stacked - stacked.logsumexp(-1, keepdim=True)
+    dots = torch.bmm(reference.exp(), reference.transpose(1, 2))
+    probs, log_probs = by_logsumexp.exp(), by_logsumexp
+    return {
+        "torch.log_softmax": float((stacked.log_softmax(-1).double() - reference).abs().max()),
+        "logits - logsumexp": float((by_logsumexp.double() - reference).abs().max()),
+        "one bmm over V (sums of p log p)": float((torch.bmm(probs, log_probs.mT).double() - dots).abs().max()),
+        "bmm in blocks of 4096": float((_vocab_bmm(probs, log_probs).double() - dots).abs().max()),
+    }
+
+
+if __name__ == "__main__":  # PYTHONPATH=. python tests/test_large_vocab_precision.py
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}; V = {V}, {N} peaked rows; worst absolute error against float64:")
+    for name, error in measured_errors(peaked_case()).items():
+        print(f"  {name:<34} {error:.1e}")
