@@ -154,11 +154,21 @@ def test_a_served_teacher_config_with_the_papers_recipe_is_accepted():
         (dict(teacher_top_logprobs=0), r"`teacher_top_logprobs` must be an integer >= 1"),
         (dict(teacher_model_server_timeout=0), r"`teacher_model_server_timeout` must be a finite number of seconds"),
         (dict(teacher_model_server_retries=-1), r"`teacher_model_server_retries` must be an integer >= 0"),
+        (dict(teacher_entropy_estimate="mean"),
+         r"`teacher_entropy_estimate` must be one of decay, midpoint, lower, upper, top_k; got 'mean'"),
     ],
 )
 def test_a_served_teacher_refuses_what_it_cannot_compute(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make(**{**SERVED, **kwargs})
+
+
+def test_the_served_gates_entropy_estimate_is_the_losss_default_and_selectable_by_name():
+    from trl_eopd.loss.served import DEFAULT_ENTROPY_ESTIMATE, ENTROPY_ESTIMATES
+
+    assert make(**SERVED).teacher_entropy_estimate == DEFAULT_ENTROPY_ESTIMATE == "decay"
+    for name in ENTROPY_ESTIMATES:
+        assert make(**SERVED, teacher_entropy_estimate=name).teacher_entropy_estimate == name
 
 
 def test_without_a_served_teacher_its_restrictions_do_not_apply():

@@ -105,3 +105,85 @@ def test_the_start_up_probe_finds_the_entropy_and_says_so_once_when_it_is_missin
         assert len(warnings) == 1
         assert "does not return the teacher's entropy" in warnings[0] and "estimate" in warnings[0]
         assert "python -m trl_eopd.vllm_plugin.serve --model TEACHER" in warnings[0]
+
+
+class _FakeVocabularyServer:
+    """`_post_completion` of a server whose vocabulary holds `size` ids: vLLM answers 400 beyond it."""
+
+    def __init__(self, size):
+        self.size, self.probed = size, []
+
+    def __call__(self, prompts, prompt_logprobs):
+        ids = [token for prompt in prompts for token in prompt]
+        self.probed += ids
+        if max(ids) >= self.size:
+            return 400, f'{{"error": "Token id {max(ids)} is out of vocabulary"}}'
+        return 200, "{}"
+
+
+@pytest.mark.parametrize("served_size", [1000, 999, 1001, 512, 4096])
+def test_the_vocabulary_probe_accepts_exactly_the_students_size(monkeypatch, served_size):
+    client = _client(vocab_size=1000)
+    server = _FakeVocabularyServer(served_size)
+    monkeypatch.setattr(client, "_post_completion", server)
+    if served_size == 1000:
+        client._check_vocabulary()
+        assert server.probed == [999, 1000]  # the student's last id passes, the next one is refused
+        return
+    with pytest.raises(TeacherServerError, match=rf"has a vocabulary of {served_size} token ids but the student has "
+                                                 r"1000\."):  # fmt: skip
+        client._check_vocabulary()
+
+
+def test_a_probe_answered_otherwise_is_an_error(monkeypatch):
+    client = _client(vocab_size=1000)
+    monkeypatch.setattr(client, "_post_completion", lambda prompts, prompt_logprobs: (500, "engine dead"))
+    with pytest.raises(TeacherServerError, match=r"answered HTTP 500 to a probe: engine dead"):
+        client._check_vocabulary()
+
+
+class _FlakyServer:
+    """`_post_completion` failing `failures` times (HTTP `status`, or no answer), then answering."""
+
+    def __init__(self, failures, status=503):
+        self.failures, self.status, self.calls = failures, status, 0
+
+    def __call__(self, prompts, prompt_logprobs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            if self.status is None:
+                raise TeacherServerError("no answer") from ConnectionError("refused")
+            return self.status, "busy"
+        return 200, '{"choices": [{"index": 1, "text": "b"}, {"index": 0, "text": "a"}]}'
+
+
+@pytest.mark.parametrize("retries", [0, 1, 3])
+@pytest.mark.parametrize("status", [503, None])
+def test_a_failed_request_is_retried_exactly_retries_times(monkeypatch, retries, status):
+    pauses = []
+    monkeypatch.setattr("trl_eopd.teacher_server.time.sleep", pauses.append)
+    client = _client()
+    client.retries = retries
+    server = _FlakyServer(failures=retries, status=status)  # the last allowed attempt succeeds
+    monkeypatch.setattr(client, "_post_completion", server)
+    choices = client._completions_with_retries([[1, 2]], global_step=7)
+    assert [choice["text"] for choice in choices] == ["a", "b"] and server.calls == retries + 1
+    assert pauses == [min(2.0 ** attempt, 30.0) for attempt in range(retries)]
+
+    server = _FlakyServer(failures=retries + 1, status=status)  # one failure too many
+    monkeypatch.setattr(client, "_post_completion", server)
+    with pytest.raises(TeacherServerError, match=rf"failed at global step 7 after {retries + 1} attempt\(s\) "
+                                                 rf"\(`teacher_model_server_retries={retries}`\)"):  # fmt: skip
+        client._completions_with_retries([[1, 2]], global_step=7)
+    assert server.calls == retries + 1
+
+
+def test_a_malformed_request_is_not_retried(monkeypatch):
+    monkeypatch.setattr("trl_eopd.teacher_server.time.sleep", lambda seconds: None)
+    client = _client()
+    client.retries = 3
+    server = _FlakyServer(failures=5, status=400)
+    monkeypatch.setattr(client, "_post_completion", server)
+    with pytest.raises(TeacherServerError, match=r"after 1 attempt\(s\)"):
+        client._completions_with_retries([[1, 2]], global_step=0)
+    assert server.calls == 1

@@ -870,3 +870,53 @@ def test_served_teacher_that_does_not_answer_names_the_url_and_the_timeout(tiny,
                                                  r"`teacher_model_server_timeout=1`"):  # fmt: skip
         EOPDTrainer(model=tiny["student"], teacher_model=None, args=args, train_dataset=dataset,
                     processing_class=tokenizer)  # fmt: skip
+
+
+def test_served_teacher_loss_gets_the_servers_vocabulary_and_the_configured_estimate(tiny, tokenizer, dataset,
+                                                                                      tmp_path, monkeypatch):  # fmt: skip
+    # A stand-in for the vLLM client: the tiny teacher's top log-probabilities computed here, as a server returns them.
+    from trl_eopd import teacher_server
+    from trl_eopd.trainer import _SERVED_TEACHER
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
+    clients, fetched = [], []
+
+    class LocalTeacherServer:
+        def __init__(self, url, *, top_logprobs, timeout, retries, student_vocab_size, teacher_name=None):
+            self.vocab_size, self.top_logprobs = student_vocab_size, top_logprobs
+            clients.append(self)
+
+        def fetch(self, batches, global_step):
+            results = []
+            for batch in batches:
+                with torch.no_grad():
+                    logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                labels = batch["labels"][:, 1:]
+                log_probs = logits[:, :-1][labels != -100].double().log_softmax(-1)
+                top, ids = log_probs.topk(self.top_logprobs, dim=-1)
+                target = log_probs.gather(-1, labels[labels != -100][:, None])[:, 0]
+                results.append(teacher_server.ServedTeacherLogProbs(top.float(), ids, target.float()))
+            fetched.extend(results)
+            return results
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(teacher_server, "TeacherServer", LocalTeacherServer)
+    args = make_args(tmp_path, **SERVED, teacher_top_logprobs=16, teacher_entropy_estimate="upper")
+    trainer = EOPDTrainer(model=tiny["student"], teacher_model=None, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)  # fmt: skip
+    vocab_size = trainer.model.config.get_text_config().vocab_size
+    assert clients[0].vocab_size == vocab_size == trainer.model.get_output_embeddings().weight.size(0)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    batch.pop(_SERVED_TEACHER, None)  # fetched again inside the loss: the same values
+    trainer.model.train()
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, batch)
+    means = trainer._stats_class.from_tensor(trainer._eopd_sums["train"].cpu()).means()
+    # The logged estimate is the upper bound over the served vocabulary, written out here: H_topK - m log(m / (V - K)).
+    top = fetched[-1].top_log_probs.double()
+    tail_mass = 1 - top.exp().sum(-1)
+    upper = -(top.exp() * top).sum(-1) - tail_mass * (tail_mass / (vocab_size - top.size(-1))).log()
+    assert means["eopd/teacher_entropy_estimate"] == pytest.approx(float(upper.mean()), rel=1e-5)
+    assert means["eopd/high_entropy_ratio"] == pytest.approx(float((upper.float() > 0.8).double().mean()))

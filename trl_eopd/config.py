@@ -11,7 +11,7 @@ from numbers import Integral, Real
 from ._gkd import GKDConfig
 from ._vllm_install import vllm_install_hint
 from .loss.options import EOPDLossOptions, sampled_estimator_error
-
+from .loss.served import DEFAULT_ENTROPY_ESTIMATE, ENTROPY_ESTIMATES
 from .teacher_server import DEFAULT_TEACHER_TOP_LOGPROBS, validate_teacher_server_options
 
 # The loss options' defaults are the loss's own (one definition, in `trl_eopd/loss/options.py`).
@@ -100,6 +100,11 @@ class EOPDConfig(GKDConfig):
             entries only sharpen the teacher-entropy estimate behind the gate. On the teachers measured by
             `scripts/teacher_gate_agreement.py`, 32 made the estimated gate disagree with the exact one about half as
             often as 16, and 64 gained much less for twice the response size (docs/teacher_server.md).
+        teacher_entropy_estimate (`str`, *optional*, defaults to `"decay"`):
+            With `teacher_model_server_url`: how the gate estimates the teacher's entropy from its top log-probabilities
+            (`trl_eopd/loss/served.py`). `"decay"` continues the top-K's decay into the tail, under the tail mass and
+            the ranking's bounds; `"midpoint"` takes the middle of those bounds, `"lower"` / `"upper"` the bounds
+            themselves, `"top_k"` the top-K's entropy alone. docs/teacher_server.md compares them.
         teacher_model_server_timeout (`float`, *optional*, defaults to `240.0`):
             With `teacher_model_server_url`: seconds to wait for the server to come up at start, and for each
             request's answer.
@@ -241,6 +246,13 @@ class EOPDConfig(GKDConfig):
         metadata={
             "help": "With a served teacher: the teacher's top log-probabilities fetched per token (>= "
             "forward_kl_top_k); the extra ones sharpen the entropy estimate behind the gate."
+        },
+    )
+    teacher_entropy_estimate: str = field(
+        default=DEFAULT_ENTROPY_ESTIMATE,
+        metadata={
+            "help": "With a served teacher: the gate's teacher-entropy estimate from the top log-probabilities.",
+            "choices": list(ENTROPY_ESTIMATES),
         },
     )
     teacher_model_server_timeout: float = field(

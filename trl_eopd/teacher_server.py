@@ -27,6 +27,7 @@ from numbers import Integral, Real
 import torch
 
 from . import _compat
+from .loss.served import ENTROPY_ESTIMATES
 from .vllm_plugin import ENTROPY_TOKEN_ID
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ def validate_teacher_server_options(args) -> None:
     timeout = args.teacher_model_server_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, Real) or not (timeout > 0 and math.isfinite(timeout)):
         raise ValueError(f"`teacher_model_server_timeout` must be a finite number of seconds > 0; got {timeout!r}.")
+    estimate = args.teacher_entropy_estimate
+    if estimate not in ENTROPY_ESTIMATES:
+        raise ValueError(f"`teacher_entropy_estimate` must be one of {', '.join(ENTROPY_ESTIMATES)}; got {estimate!r}.")
     retries = args.teacher_model_server_retries
     if isinstance(retries, bool) or not isinstance(retries, Integral) or retries < 0:
         raise ValueError(f"`teacher_model_server_retries` must be an integer >= 0; got {retries!r}.")

@@ -499,6 +499,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 student_softcap=projection.softcap,
                 vocab_size=self._teacher_server.vocab_size,
                 options=options,
+                entropy_estimate=self.args.teacher_entropy_estimate,
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,

@@ -116,8 +116,9 @@ def eopd_loss_and_stats(
     scaled_teacher = teacher_logits[loss_mask].float() / temperature
     targets = labels[loss_mask]
 
-    student_log_probs = F.log_softmax(scaled_student, dim=-1)
-    teacher_log_probs = F.log_softmax(scaled_teacher, dim=-1)
+    # logits - logsumexp, not F.log_softmax: see `log_softmax_into` (float32 CPU log_softmax drifts at ~150k tokens).
+    student_log_probs = scaled_student - scaled_student.logsumexp(-1, keepdim=True)
+    teacher_log_probs = scaled_teacher - scaled_teacher.logsumexp(-1, keepdim=True)
     if target_log_probs_out is not None:
         target_log_probs_out.copy_(student_log_probs.detach().gather(-1, targets.unsqueeze(-1)).squeeze(-1))
 
