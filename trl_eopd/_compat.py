@@ -151,6 +151,20 @@ def regroup_help(parser, sections: list[tuple[str, set[str] | None]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# argparse: a parser's long options, and its wording for flags none of them takes (`_actions`, `parse_args`)
+#
+# `trl-eopd demo` and `trl-eopd eval` name the closest option to a mistyped flag. argparse (before Python 3.14's
+# `suggest_on_error`) reports unknown flags only as "unrecognized arguments: ..." and has no public list of options.
+
+ARGPARSE_UNRECOGNIZED = "unrecognized arguments: "
+
+
+def long_options(parser) -> list[str]:
+    """Every `--name` option string of `parser`."""
+    return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # vLLM (CPU build): linear layers kept on their plain weights
 # (`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`)
 #

@@ -62,17 +62,25 @@ def resume_target(training_args) -> str | bool | None:
 _FINISHED_RUN_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "training_args.bin")
 
 
+def finished_run(output_dir: str | os.PathLike, files: tuple[str, ...]) -> str | None:
+    """`"<output_dir> already holds a finished run (saved <time>)"` when one of `files` is in it, else `None`."""
+    output_dir = Path(output_dir)
+    found = [name for name in files if (output_dir / name).is_file()]
+    if not found:
+        return None
+    saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((output_dir / found[0]).stat().st_mtime))
+    return f"{output_dir} already holds a finished run (saved {saved})"
+
+
 def announce_overwrite(state, training_args) -> None:
     """Say out loud when this run is about to replace a finished run's saved student (resuming is not replacing)."""
     if not state.is_main_process or _resume_requested(training_args):
         return
-    output_dir = Path(training_args.output_dir)
-    found = [name for name in _FINISHED_RUN_FILES if (output_dir / name).is_file()]
+    found = finished_run(training_args.output_dir, _FINISHED_RUN_FILES)
     if found:
-        saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((output_dir / found[0]).stat().st_mtime))
         print(
-            f"[trl-eopd] warning: {output_dir} already holds a finished run (saved {saved}); this run will overwrite "
-            "it. Pass `--output_dir` elsewhere to keep it, or `--resume_from_checkpoint true` to continue it.",
+            f"[trl-eopd] warning: {found}; this run will overwrite it. Pass `--output_dir` elsewhere to keep it, or "
+            "`--resume_from_checkpoint true` to continue it.",
             file=sys.stderr,
             flush=True,
         )

@@ -16,7 +16,7 @@ import json
 import sys
 
 from .recipes import list_accelerate_configs, list_recipes
-from .errors import UsageError
+from .errors import UsageError, exit_with_error
 from .parsing import PROG, is_main_process
 from .parsing import parse_args as _parse_with_checks
 from .script_arguments import EOPDScriptArguments
@@ -192,7 +192,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         # Under a launcher every rank finds the same problem; one copy of the message is enough.
         if is_main_process():
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            exit_with_error(PROG, str(e))
         raise SystemExit(2) from None
     return 0
 
