@@ -90,19 +90,39 @@ def bf16_support(monkeypatch):
     return set_support
 
 
-def test_unset_bf16_falls_back_to_float32_with_one_info_line_where_unsupported(bf16_support, caplog):
+def test_unset_bf16_falls_back_to_float32_with_one_warning_per_process_where_unsupported(bf16_support, caplog):
+    from trl_eopd import config as config_module
+
     bf16_support(False)
+    config_module._say_float32_fallback.cache_clear()  # earlier tests of this process may have said it already
     with caplog.at_level(logging.DEBUG, logger="trl_eopd"):
         config = EOPDConfig(output_dir="unused", report_to=[])
-    assert config.bf16 is False
+        again = EOPDConfig(output_dir="unused", report_to=[])
+    assert config.bf16 is False and again.bf16 is False
     lines = [record for record in caplog.records if record.name.startswith("trl_eopd")]
-    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    # A warning, so that Python prints it without any logging set up; the second config says nothing new.
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert "no bf16 support" in lines[0].getMessage() and "float32" in lines[0].getMessage()
 
 
-def test_explicit_bf16_still_fails_where_unsupported(bf16_support):
+def test_unset_bf16_fallback_shows_without_any_logging_set_up(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = ("from transformers import training_args as t; t.is_torch_bf16_gpu_available = lambda: False; "
+            "from trl_eopd import EOPDConfig; [EOPDConfig(output_dir='unused', report_to=[]) for _ in range(2)]")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.splitlines() if "float32" in line]
+    assert len(said) == 1 and said[0].startswith("EOPDConfig: this machine has no bf16 support"), proc.stderr[-2000:]
+
+
+def test_explicit_bf16_fails_where_unsupported_naming_the_ways_out(bf16_support):
     bf16_support(False)
-    with pytest.raises(ValueError, match="doesn't support bf16"):
+    with pytest.raises(ValueError, match=r"`bf16=True` needs .*`bf16: false` .*`use_cpu: true`"):
         EOPDConfig(output_dir="unused", report_to=[], bf16=True)
 
 
@@ -125,7 +145,7 @@ def test_bf16_from_the_command_line_is_explicit(bf16_support):
     assert training_args.bf16 is False
     from trl_eopd.cli.errors import UsageError
 
-    with pytest.raises(UsageError, match="doesn't support bf16"):
+    with pytest.raises(UsageError, match="`bf16=True` needs"):
         parse_args(["--config", "tiny-cpu", "--bf16", "true"])
 
 
@@ -164,3 +184,13 @@ def test_a_served_teacher_refuses_what_it_cannot_compute(kwargs, message):
 def test_without_a_served_teacher_its_restrictions_do_not_apply():
     config = make(reverse_kl_estimator="analytic", forward_kl_top_k=None, temperature=2.0, teacher_top_logprobs=4)
     assert config.teacher_model_server_url is None
+
+
+@pytest.mark.parametrize("name, value", [
+    ("per_device_train_batch_size", 0), ("per_device_eval_batch_size", -1), ("gradient_accumulation_steps", 0),
+    ("max_new_tokens", 0), ("max_length", 0),
+])
+def test_sizes_below_one_are_named(name, value):
+    with pytest.raises(ValueError, match=rf"^`{name}` must be (None or )?an integer >= 1.*got {value}\.$"):
+        make(**{name: value})
+    assert getattr(make(**{name: 1}), name) == 1

@@ -1,4 +1,5 @@
-"""Checks `trl-eopd train` makes before any weights load: model paths and vocabularies, checkpoint, output folder."""
+"""Checks `trl-eopd train` makes before any weights load: model paths and vocabularies, checkpoint, output folder,
+prompt lengths."""
 
 from __future__ import annotations
 
@@ -37,6 +38,21 @@ def check_vocabularies(student: str, teacher: str, *, model_args, training_args)
             f"{student_vocab}. EOPD compares the two next-token distributions id by id, so both models need the same "
             "tokenizer and vocab_size (e.g. Qwen3-8B with a Qwen3 base student)."
         )
+
+
+def check_prompt_lengths(tokenizer, training_args, datasets: dict) -> None:
+    """Every prompt fits in `max_length`, checked as the trainer's collator will check it batch by batch (the error
+    would otherwise come mid-training). `datasets` maps a label to a dataset with a `messages` column, or `None`."""
+    from ..collator import PromptKeepingChatMLCollator
+
+    collator = PromptKeepingChatMLCollator(tokenizer=tokenizer, max_length=training_args.max_length)
+    for name, dataset in datasets.items():
+        if dataset is None:
+            continue
+        try:
+            collator.check_prompts_fit(dataset, name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def resume_target(training_args) -> str | bool | None:

@@ -88,7 +88,7 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
     from accelerate import PartialState
 
     from .data import load_datasets
-    from .preflight import announce_overwrite, check_vocabularies, resume_target
+    from .preflight import announce_overwrite, check_prompt_lengths, check_vocabularies, resume_target
     from .tiny_cache import resolve_tiny
     from .tokenizer_setup import load_tokenizer
 
@@ -106,8 +106,6 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
                          "or `teacher_model_server_url` for a teacher served by vLLM.")
 
     state = PartialState()
-    _log(state, f"{state.num_processes} process(es), device={state.device}, "
-                f"distributed_type={state.distributed_type.value}")
     announce_overwrite(state, training_args)
 
     student = resolve_tiny(model_args.model_name_or_path)
@@ -122,6 +120,14 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
         script_args=script_args,
     )
     train_dataset, eval_dataset = load_datasets(script_args, training_args)
+    check_prompt_lengths(tokenizer, training_args, {
+        f"dataset {script_args.dataset_name}": train_dataset,
+        f"evaluation dataset {script_args.eval_dataset_name or script_args.dataset_name}": eval_dataset,
+    })
+
+    # Said once every check above has passed, so that bad input gets its one line alone.
+    _log(state, f"{state.num_processes} process(es), device={state.device}, "
+                f"distributed_type={state.distributed_type.value}")
 
     from trl import get_peft_config, get_quantization_config
 
