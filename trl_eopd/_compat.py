@@ -261,6 +261,33 @@ def unwrap_model_for_generation(model, accelerator, **kwargs):
             context.__exit__(None, None, None)
 
 
+# PEFT reads the same deprecated property once, when TRL's `SFTTrainer.__init__` wraps the student with
+# `get_peft_model` (`PeftModel.__init__`: `getattr(model, "is_gradient_checkpointing", True)`), so `use_peft` warned
+# once per run about a name only PEFT uses. The same filter covers that one call: TRL's module-level `get_peft_model` is
+# replaced, while EOPDTrainer's parent is built, by itself run inside it.
+
+_SFT_TRAINER_MODULE = "trl.trainer.sft_trainer"
+
+
+@contextmanager
+def peft_wrapping_without_checkpointing_warnings():
+    sft_trainer = importlib.import_module(_SFT_TRAINER_MODULE)
+    wrap = getattr(sft_trainer, "get_peft_model", None)
+    if wrap is None:  # PEFT not installed: TRL never wraps
+        yield
+        return
+
+    def wrap_quietly(*args, **kwargs):
+        with _checkpointing_aliases_ignored():
+            return wrap(*args, **kwargs)
+
+    sft_trainer.get_peft_model = wrap_quietly
+    try:
+        yield
+    finally:
+        sft_trainer.get_peft_model = wrap
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # TRL: GKD's rollout passes `return_dict_in_generate=True` next to a full generation config
 #
@@ -290,6 +317,30 @@ class GenerationConfigOnly:
             generation_config = copy.deepcopy(generation_config)
             generation_config.return_dict_in_generate = wanted
         return self._model.generate(*args, generation_config=generation_config, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed: "Setting accelerator to CPU ... we were unable to detect it" (`deepspeed.accelerator.get_accelerator`)
+#
+# Importing DeepSpeed (transformers and accelerate do when it is installed, e.g. the first time a model is saved)
+# picks its accelerator; where it finds none and `DS_ACCELERATOR` is unset it logs that warning, in every process,
+# though CPU is the right choice. Saying `DS_ACCELERATOR=cpu` first, where torch sees no accelerator and the user chose
+# none, is what DeepSpeed asks for, and it then says nothing. Called by the command line and by `EOPDConfig`'s and
+# `trl_eopd.tiny`'s entry points, before DeepSpeed is imported; it does not import DeepSpeed.
+
+
+def tell_deepspeed_when_cpu_only(env=None) -> None:
+    """Set `DS_ACCELERATOR=cpu` in `env` (default: this process's environment) when torch sees no accelerator, unless
+    the user chose one."""
+    import os
+
+    import torch
+
+    env = os.environ if env is None else env
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if not has_accelerator:
+        env.setdefault("DS_ACCELERATOR", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

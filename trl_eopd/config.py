@@ -9,11 +9,15 @@ import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+from ._compat import tell_deepspeed_when_cpu_only
 from ._gkd import GKDConfig
 from ._vllm_install import vllm_install_hint
 from .loss.options import EOPDLossOptions, sampled_estimator_error
 
 from .teacher_server import DEFAULT_TEACHER_TOP_LOGPROBS, validate_teacher_server_options
+
+# Before anything imports DeepSpeed: training scripts import the config first.
+tell_deepspeed_when_cpu_only()
 
 # The loss options' defaults are the loss's own (one definition, in `trl_eopd/loss/options.py`).
 _LOSS_DEFAULTS = EOPDLossOptions()
