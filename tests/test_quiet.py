@@ -111,6 +111,36 @@ def test_generate_gets_the_config_alone_and_returns_what_the_argument_would(tiny
     assert [m for m in generation_records if "output_scores" in m], generation_records
 
 
+def test_a_peft_student_is_wrapped_without_the_checkpointing_deprecation(tiny, tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    dataset = load_dataset("json", data_files=tiny["dataset"], split="train")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=_config(tmp_path),
+                              train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        wrapped = list(caught)
+        _ = trainer.model.base_model.model.is_gradient_checkpointing  # the user's own use of the old name, after
+    assert type(trainer.model).__name__.startswith("PeftModel")
+    assert not [str(w.message) for w in wrapped if "checkpointing" in str(w.message)]
+    assert [w for w in caught if "is_gradient_checkpointing" in str(w.message)], "the filter outlived the wrapping"
+
+
+def test_library_entry_points_tell_deepspeed_first(tmp_path):
+    """The README's quick start in a fresh process: no DeepSpeed guess about the accelerator, however it starts."""
+    pytest.importorskip("deepspeed")
+    for entry in ("from trl_eopd import EOPDConfig; EOPDConfig", "from trl_eopd.tiny import save_tiny_setup; "
+                  f"save_tiny_setup({str(tmp_path / 'tiny')!r}, num_examples=2)"):
+        code = f"{entry}; import deepspeed; import os; print('DS_ACCELERATOR=' + str(os.environ.get('DS_ACCELERATOR')))"
+        env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "Setting accelerator" not in proc.stdout + proc.stderr, (entry, proc.stdout[-2000:])
+        assert "DS_ACCELERATOR=cpu" in proc.stdout
+
+
 def test_checkpointing_names_are_quiet_only_while_trl_toggles_them(tiny):
     from accelerate import Accelerator
 
