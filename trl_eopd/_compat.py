@@ -263,8 +263,8 @@ def unwrap_model_for_generation(model, accelerator, **kwargs):
 
 # PEFT reads the same deprecated property once, when TRL's `SFTTrainer.__init__` wraps the student with
 # `get_peft_model` (`PeftModel.__init__`: `getattr(model, "is_gradient_checkpointing", True)`), so `use_peft` warned
-# once per run about a name only PEFT uses. The same filter covers that one call: TRL's module-level `get_peft_model` is
-# replaced, while EOPDTrainer's parent is built, by itself run inside it.
+# once per run about a name only PEFT uses. The same filter covers that one call: TRL's module-level `get_peft_model`
+# is replaced, while EOPDTrainer's parent is built, by itself run inside it.
 
 _SFT_TRAINER_MODULE = "trl.trainer.sft_trainer"
 

@@ -116,9 +116,10 @@ class EOPDConfig(GKDConfig):
 
         use_vllm (`bool`, *optional*, defaults to `False`):
             Generate the student's on-policy completions with vLLM instead of `model.generate`, through TRL's
-            `VLLMGeneration`. Needs the `vllm` extra (`pip install "trl-eopd[vllm]"`). The student's weights are
-            pushed into the engine once per optimizer step, and one engine call serves the whole gradient-accumulation
-            window. Not combinable with `seq_kd=True` (the teacher's completions would still need `generate`).
+            `VLLMGeneration`. Needs vLLM (`pip install -e ".[vllm]"` from a clone; on a CPU machine, its CPU build
+            as in docs/vllm.md). The student's weights are pushed into the engine once per optimizer step, and one
+            engine call serves the whole gradient-accumulation window. Not combinable with `seq_kd=True` (the
+            teacher's completions would still need `generate`).
         vllm_mode (`str`, *optional*, defaults to `"colocate"`):
             `"colocate"`: an engine inside every training process, sharing its accelerator. `"server"`: a separate
             `trl vllm-serve` server, reached at `vllm_server_base_url` or `vllm_server_host`:`vllm_server_port`.
@@ -263,7 +264,8 @@ class EOPDConfig(GKDConfig):
         default=False,
         metadata={
             "help": "Generate on-policy completions with vLLM (TRL's VLLMGeneration) instead of `model.generate`. "
-            'Needs `pip install "trl-eopd[vllm]"`.'
+            'Needs vLLM: `pip install -e ".[vllm]"` in your trl-eopd clone on a GPU machine; its CPU build is in '
+            "docs/vllm.md."
         },
     )
     vllm_mode: str = field(
@@ -381,7 +383,8 @@ class EOPDConfig(GKDConfig):
                 raise ValueError(f"`{name}` must be an integer >= 1; got {getattr(self, name)!r}.")
         if self.max_length is not None and not _is_positive_int(self.max_length):
             raise ValueError(
-                f"`max_length` must be None or an integer >= 1 (prompt plus completion tokens); got {self.max_length!r}."
+                "`max_length` must be None or an integer >= 1 (prompt plus completion tokens); got "
+                f"{self.max_length!r}."
             )
 
     def _validate_vllm_options(self) -> None:

@@ -12,7 +12,7 @@ class UsageError(Exception):
 
 
 def exit_with_error(prog: str, message: str) -> NoReturn:
-    """Print `<prog>: error: <message>` as one line on stderr and exit with status 2, argparse's status for bad input."""
+    """Print `<prog>: error: <message>` as one line on stderr, and exit with argparse's status for bad input (2)."""
     print(f"{prog}: error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
