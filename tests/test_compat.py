@@ -320,3 +320,22 @@ def test_peft_still_reads_the_deprecated_checkpointing_name_when_trl_wraps_the_s
     with _compat.peft_wrapping_without_checkpointing_warnings():
         assert not wrap()
     assert sft_trainer.get_peft_model is peft.get_peft_model
+
+
+def test_datasets_json_reader_still_logs_its_error_on_its_module_logger(tmp_path, caplog):
+    import datasets
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": \n')
+    with caplog.at_level(logging.DEBUG), pytest.raises(datasets.exceptions.DatasetGenerationError):
+        datasets.load_dataset("json", data_files=str(bad), split="train", cache_dir=str(tmp_path / "cache"))
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR and str(bad) in r.getMessage()]
+    assert records and {r.name for r in records} == {_compat.DATASETS_JSON_LOGGER}, (
+        "_compat.datasets_json_errors_left_to_the_caller: datasets now reports a malformed JSON file from "
+        f"{sorted({r.name for r in records})}, not {_compat.DATASETS_JSON_LOGGER}."
+    )
+    caplog.clear()
+    with _compat.datasets_json_errors_left_to_the_caller(), pytest.raises(datasets.exceptions.DatasetGenerationError):
+        datasets.load_dataset("json", data_files=str(bad), split="train", cache_dir=str(tmp_path / "cache2"))
+    assert not [r for r in caplog.records if str(bad) in r.getMessage()]
+    assert logging.getLogger(_compat.DATASETS_JSON_LOGGER).level == logging.NOTSET

@@ -151,6 +151,27 @@ def regroup_help(parser, sections: list[tuple[str, set[str] | None]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# datasets: the JSON reader's own error record (`datasets.packaged_modules.json.json`'s logger)
+#
+# When a local JSON file does not parse, that module logs "Failed to load JSON from file ... in row N" at ERROR and
+# then raises; `trl-eopd train` reports the same failure in its one line, naming the file and its first bad line (the
+# record counts rows from 0, from where pyarrow gave up). Only that logger, and only while the CLI loads a local file.
+
+DATASETS_JSON_LOGGER = "datasets.packaged_modules.json.json"
+
+
+@contextmanager
+def datasets_json_errors_left_to_the_caller():
+    target = logging.getLogger(DATASETS_JSON_LOGGER)
+    level = target.level
+    target.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # argparse: a parser's long options, and its wording for flags none of them takes (`_actions`, `parse_args`)
 #
 # `trl-eopd demo` and `trl-eopd eval` name the closest option to a mistyped flag. argparse (before Python 3.14's

@@ -6,6 +6,7 @@ import difflib
 import json
 from pathlib import Path
 
+from .. import _compat
 from .errors import UsageError
 from .tiny_cache import resolve_tiny
 
@@ -25,7 +26,8 @@ def load_split(name: str, config: str | None, split: str | None, *, trust_remote
             )
         try:
             # A local file has one split, whatever the recipe calls it.
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
+            with _compat.datasets_json_errors_left_to_the_caller():
+                return datasets.load_dataset(builder, data_files=str(path), split="train")
         except datasets.exceptions.DatasetGenerationError as error:
             raise UsageError(f"cannot read dataset file {name}: {_unreadable(path, builder, error)}") from None
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
