@@ -264,28 +264,23 @@ def test_argparse_still_names_unrecognized_flags_in_its_wording():
     assert _compat.long_options(parser) == ["--help", "--seeds"]
 
 
-def test_deepspeed_still_guesses_cpu_out_loud_unless_told():
-    # In fresh processes: DeepSpeed picks its accelerator once, when first imported.
+def test_deepspeed_still_guesses_cpu_out_loud():
+    # In a fresh process: DeepSpeed picks its accelerator once, when first imported.
     pytest.importorskip("deepspeed")
     import os
     import subprocess
     import sys
 
-    base = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    base["CUDA_VISIBLE_DEVICES"] = ""
-    guessed, told = (
-        subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env,
-                       timeout=300, check=False)
-        for env in (base, {**base, "DS_ACCELERATOR": "cpu"})
-    )
-    assert guessed.returncode == 0 and told.returncode == 0, guessed.stderr[-2000:] + told.stderr[-2000:]
-    # DeepSpeed's log handler writes to stdout.
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    guessed = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env,
+                             timeout=300, check=False)
+    assert guessed.returncode == 0, guessed.stderr[-2000:]
+    # DeepSpeed's log handler writes to stdout. That DS_ACCELERATOR=cpu then keeps it quiet is what the README's quick
+    # start checks (tests/test_readme.py).
     assert "Setting accelerator to CPU" in guessed.stdout + guessed.stderr, (
         "_compat.tell_deepspeed_when_cpu_only: DeepSpeed no longer warns when it falls back to CPU; the environment "
         "variable is no longer needed to keep it quiet."
-    )
-    assert "Setting accelerator" not in told.stdout + told.stderr, (
-        "_compat.tell_deepspeed_when_cpu_only: DeepSpeed warns even with DS_ACCELERATOR=cpu; it reads another setting."
     )
 
 

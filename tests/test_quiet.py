@@ -127,19 +127,16 @@ def test_a_peft_student_is_wrapped_without_the_checkpointing_deprecation(tiny, t
     assert [w for w in caught if "is_gradient_checkpointing" in str(w.message)], "the filter outlived the wrapping"
 
 
-def test_library_entry_points_tell_deepspeed_first(tmp_path):
-    """The README's quick start in a fresh process: no DeepSpeed guess about the accelerator, however it starts."""
-    pytest.importorskip("deepspeed")
-    save = f"from trl_eopd.tiny import save_tiny_setup; save_tiny_setup({str(tmp_path / 'tiny')!r}, num_examples=2)"
-    for entry in ("from trl_eopd import EOPDConfig; EOPDConfig", save):
-        code = f"{entry}; import deepspeed, os; print('DS_ACCELERATOR=' + str(os.environ.get('DS_ACCELERATOR')))"
-        env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-        env["CUDA_VISIBLE_DEVICES"] = ""
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
-                              check=False)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "Setting accelerator" not in proc.stdout + proc.stderr, (entry, proc.stdout[-2000:])
-        assert "DS_ACCELERATOR=cpu" in proc.stdout
+def test_save_tiny_setup_tells_deepspeed_first(tmp_path, monkeypatch):
+    """Saving is often what first imports DeepSpeed; `EOPDConfig`'s import tells it too, which the README's quick start
+    shows in a fresh process (tests/test_readme.py)."""
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    save_tiny_setup(tmp_path, num_examples=2)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # the user's choice is kept
+    save_tiny_setup(tmp_path, num_examples=2)
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
 
 
 def test_checkpointing_names_are_quiet_only_while_trl_toggles_them(tiny):
