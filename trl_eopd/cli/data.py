@@ -24,12 +24,19 @@ def load_split(name: str, config: str | None, split: str | None, *, trust_remote
             raise UsageError(
                 f"cannot read dataset file {name}: use one of {', '.join(sorted(_LOCAL_DATA_BUILDERS))}."
             )
+        # Without the "Generating train split" bar, which a local file fills at once: a file that does not parse then
+        # gets the one line below, alone.
+        bars_were_off = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()
         try:
             # A local file has one split, whatever the recipe calls it.
             with _compat.datasets_json_errors_left_to_the_caller():
                 return datasets.load_dataset(builder, data_files=str(path), split="train")
         except datasets.exceptions.DatasetGenerationError as error:
             raise UsageError(f"cannot read dataset file {name}: {_unreadable(path, builder, error)}") from None
+        finally:
+            if not bars_were_off:
+                datasets.enable_progress_bars()
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
