@@ -218,8 +218,8 @@ def test_sizes_below_one_fail_in_one_line_before_loading(tmp_path, capsys, no_mo
 
 
 @pytest.mark.parametrize("name, text, where", [
-    ("broken.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-     '{"messages": [oops\n', "line 2 is not valid JSON"),
+    ("broken.jsonl", ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                      '{"messages": [oops\n'), "line 2 is not valid JSON"),
     ("broken.json", '[{"messages": 1},\n {"x": }]\n', "it is not valid JSON (Expecting value at line 2"),
 ])
 def test_malformed_dataset_file_is_named_with_its_line(tiny, tmp_path, capsys, no_model_loading, name, text, where):

@@ -2,8 +2,8 @@
 
 The files live in `trl_eopd/recipes/` (a data folder, matched by the `recipes/**/*` package-data glob in
 pyproject.toml), so they exist in an installed package (`pip install .`, or a wheel built from a clone) as well as in
-an editable install from a clone, where the top-level `recipes` folder is a symlink to them. This module is named `_recipes` because a module and a data folder cannot share
-the name `recipes` inside one package.
+an editable install from a clone, where the top-level `recipes` folder is a symlink to them. This module is named
+`_recipes` because a module and a data folder cannot share the name `recipes` inside one package.
 """
 
 from __future__ import annotations
