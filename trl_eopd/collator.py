@@ -142,9 +142,10 @@ class PromptKeepingChatMLCollator(DataCollatorForChatML):
         `messages` column) longer than `max_length`, naming `name` and the row."""
         if self.max_length is None:
             return
-        conversations = dataset[self.messages_key]
-        for start in range(0, len(conversations), batch_size):
-            texts = [self._prompt_text(messages) for messages in conversations[start : start + batch_size]]
+        for start in range(0, len(dataset), batch_size):
+            # A slice at a time, so that a large dataset is never held in memory as Python objects all at once.
+            conversations = dataset[start : start + batch_size][self.messages_key]
+            texts = [self._prompt_text(messages) for messages in conversations]
             encoded = self.tokenizer(texts, add_special_tokens=False, return_tensors=None)["input_ids"]
             for offset, ids in enumerate(encoded):
                 if len(ids) > self.max_length:
