@@ -274,3 +274,93 @@ def test_gkd_init_prepares_the_teacher_through_its_module_level_prepare_deepspee
         assert gkd_trainer.prepare_deepspeed(stand_in, None) is stand_in and stand_in.config is sentinel
     assert gkd_trainer.prepare_deepspeed.__name__ == "prepare_deepspeed"  # restored
 
+
+
+def test_argparse_still_names_unrecognized_flags_in_its_wording():
+    parser = argparse.ArgumentParser(prog="p", allow_abbrev=False)
+    parser.add_argument("--seeds")
+    messages = []
+
+    def error(message):
+        messages.append(message)
+        raise SystemExit(2)
+
+    parser.error = error
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--seed", "3"])
+    assert messages and messages[0].startswith(_compat.ARGPARSE_UNRECOGNIZED), (
+        f"_compat.ARGPARSE_UNRECOGNIZED: argparse now says {messages}; the did-you-mean hints no longer find flags."
+    )
+    assert _compat.long_options(parser) == ["--help", "--seeds"]
+
+
+def test_deepspeed_still_guesses_cpu_out_loud():
+    # In a fresh process: DeepSpeed picks its accelerator once, when first imported.
+    pytest.importorskip("deepspeed")
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    guessed = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env,
+                             timeout=300, check=False)
+    assert guessed.returncode == 0, guessed.stderr[-2000:]
+    # DeepSpeed's log handler writes to stdout. That DS_ACCELERATOR=cpu then keeps it quiet is what the README's quick
+    # start checks (tests/test_readme.py).
+    assert "Setting accelerator to CPU" in guessed.stdout + guessed.stderr, (
+        "_compat.tell_deepspeed_when_cpu_only: DeepSpeed no longer warns when it falls back to CPU; the environment "
+        "variable is no longer needed to keep it quiet."
+    )
+
+
+def test_peft_still_reads_the_deprecated_checkpointing_name_when_trl_wraps_the_student():
+    import peft
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sft_trainer = importlib.import_module(_compat._SFT_TRAINER_MODULE)
+    assert sft_trainer.get_peft_model is peft.get_peft_model and "get_peft_model(" in inspect.getsource(
+        sft_trainer.SFTTrainer.__init__
+    ), "_compat.peft_wrapping_without_checkpointing_warnings: TRL's SFTTrainer no longer wraps through get_peft_model."
+
+    def wrap():
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sft_trainer.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        return [w for w in caught if w.category is FutureWarning and "checkpointing" in str(w.message)]
+
+    import transformers.modeling_utils
+
+    raised = wrap()
+    assert raised, (
+        "_compat.peft_wrapping_without_checkpointing_warnings: PEFT no longer reads transformers' deprecated "
+        "checkpointing name when wrapping a model; the entry can go."
+    )
+    assert {w.filename for w in raised} == {transformers.modeling_utils.__file__}, (
+        "_compat.peft_wrapping_without_checkpointing_warnings: the warning now comes from elsewhere; the module "
+        "filter would miss it."
+    )
+    with _compat.peft_wrapping_without_checkpointing_warnings():
+        assert not wrap()
+    assert sft_trainer.get_peft_model is peft.get_peft_model
+
+
+def test_datasets_json_reader_still_logs_its_error_on_its_module_logger(tmp_path, caplog):
+    import datasets
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"a": 1}\n{"a": \n')
+    with caplog.at_level(logging.DEBUG), pytest.raises(datasets.exceptions.DatasetGenerationError):
+        datasets.load_dataset("json", data_files=str(bad), split="train", cache_dir=str(tmp_path / "cache"))
+    records = [r for r in caplog.records if r.levelno >= logging.ERROR and str(bad) in r.getMessage()]
+    assert records and {r.name for r in records} == {_compat.DATASETS_JSON_LOGGER}, (
+        "_compat.datasets_json_errors_left_to_the_caller: datasets now reports a malformed JSON file from "
+        f"{sorted({r.name for r in records})}, not {_compat.DATASETS_JSON_LOGGER}."
+    )
+    caplog.clear()
+    with _compat.datasets_json_errors_left_to_the_caller(), pytest.raises(datasets.exceptions.DatasetGenerationError):
+        datasets.load_dataset("json", data_files=str(bad), split="train", cache_dir=str(tmp_path / "cache2"))
+    assert not [r for r in caplog.records if str(bad) in r.getMessage()]
+    assert logging.getLogger(_compat.DATASETS_JSON_LOGGER).level == logging.NOTSET

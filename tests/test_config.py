@@ -90,19 +90,25 @@ def bf16_support(monkeypatch):
     return set_support
 
 
-def test_unset_bf16_falls_back_to_float32_with_one_info_line_where_unsupported(bf16_support, caplog):
+def test_unset_bf16_falls_back_to_float32_with_one_warning_per_process_where_unsupported(bf16_support, caplog):
+    from trl_eopd import config as config_module
+
     bf16_support(False)
+    config_module._say_float32_fallback.cache_clear()  # earlier tests of this process may have said it already
     with caplog.at_level(logging.DEBUG, logger="trl_eopd"):
         config = EOPDConfig(output_dir="unused", report_to=[])
-    assert config.bf16 is False
+        again = EOPDConfig(output_dir="unused", report_to=[])
+    assert config.bf16 is False and again.bf16 is False
     lines = [record for record in caplog.records if record.name.startswith("trl_eopd")]
-    assert len(lines) == 1 and lines[0].levelno == logging.INFO
+    # A warning, so that Python prints it without any logging set up (the README's quick start shows it in a fresh
+    # process: tests/test_readme.py); the second config says nothing new.
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     assert "no bf16 support" in lines[0].getMessage() and "float32" in lines[0].getMessage()
 
 
-def test_explicit_bf16_still_fails_where_unsupported(bf16_support):
+def test_explicit_bf16_fails_where_unsupported_naming_the_ways_out(bf16_support):
     bf16_support(False)
-    with pytest.raises(ValueError, match="doesn't support bf16"):
+    with pytest.raises(ValueError, match=r"`bf16=True` needs .*`bf16: false` .*`use_cpu: true`"):
         EOPDConfig(output_dir="unused", report_to=[], bf16=True)
 
 
@@ -125,7 +131,7 @@ def test_bf16_from_the_command_line_is_explicit(bf16_support):
     assert training_args.bf16 is False
     from trl_eopd.cli.errors import UsageError
 
-    with pytest.raises(UsageError, match="doesn't support bf16"):
+    with pytest.raises(UsageError, match="`bf16=True` needs"):
         parse_args(["--config", "tiny-cpu", "--bf16", "true"])
 
 
@@ -174,3 +180,13 @@ def test_the_served_gates_entropy_estimate_is_the_losss_default_and_selectable_b
 def test_without_a_served_teacher_its_restrictions_do_not_apply():
     config = make(reverse_kl_estimator="analytic", forward_kl_top_k=None, temperature=2.0, teacher_top_logprobs=4)
     assert config.teacher_model_server_url is None
+
+
+@pytest.mark.parametrize("name, value", [
+    ("per_device_train_batch_size", 0), ("per_device_eval_batch_size", -1), ("gradient_accumulation_steps", 0),
+    ("max_new_tokens", 0), ("max_length", 0),
+])
+def test_sizes_below_one_are_named(name, value):
+    with pytest.raises(ValueError, match=rf"^`{name}` must be (None or )?an integer >= 1.*got {value}\.$"):
+        make(**{name: value})
+    assert getattr(make(**{name: 1}), name) == 1

@@ -285,3 +285,54 @@ def test_demo_without_its_extra_names_the_install_line(monkeypatch, capsys):
     assert cli.main(["--quick"]) == 2
     err = capsys.readouterr().err
     assert "scipy" in err and 'pip install -e ".[demo]"' in err and "matplotlib" not in err
+
+
+def _one_demo_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trl-eopd demo: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_demo_refuses_a_folder_holding_results_unless_told(tmp_path, capsys, monkeypatch):
+    from trl_eopd.demo import cli, experiment
+
+    earlier = tmp_path / "results.json"
+    earlier.write_text('{"summary": "an earlier run"}')
+    for argv in (["--quick"], []):
+        assert cli.main([*argv, "--output-dir", str(tmp_path)]) == 2
+        line = _one_demo_error(capsys)
+        assert f"{tmp_path} already holds a finished run" in line and "--overwrite-output-dir" in line
+    assert earlier.read_text() == '{"summary": "an earlier run"}'
+
+    class Reached(Exception):
+        pass
+
+    def reached(settings, output_dir, log=print):
+        raise Reached(output_dir)
+
+    monkeypatch.setattr(experiment, "run_demo", reached)
+    with pytest.raises(Reached):
+        cli.main(["--quick", "--output-dir", str(tmp_path), "--overwrite-output-dir"])
+    err = capsys.readouterr().err
+    assert f"warning: {tmp_path} already holds a finished run" in err and "replaces it" in err
+    # An empty folder, or one without a demo's results, is not a finished run.
+    with pytest.raises(Reached):
+        cli.main(["--quick", "--output-dir", str(tmp_path / "fresh")])
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--seed", "3"], "--seed: did you mean --seeds?"),
+    (["--step", "3"], "--step: did you mean --steps?"),
+    (["--output_dir", "x"], "--output_dir: did you mean --output-dir?"),
+])
+def test_demo_takes_no_abbreviation_and_names_the_closest_option(tmp_path, capsys, argv, hint):
+    from trl_eopd.demo import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "--quick", "--output-dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    line = _one_demo_error(capsys)
+    assert "unrecognized arguments" in line and hint in line and "trl-eopd demo --help" in line
+    assert not (tmp_path / "results.json").exists()

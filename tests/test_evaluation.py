@@ -424,8 +424,11 @@ def _cli_config(argv):
     return config
 
 
-def test_cli_options_fill_eval_config():
-    config = _cli_config(["--model", "org/Some Model/"])
+def test_cli_options_fill_eval_config(tmp_path):
+    checkpoint = tmp_path / "org" / "Some Model"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")  # a local path must be a checkpoint folder
+    config = _cli_config(["--model", f"{checkpoint}/"])
     assert config.benchmarks == bm.benchmark_names()
     assert config.output_dir == "eval_results/Some_Model"
     assert (config.n, config.k, config.temperature, config.top_p, config.max_new_tokens) == (8, 8, 1.0, 0.8, 8192)
@@ -658,3 +661,87 @@ def test_tiny_names_work_as_in_train(tiny_assets, tmp_path, capsys):
         main(["--model", "tiny://nothing", "--benchmarks", f"toy={FIXTURE}"])
     assert exit_info.value.code == 2
     assert "tiny://student" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- errors in one line, before work
+
+
+@pytest.fixture
+def nothing_loaded(monkeypatch):
+    """Fail the test if a benchmark is downloaded or a tokenizer or model loaded."""
+    import datasets
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a benchmark, tokenizer or model was loaded before the input error was reported")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def _one_eval_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trl-eopd eval: error: "), err
+    assert "Traceback" not in err and "usage:" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra", [[], ["--benchmarks", "TinyMath"]])
+def test_cli_missing_model_path_is_named_before_any_download(tmp_path, capsys, nothing_loaded, extra):
+    line = _one_eval_error(["--model", "./no-such-model", *extra, "--output-dir", str(tmp_path / "o")], capsys)
+    assert "--model './no-such-model' does not exist" in line and "Hub" not in line.split("does not exist")[0]
+    line = _one_eval_error(["--model", "tiny://student", "--tokenizer", str(tmp_path / "nope"), *extra], capsys)
+    assert f"--tokenizer {str(tmp_path / 'nope')!r} does not exist" in line
+
+
+def test_cli_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys, nothing_loaded):
+    line = _one_eval_error(["--model", str(tmp_path), "--benchmarks", "TinyMath"], capsys)
+    assert f"--model {str(tmp_path)!r} is a folder but not a checkpoint" in line and "config.json" in line
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--nn", "4"], "--nn: did you mean --n?"),
+    (["--max-new", "4"], "--max-new: did you mean --max-new-tokens?"),  # an abbreviation, refused
+    (["--top_pp", "0.9"], "--top_pp: did you mean --top_p?"),
+])
+def test_cli_unknown_flag_is_one_line_with_the_closest_option(capsys, nothing_loaded, argv, hint):
+    line = _one_eval_error(["--model", "tiny://student", *argv], capsys)
+    assert "unrecognized arguments" in line and hint in line and "`trl-eopd eval --help`" in line
+
+
+def test_cli_run_errors_are_one_line_too(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--model", tiny_model_dir, "--benchmarks", f"toy={FIXTURE}", "--n", "1", "--max-new-tokens", "2",
+            "--limit", "1", "--backend", "transformers", "--output-dir", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    line = _one_eval_error([*argv[:-2], "--max-new-tokens", "3", "--output-dir", str(out)], capsys)
+    assert f"{out} holds results sampled with different settings: max_new_tokens (2 vs 3)" in line
+
+
+def test_docs_smoke_runs_work_as_written_in_order(tiny_assets, tmp_path, monkeypatch, capsys):
+    """docs/evaluation.md's download-free commands, one after the other, from a fresh folder, as a reader runs them."""
+    import shlex
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "evaluation.md").read_text()
+    block = page.split("## A smoke run without a download", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = [shlex.split(line, comments=True) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert len(commands) >= 2 and all(command[:2] == ["trl-eopd", "eval"] for command in commands)
+    monkeypatch.chdir(tmp_path)
+    relative = FIXTURE.relative_to(Path(__file__).resolve().parent.parent)
+    (tmp_path / relative).parent.mkdir(parents=True)
+    (tmp_path / relative).write_bytes(FIXTURE.read_bytes())
+    written = []
+    for command in commands:
+        assert main(command[2:]) == 0, command
+        written.append(capsys.readouterr().out.strip().splitlines()[-1])
+    # Each run has a folder of its own: nothing refused, nothing overwritten.
+    folders = [line.split("Results in ", 1)[1].split(" (", 1)[0] for line in written]
+    assert len(set(folders)) == len(commands), folders
+    for folder in folders:
+        assert (tmp_path / folder / "summary.json").is_file()

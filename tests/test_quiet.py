@@ -111,6 +111,34 @@ def test_generate_gets_the_config_alone_and_returns_what_the_argument_would(tiny
     assert [m for m in generation_records if "output_scores" in m], generation_records
 
 
+def test_a_peft_student_is_wrapped_without_the_checkpointing_deprecation(tiny, tokenizer, tmp_path):
+    from peft import LoraConfig
+
+    dataset = load_dataset("json", data_files=tiny["dataset"], split="train")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=_config(tmp_path),
+                              train_dataset=dataset, processing_class=tokenizer,
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        wrapped = list(caught)
+        _ = trainer.model.base_model.model.is_gradient_checkpointing  # the user's own use of the old name, after
+    assert type(trainer.model).__name__.startswith("PeftModel")
+    assert not [str(w.message) for w in wrapped if "checkpointing" in str(w.message)]
+    assert [w for w in caught if "is_gradient_checkpointing" in str(w.message)], "the filter outlived the wrapping"
+
+
+def test_save_tiny_setup_tells_deepspeed_first(tmp_path, monkeypatch):
+    """Saving is often what first imports DeepSpeed; `EOPDConfig`'s import tells it too, which the README's quick start
+    shows in a fresh process (tests/test_readme.py)."""
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    save_tiny_setup(tmp_path, num_examples=2)
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # the user's choice is kept
+    save_tiny_setup(tmp_path, num_examples=2)
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
+
+
 def test_checkpointing_names_are_quiet_only_while_trl_toggles_them(tiny):
     from accelerate import Accelerator
 

@@ -361,3 +361,7 @@ def test_the_python_quick_start_runs(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "trained steps: 2" in proc.stdout and "eopd/reverse_kl" in proc.stdout, proc.stdout[-2000:]
+    output = proc.stdout + proc.stderr
+    # What the README says of it: no GPU here, so float32, "and says so in one line"; and nothing from DeepSpeed.
+    assert len([line for line in output.splitlines() if "float32" in line]) == 1, output[-4000:]
+    assert "Setting accelerator" not in output, output[:2000]

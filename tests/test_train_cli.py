@@ -199,6 +199,55 @@ def test_prompt_only_data_requires_fully_on_policy(tiny, tmp_path, capsys, no_mo
     assert "lmbda: 1.0" in err
 
 
+def _one_error_line(err: str, *needles: str) -> str:
+    """The single line of `err` (a progress bar of the data's formatting aside): `trl-eopd train: error: ...`."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("Formatting ")]
+    assert len(lines) == 1 and lines[0].startswith("trl-eopd train: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--per_device_train_batch_size", "0"), ("--gradient_accumulation_steps", "0"), ("--max_new_tokens", "0"),
+])
+def test_sizes_below_one_fail_in_one_line_before_loading(tmp_path, capsys, no_model_loading, flag, value):
+    err = run_main_expecting_error(["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), flag, value], capsys)
+    _one_error_line(err, f"`{flag[2:]}` must be an integer >= 1", f"got {value}")
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("broken.jsonl", ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                      '{"messages": [oops\n'), "line 2 is not valid JSON"),
+    ("broken.json", '[{"messages": 1},\n {"x": }]\n', "it is not valid JSON (Expecting value at line 2"),
+])
+def test_malformed_dataset_file_is_named_with_its_line(tiny, tmp_path, capsys, no_model_loading, name, text, where):
+    data = tmp_path / name
+    data.write_text(text)
+    argv = ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), "--dataset_name", str(data)]
+    _one_error_line(run_main_expecting_error(argv, capsys), f"cannot read dataset file {data}: {where}")
+
+
+def test_a_prompt_longer_than_max_length_fails_before_loading(tiny, tmp_path, capsys, no_model_loading):
+    rows = [
+        {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}]},
+        {"messages": [{"role": "user", "content": "word " * 40}, {"role": "assistant", "content": "ok"}]},
+    ]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    argv = ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), "--dataset_name", str(data)]
+    # Row 1's prompt alone is longer than 30 tokens (40 words, each a token at least), row 0's is not.
+    line = _one_error_line(run_main_expecting_error(argv + ["--max_length", "30"], capsys),
+                           f"Row 1 of dataset {data}: its prompt has", "more than `max_length=30`")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
+    prompt = tokenizer.apply_chat_template(rows[1]["messages"][:1], add_generation_prompt=True, tokenize=False)
+    assert f"has {len(tokenizer(prompt, add_special_tokens=False)['input_ids'])} tokens" in line
+    _one_error_line(run_main_expecting_error(argv + ["--max_length", "0"], capsys), "`max_length` must be None")
+
+
 # --------------------------------------------------------------------------------------------------- data conversion
 
 

@@ -151,6 +151,41 @@ def regroup_help(parser, sections: list[tuple[str, set[str] | None]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# datasets: the JSON reader's own error record (`datasets.packaged_modules.json.json`'s logger)
+#
+# When a local JSON file does not parse, that module logs "Failed to load JSON from file ... in row N" at ERROR and
+# then raises; `trl-eopd train` reports the same failure in its one line, naming the file and its first bad line (the
+# record counts rows from 0, from where pyarrow gave up). Only that logger, and only while the CLI loads a local file.
+
+DATASETS_JSON_LOGGER = "datasets.packaged_modules.json.json"
+
+
+@contextmanager
+def datasets_json_errors_left_to_the_caller():
+    target = logging.getLogger(DATASETS_JSON_LOGGER)
+    level = target.level
+    target.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# argparse: a parser's long options, and its wording for flags none of them takes (`_actions`, `parse_args`)
+#
+# `trl-eopd demo` and `trl-eopd eval` name the closest option to a mistyped flag. argparse (before Python 3.14's
+# `suggest_on_error`) reports unknown flags only as "unrecognized arguments: ..." and has no public list of options.
+
+ARGPARSE_UNRECOGNIZED = "unrecognized arguments: "
+
+
+def long_options(parser) -> list[str]:
+    """Every `--name` option string of `parser`."""
+    return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # vLLM (CPU build): linear layers kept on their plain weights
 # (`vllm.model_executor.layers.utils.dispatch_cpu_unquantized_gemm`)
 #
@@ -307,6 +342,33 @@ def unwrap_model_for_generation(model, accelerator, **kwargs):
             context.__exit__(None, None, None)
 
 
+# PEFT reads the same deprecated property once, when TRL's `SFTTrainer.__init__` wraps the student with
+# `get_peft_model` (`PeftModel.__init__`: `getattr(model, "is_gradient_checkpointing", True)`), so `use_peft` warned
+# once per run about a name only PEFT uses. The same filter covers that one call: TRL's module-level `get_peft_model`
+# is replaced, while EOPDTrainer's parent is built, by itself run inside it.
+
+_SFT_TRAINER_MODULE = "trl.trainer.sft_trainer"
+
+
+@contextmanager
+def peft_wrapping_without_checkpointing_warnings():
+    sft_trainer = importlib.import_module(_SFT_TRAINER_MODULE)
+    wrap = getattr(sft_trainer, "get_peft_model", None)
+    if wrap is None:  # PEFT not installed: TRL never wraps
+        yield
+        return
+
+    def wrap_quietly(*args, **kwargs):
+        with _checkpointing_aliases_ignored():
+            return wrap(*args, **kwargs)
+
+    sft_trainer.get_peft_model = wrap_quietly
+    try:
+        yield
+    finally:
+        sft_trainer.get_peft_model = wrap
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # TRL: GKD's rollout passes `return_dict_in_generate=True` next to a full generation config
 #
@@ -336,6 +398,30 @@ class GenerationConfigOnly:
             generation_config = copy.deepcopy(generation_config)
             generation_config.return_dict_in_generate = wanted
         return self._model.generate(*args, generation_config=generation_config, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DeepSpeed: "Setting accelerator to CPU ... we were unable to detect it" (`deepspeed.accelerator.get_accelerator`)
+#
+# Importing DeepSpeed (transformers and accelerate do when it is installed, e.g. the first time a model is saved)
+# picks its accelerator; where it finds none and `DS_ACCELERATOR` is unset it logs that warning, in every process,
+# though CPU is the right choice. Saying `DS_ACCELERATOR=cpu` first, where torch sees no accelerator and the user chose
+# none, is what DeepSpeed asks for, and it then says nothing. Called by the command line and by `EOPDConfig`'s and
+# `trl_eopd.tiny`'s entry points, before DeepSpeed is imported; it does not import DeepSpeed.
+
+
+def tell_deepspeed_when_cpu_only(env=None) -> None:
+    """Set `DS_ACCELERATOR=cpu` in `env` (default: this process's environment) when torch sees no accelerator, unless
+    the user chose one."""
+    import os
+
+    import torch
+
+    env = os.environ if env is None else env
+    accelerator = getattr(torch, "accelerator", None)
+    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+    if not has_accelerator:
+        env.setdefault("DS_ACCELERATOR", "cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

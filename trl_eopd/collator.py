@@ -124,16 +124,10 @@ class PromptKeepingChatMLCollator(DataCollatorForChatML):
             return example
         prompt_text = example.get(self.prompt_key)
         if prompt_text is None:
-            prompt_text = self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+            prompt_text = self._prompt_text(messages)
         prompt_length = len(self._encode(prompt_text))
         if prompt_length > self.max_length:
-            raise ValueError(
-                f"A prompt has {prompt_length} tokens, more than `max_length={self.max_length}` (which bounds "
-                "prompt + completion). Cutting it would make the student answer a fragment of the question. Raise "
-                "`max_length`, or drop or shorten the long prompts before training (e.g. `dataset.filter(...)`). "
-                "Prompt starts: "
-                f"{prompt_text[:80]!r}"
-            )
+            raise ValueError(self._too_long(prompt_length, prompt_text, "A prompt"))
         kept = full_ids[: self.max_length]
         return {
             **example,
@@ -142,6 +136,32 @@ class PromptKeepingChatMLCollator(DataCollatorForChatML):
             # The parent reads the prompt/completion boundary from here instead of re-deriving it after truncation.
             "completion_mask": [0] * prompt_length + [1] * (len(kept) - prompt_length),
         }
+
+    def check_prompts_fit(self, dataset, name: str, batch_size: int = 1000) -> None:
+        """Raise the error `__call__` would raise mid-training, now, for the first prompt of `dataset` (rows with a
+        `messages` column) longer than `max_length`, naming `name` and the row."""
+        if self.max_length is None:
+            return
+        for start in range(0, len(dataset), batch_size):
+            # A slice at a time, so that a large dataset is never held in memory as Python objects all at once.
+            conversations = dataset[start : start + batch_size][self.messages_key]
+            texts = [self._prompt_text(messages) for messages in conversations]
+            encoded = self.tokenizer(texts, add_special_tokens=False, return_tensors=None)["input_ids"]
+            for offset, ids in enumerate(encoded):
+                if len(ids) > self.max_length:
+                    what = f"Row {start + offset} of {name}: its prompt"
+                    raise ValueError(self._too_long(len(ids), texts[offset], what))
+
+    def _prompt_text(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+
+    def _too_long(self, prompt_length: int, prompt_text: str, what: str) -> str:
+        return (
+            f"{what} has {prompt_length} tokens, more than `max_length={self.max_length}` (which bounds prompt + "
+            "completion). Cutting it would make the student answer a fragment of the question. Raise `max_length`, "
+            "or drop or shorten the long prompts before training (e.g. `dataset.filter(...)`). Prompt starts: "
+            f"{prompt_text[:80]!r}"
+        )
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False, return_tensors=None)["input_ids"]

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import math
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+from ._compat import tell_deepspeed_when_cpu_only
 from ._gkd import GKDConfig
 from ._vllm_install import vllm_install_hint
 from .loss.options import EOPDLossOptions, sampled_estimator_error
 from .loss.served import DEFAULT_ENTROPY_ESTIMATE, ENTROPY_ESTIMATES
 from .teacher_server import DEFAULT_TEACHER_TOP_LOGPROBS, validate_teacher_server_options
+
+# Before anything imports DeepSpeed: training scripts import the config first.
+tell_deepspeed_when_cpu_only()
 
 # The loss options' defaults are the loss's own (one definition, in `trl_eopd/loss/options.py`).
 _LOSS_DEFAULTS = EOPDLossOptions()
@@ -33,7 +38,8 @@ class EOPDConfig(GKDConfig):
     [`GKDConfig`], [`~trl.SFTConfig`] and [`~transformers.TrainingArguments`] for the rest. It also changes three GKD
     defaults to the paper's: `lmbda=1.0` (fully on-policy), `beta=1.0` (reverse KL) and `temperature=1.0`. Left unset,
     `bf16` follows the hardware: bf16 mixed precision where transformers supports it (as in GKD), float32 otherwise (a
-    CPU machine without `use_cpu=True`), said in one `logging` INFO line; an explicit `bf16=True` there still fails.
+    CPU machine without `use_cpu=True`), said in one `logging` warning (once per process); an explicit `bf16=True`
+    there fails, naming the two ways out.
 
     Parameters:
         > Parameters that control the EOPD loss
@@ -116,9 +122,10 @@ class EOPDConfig(GKDConfig):
 
         use_vllm (`bool`, *optional*, defaults to `False`):
             Generate the student's on-policy completions with vLLM instead of `model.generate`, through TRL's
-            `VLLMGeneration`. Needs the `vllm` extra (`pip install "trl-eopd[vllm]"`). The student's weights are
-            pushed into the engine once per optimizer step, and one engine call serves the whole gradient-accumulation
-            window. Not combinable with `seq_kd=True` (the teacher's completions would still need `generate`).
+            `VLLMGeneration`. Needs vLLM (`pip install -e ".[vllm]"` from a clone; on a CPU machine, its CPU build
+            as in docs/vllm.md). The student's weights are pushed into the engine once per optimizer step, and one
+            engine call serves the whole gradient-accumulation window. Not combinable with `seq_kd=True` (the
+            teacher's completions would still need `generate`).
         vllm_mode (`str`, *optional*, defaults to `"colocate"`):
             `"colocate"`: an engine inside every training process, sharing its accelerator. `"server"`: a separate
             `trl vllm-serve` server, reached at `vllm_server_base_url` or `vllm_server_host`:`vllm_server_port`.
@@ -270,7 +277,8 @@ class EOPDConfig(GKDConfig):
         default=False,
         metadata={
             "help": "Generate on-policy completions with vLLM (TRL's VLLMGeneration) instead of `model.generate`. "
-            'Needs `pip install "trl-eopd[vllm]"`.'
+            'Needs vLLM: `pip install -e ".[vllm]"` in your trl-eopd clone on a GPU machine; its CPU build is in '
+            "docs/vllm.md."
         },
     )
     vllm_mode: str = field(
@@ -338,10 +346,15 @@ class EOPDConfig(GKDConfig):
         # transformers' own error.
         if self.bf16 is None and not self.fp16 and not _bf16_is_supported(self.use_cpu):
             self.bf16 = False
-            logger.info(
-                "EOPDConfig: this setup has no bf16 support (no bf16-capable accelerator, and `use_cpu` is not set), "
-                "so training runs in float32. Pass `bf16=True` with `use_cpu=True` for bf16 on a CPU."
+            _say_float32_fallback()
+        elif self.bf16 is True and not _bf16_is_supported(self.use_cpu):
+            # transformers' own error ("doesn't support bf16/gpu") does not say what to change in a recipe.
+            raise ValueError(
+                "`bf16=True` needs a bf16-capable accelerator or `use_cpu=True`, and this machine has no such "
+                "accelerator: set `bf16: false` (`--bf16 false`) to train in float32, or `use_cpu: true` for bf16 on "
+                "the CPU."
             )
+        self._validate_sizes()
         super().__post_init__()
         # Command-line and YAML parsers hand over strings and ints; normalise before validating.
         if isinstance(self.entropy_threshold, str):
@@ -370,6 +383,22 @@ class EOPDConfig(GKDConfig):
     def loss_options(self) -> EOPDLossOptions:
         """The EOPD loss options of this config, as the loss functions take them."""
         return EOPDLossOptions(**{name: getattr(self, name) for name in EOPDLossOptions.names()})
+
+    def _validate_sizes(self) -> None:
+        """Raise a `ValueError` naming the field for a batch size, step count or length that cannot be used.
+
+        transformers takes these as they come and fails much later (a batch size of 0 in torch's sampler, after both
+        models have loaded).
+        """
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "max_new_tokens"):
+            if not _is_positive_int(getattr(self, name)):
+                raise ValueError(f"`{name}` must be an integer >= 1; got {getattr(self, name)!r}.")
+        if self.max_length is not None and not _is_positive_int(self.max_length):
+            raise ValueError(
+                "`max_length` must be None or an integer >= 1 (prompt plus completion tokens); got "
+                f"{self.max_length!r}."
+            )
 
     def _validate_vllm_options(self) -> None:
         """Raise a `ValueError` naming the field for the first invalid vLLM option."""
@@ -420,6 +449,17 @@ def is_vllm_installed() -> bool:
 
 def _is_positive_int(value) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and value >= 1
+
+
+@functools.cache
+def _say_float32_fallback() -> None:
+    # A warning, so that it shows without any logging set up (Python prints warnings then), and once per process: a
+    # script that builds several configs learns nothing new from the second.
+    logger.warning(
+        "EOPDConfig: this machine has no bf16 support (no bf16-capable accelerator, and `use_cpu` is not set), so "
+        "training runs in float32. Pass `bf16=True` with `use_cpu=True` for bf16 on a CPU, or `bf16=False` to say "
+        "float32 and silence this line."
+    )
 
 
 def _bf16_is_supported(use_cpu: bool) -> bool:

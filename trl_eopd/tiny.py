@@ -161,6 +161,9 @@ def save_tiny_setup(output_dir: str | os.PathLike, *, num_examples: int = 64, se
     trainer.train()
     ```
     """
+    from ._compat import tell_deepspeed_when_cpu_only
+
+    tell_deepspeed_when_cpu_only()  # saving is often the first thing to import DeepSpeed
     output_dir = Path(output_dir)
     tokenizer = build_tiny_tokenizer()
     paths = {"teacher": str(output_dir / "teacher"), "student": str(output_dir / "student")}

@@ -180,7 +180,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         teacher_model_init_kwargs = args.teacher_model_init_kwargs
         if served_teacher_url is not None:
             args.teacher_model_init_kwargs = None  # nothing is loaded; GKD would refuse them next to the stand-in
-        with _compat.without_gkd_migration_advice(), _compat.gkd_init_without_teacher():
+        with (
+            _compat.without_gkd_migration_advice(),
+            _compat.gkd_init_without_teacher(),
+            _compat.peft_wrapping_without_checkpointing_warnings(),
+        ):
             super().__init__(
                 model=model,
                 teacher_model=teacher_model if served_teacher_url is None else _compat.served_teacher_stand_in(self),

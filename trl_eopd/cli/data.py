@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 
+from .. import _compat
 from .errors import UsageError
 from .tiny_cache import resolve_tiny
 
@@ -22,8 +24,19 @@ def load_split(name: str, config: str | None, split: str | None, *, trust_remote
             raise UsageError(
                 f"cannot read dataset file {name}: use one of {', '.join(sorted(_LOCAL_DATA_BUILDERS))}."
             )
-        # A local file has one split, whatever the recipe calls it.
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        # Without the "Generating train split" bar, which a local file fills at once: a file that does not parse then
+        # gets the one line below, alone.
+        bars_were_off = datasets.are_progress_bars_disabled()
+        datasets.disable_progress_bars()
+        try:
+            # A local file has one split, whatever the recipe calls it.
+            with _compat.datasets_json_errors_left_to_the_caller():
+                return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except datasets.exceptions.DatasetGenerationError as error:
+            raise UsageError(f"cannot read dataset file {name}: {_unreadable(path, builder, error)}") from None
+        finally:
+            if not bars_were_off:
+                datasets.enable_progress_bars()
     if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "dataset_info.json").exists()):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
@@ -39,6 +52,36 @@ def load_split(name: str, config: str | None, split: str | None, *, trust_remote
         if "split" in str(e).lower():
             raise UsageError(f"dataset {name} has no split {split!r}: {e}") from None
         raise
+
+
+def _unreadable(path: Path, builder: str, error: Exception) -> str:
+    """Where and why `datasets` could not read a local file: for JSON, the first line that is not valid JSON."""
+    if builder == "json":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as whole:
+            bad_line = _first_bad_json_line(text)
+            # A `.json` file whose first line is already broken is taken as one (broken) document, not JSON lines.
+            if bad_line is not None and not (bad_line[0] == 1 and path.suffix.lower() == ".json"):
+                number, bad = bad_line
+                return (
+                    f"line {number} is not valid JSON ({bad.msg} at column {bad.colno}); each line must be one JSON "
+                    "object."
+                )
+            return f"it is not valid JSON ({whole.msg} at line {whole.lineno}, column {whole.colno})."
+    cause = error.__cause__ or error.__context__ or error
+    return f"{type(cause).__name__}: {cause}"
+
+
+def _first_bad_json_line(text: str) -> tuple[int, json.JSONDecodeError] | None:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as bad:
+                return number, bad
+    return None
 
 
 def _is_turns(value) -> bool:

@@ -1,4 +1,5 @@
-"""Checks `trl-eopd train` makes before any weights load: model paths and vocabularies, checkpoint, output folder."""
+"""Checks `trl-eopd train` makes before any weights load: model paths and vocabularies, checkpoint, output folder,
+prompt lengths."""
 
 from __future__ import annotations
 
@@ -39,6 +40,21 @@ def check_vocabularies(student: str, teacher: str, *, model_args, training_args)
         )
 
 
+def check_prompt_lengths(tokenizer, training_args, datasets: dict) -> None:
+    """Every prompt fits in `max_length`, checked as the trainer's collator will check it batch by batch (the error
+    would otherwise come mid-training). `datasets` maps a label to a dataset with a `messages` column, or `None`."""
+    from ..collator import PromptKeepingChatMLCollator
+
+    collator = PromptKeepingChatMLCollator(tokenizer=tokenizer, max_length=training_args.max_length)
+    for name, dataset in datasets.items():
+        if dataset is None:
+            continue
+        try:
+            collator.check_prompts_fit(dataset, name)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
 def resume_target(training_args) -> str | bool | None:
     """What to pass to `trainer.train(resume_from_checkpoint=...)`, after checking that it exists."""
     value = training_args.resume_from_checkpoint
@@ -62,17 +78,25 @@ def resume_target(training_args) -> str | bool | None:
 _FINISHED_RUN_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "training_args.bin")
 
 
+def finished_run(output_dir: str | os.PathLike, files: tuple[str, ...]) -> str | None:
+    """`"<output_dir> already holds a finished run (saved <time>)"` when one of `files` is in it, else `None`."""
+    output_dir = Path(output_dir)
+    found = [name for name in files if (output_dir / name).is_file()]
+    if not found:
+        return None
+    saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((output_dir / found[0]).stat().st_mtime))
+    return f"{output_dir} already holds a finished run (saved {saved})"
+
+
 def announce_overwrite(state, training_args) -> None:
     """Say out loud when this run is about to replace a finished run's saved student (resuming is not replacing)."""
     if not state.is_main_process or _resume_requested(training_args):
         return
-    output_dir = Path(training_args.output_dir)
-    found = [name for name in _FINISHED_RUN_FILES if (output_dir / name).is_file()]
+    found = finished_run(training_args.output_dir, _FINISHED_RUN_FILES)
     if found:
-        saved = time.strftime("%Y-%m-%d %H:%M", time.localtime((output_dir / found[0]).stat().st_mtime))
         print(
-            f"[trl-eopd] warning: {output_dir} already holds a finished run (saved {saved}); this run will overwrite "
-            "it. Pass `--output_dir` elsewhere to keep it, or `--resume_from_checkpoint true` to continue it.",
+            f"[trl-eopd] warning: {found}; this run will overwrite it. Pass `--output_dir` elsewhere to keep it, or "
+            "`--resume_from_checkpoint true` to continue it.",
             file=sys.stderr,
             flush=True,
         )

@@ -2,7 +2,8 @@
 
 Each known-harmless message of the libraries under EOPD is removed where it is caused, not matched by its text:
 
-- DeepSpeed's "Setting accelerator to CPU ... unable to detect it" log: `tell_deepspeed_when_cpu_only` tells it first.
+- DeepSpeed's "Setting accelerator to CPU ... unable to detect it" log: `tell_deepspeed_when_cpu_only` (in `_compat`,
+  also called by the library's entry points) tells it first.
 - DeepSpeed's "DeepSpeed ... built successfully" print, and torch's FutureWarnings about the collective names
   DeepSpeed's torch backend uses: `deepspeed_set_up_quietly`, around parsing (where the process group is set up).
 - accelerate's gradient accumulation "mismatch" under DeepSpeed, transformers' warnings about the checkpointing names
@@ -18,21 +19,9 @@ import importlib.util
 import os
 from contextlib import contextmanager
 
+from .._compat import tell_deepspeed_when_cpu_only
 
-def tell_deepspeed_when_cpu_only(env=None) -> None:
-    """Set `DS_ACCELERATOR=cpu` when torch sees no accelerator, unless the user chose one.
-
-    Anything that imports DeepSpeed (transformers and accelerate do when it is installed) otherwise logs that it is
-    "setting accelerator to CPU" because it "was unable to detect" a GPU, in every process. This says the same thing
-    up front, which DeepSpeed accepts silently; `env` is the environment to update (default: this process's).
-    """
-    import torch
-
-    env = os.environ if env is None else env
-    accelerator = getattr(torch, "accelerator", None)
-    has_accelerator = accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
-    if not has_accelerator:
-        env.setdefault("DS_ACCELERATOR", "cpu")
+__all__ = ["deepspeed_set_up_quietly", "tell_deepspeed_when_cpu_only", "uses_deepspeed"]
 
 
 def uses_deepspeed(argv: list[str], recipe: dict) -> bool:

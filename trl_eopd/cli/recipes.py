@@ -1,9 +1,9 @@
 """Find the recipes and accelerate configs shipped inside the package.
 
 The files live in `trl_eopd/recipes/` (a data folder, matched by the `recipes/**/*` package-data glob in
-pyproject.toml), so they exist in a plain `pip install trl-eopd` as well as in a source checkout, where the top-level
-`recipes` folder is a symlink to them. This module is named `_recipes` because a module and a data folder cannot share
-the name `recipes` inside one package.
+pyproject.toml), so they exist in an installed package (`pip install .`, or a wheel built from a clone) as well as in
+an editable install from a clone, where the top-level `recipes` folder is a symlink to them. This module is named
+`_recipes` because a module and a data folder cannot share the name `recipes` inside one package.
 """
 
 from __future__ import annotations

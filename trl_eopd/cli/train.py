@@ -16,7 +16,7 @@ import json
 import sys
 
 from .recipes import list_accelerate_configs, list_recipes
-from .errors import UsageError
+from .errors import UsageError, exit_with_error
 from .parsing import PROG, is_main_process
 from .parsing import parse_args as _parse_with_checks
 from .script_arguments import EOPDScriptArguments
@@ -88,7 +88,7 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
     from accelerate import PartialState
 
     from .data import load_datasets
-    from .preflight import announce_overwrite, check_vocabularies, resume_target
+    from .preflight import announce_overwrite, check_prompt_lengths, check_vocabularies, resume_target
     from .tiny_cache import resolve_tiny
     from .tokenizer_setup import load_tokenizer
 
@@ -106,8 +106,6 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
                          "or `teacher_model_server_url` for a teacher served by vLLM.")
 
     state = PartialState()
-    _log(state, f"{state.num_processes} process(es), device={state.device}, "
-                f"distributed_type={state.distributed_type.value}")
     announce_overwrite(state, training_args)
 
     student = resolve_tiny(model_args.model_name_or_path)
@@ -122,6 +120,14 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
         script_args=script_args,
     )
     train_dataset, eval_dataset = load_datasets(script_args, training_args)
+    check_prompt_lengths(tokenizer, training_args, {
+        f"dataset {script_args.dataset_name}": train_dataset,
+        f"evaluation dataset {script_args.eval_dataset_name or script_args.dataset_name}": eval_dataset,
+    })
+
+    # Said once every check above has passed, so that bad input gets its one line alone.
+    _log(state, f"{state.num_processes} process(es), device={state.device}, "
+                f"distributed_type={state.distributed_type.value}")
 
     from trl import get_peft_config, get_quantization_config
 
@@ -192,7 +198,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         # Under a launcher every rank finds the same problem; one copy of the message is enough.
         if is_main_process():
-            print(f"{PROG}: error: {e}", file=sys.stderr)
+            exit_with_error(PROG, str(e))
         raise SystemExit(2) from None
     return 0
 

@@ -8,6 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli.errors import one_line_errors
+from ..cli.preflight import finished_run
+
+PROG = "trl-eopd demo"
 # What the `demo` extra installs: plots and paired t intervals. Training itself needs neither.
 DEMO_EXTRA_MODULES = ("matplotlib", "scipy")
 
@@ -25,12 +29,17 @@ scripts/demo_study.py runs the same comparison over 20+ seeds."""
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+    # No abbreviations: `--seed 3` must not be taken as `--seeds 3`.
+    parser = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=None, help="Distillation steps per run (default 200; quick 6).")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="Seeds; each gives its own warm-started student (default 0 1 2; quick 0 1).")
-    parser.add_argument("--output-dir", default="eopd-demo", help="Where to write results.json and the PNGs.")
+    parser.add_argument("--output-dir", default="eopd-demo",
+                        help="Where to write results.json and the PNGs; a folder holding a demo's results.json is "
+                        "refused unless --overwrite-output-dir is given.")
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="Replace the results already in --output-dir.")
     parser.add_argument("--device", default="cpu", help="Torch device, e.g. cpu or cuda (default cpu).")
     parser.add_argument("--quick", action="store_true",
                         help="A 20-second run of the whole pipeline on fewer problems, seeds and steps (for CI).")
@@ -55,12 +64,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; the numbers go to stdout and to `<output-dir>/results.json`. Returns the exit status."""
-    parser = build_parser(prog="trl-eopd demo")
+    parser = one_line_errors(build_parser(prog=PROG))
     args = parser.parse_args(argv)
     missing = [name for name in DEMO_EXTRA_MODULES if importlib.util.find_spec(name) is None]
     if missing:
-        print(f"trl-eopd demo: error: the demo's plots and statistics need {' and '.join(missing)}, which are not "
+        print(f"{PROG}: error: the demo's plots and statistics need {' and '.join(missing)}, which are not "
               f'installed: run `pip install -e ".[demo]"` in your trl-eopd clone (the `test` extra includes it).', file=sys.stderr)
+        return 2
+    earlier = finished_run(args.output_dir, ("results.json",))
+    if earlier and not args.overwrite_output_dir:
+        # Refused rather than announced as `train` does: the demo has no checkpoint to resume, so a rerun would only
+        # replace the earlier numbers and figures.
+        print(f"{PROG}: error: {earlier}. Pass --overwrite-output-dir to replace it, or --output-dir elsewhere to "
+              "keep it.", file=sys.stderr)
         return 2
 
     import torch
@@ -86,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = DemoSettings(**overrides)
     except ValueError as error:
         parser.error(str(error))
+    if earlier:
+        print(f"[trl-eopd] warning: {earlier}; this run replaces it (--overwrite-output-dir).", file=sys.stderr)
 
     # One thread: these models are too small to gain from more, and a fixed count keeps the floating-point results,
     # and so the printed table, the same on every machine.

@@ -7,8 +7,11 @@ import sys
 
 from transformers import HfArgumentParser
 
+from ..cli.errors import exit_with_error, one_line_errors
 from .benchmarks import TINY_BENCHMARK
 from .runner import EvalConfig, EvaluationError, default_output_dir
+
+PROG = "trl-eopd eval"
 
 DESCRIPTION = (
     "Evaluate a checkpoint on math benchmarks with the EOPD paper's protocol (n samples per problem, temperature 1.0, "
@@ -18,10 +21,16 @@ DESCRIPTION = (
 )
 
 
-def build_parser(prog: str = "trl-eopd eval") -> HfArgumentParser:
-    """The parser of `trl-eopd eval`: the fields of [`EvalConfig`], plus `--no-chat-template` and `--compare`."""
+def build_parser(prog: str = PROG) -> HfArgumentParser:
+    """The parser of `trl-eopd eval`: the fields of [`EvalConfig`], plus `--no-chat-template` and `--compare`.
+
+    Bad input is reported in one line, without the usage block, and no option is taken from an abbreviation.
+    """
     # The plain formatter: each help text states its own default, some in words ("all six", "2 for transformers").
-    parser = HfArgumentParser(EvalConfig, prog=prog, description=DESCRIPTION, formatter_class=argparse.HelpFormatter)
+    parser = HfArgumentParser(
+        EvalConfig, prog=prog, description=DESCRIPTION, formatter_class=argparse.HelpFormatter, allow_abbrev=False
+    )
+    one_line_errors(parser)
     # Unset until `main` knows the model: a `tiny://` model gets the shipped smoke-test problems, any other all six.
     parser.set_defaults(benchmarks=None)
     parser.add_argument(
@@ -60,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             comparison = compare_runs(*args.compare)
         except EvaluationError as error:
-            parser.error(str(error))
+            exit_with_error(PROG, str(error))
         print(format_comparison(comparison))
         return 0
 
@@ -78,16 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         # `tiny://` names are the same download-free models `trl-eopd train` accepts.
         args.model, args.tokenizer = resolve_tiny(args.model), resolve_tiny(args.tokenizer)
     except UsageError as error:
-        parser.error(str(error))
+        exit_with_error(PROG, str(error))
     try:
         (config,) = parser.parse_dict(vars(args), allow_extra_keys=True)
     except EvaluationError as error:
-        parser.error(str(error))
+        exit_with_error(PROG, str(error))
 
     try:
         summary = run_evaluation(config)
     except (EvaluationError, FileNotFoundError) as error:
-        parser.error(str(error))
+        exit_with_error(PROG, str(error))
     print(format_summary_table(summary))
     print(f"\nResults in {config.output_dir} (results.jsonl, summary.json, summary.md).")
     return 0

@@ -103,7 +103,9 @@ class MathVerifyGrader:
         try:
             import math_verify
         except ImportError as error:  # pragma: no cover - depends on the environment
-            raise ImportError("Grading needs math-verify: install it with `pip install 'trl-eopd[eval]'`.") from error
+            raise ImportError(
+                "Grading needs math-verify: run `pip install -e \".[eval]\"` in your trl-eopd clone."
+            ) from error
         self._mv = math_verify
         self.timeout_seconds = timeout_seconds
         # Boxed answers first: once the box is cut out, the boxed content is the whole string to parse.

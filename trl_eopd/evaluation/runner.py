@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._paths import missing_local_path
 from .benchmarks import (
     TINY_BENCHMARK,
     BenchmarkSource,
@@ -194,6 +195,10 @@ class EvalConfig:
     def __post_init__(self):
         if not self.model:
             raise EvaluationError("--model is required (or use --compare RUN_A RUN_B).")
+        # Before any benchmark is downloaded: a mistyped path would otherwise surface as a Hub error about it.
+        _check_checkpoint(self.model, "--model")
+        if self.tokenizer is not None:
+            _check_checkpoint(self.tokenizer, "--tokenizer")
         if self.output_dir is None:
             self.output_dir = default_output_dir(self.model)
         if isinstance(self.chat_template_kwargs, str):
@@ -227,6 +232,21 @@ class EvalConfig:
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise EvaluationError(f"Benchmark(s) given twice: {', '.join(duplicates)}.")
+
+
+def _check_checkpoint(name_or_path: str, option: str) -> None:
+    """A local path given as a checkpoint exists and is a model folder (a Hub id is left to the Hub)."""
+    if missing_local_path(name_or_path):
+        raise EvaluationError(
+            f"{option} {name_or_path!r} does not exist: give a checkpoint folder (saved with `save_pretrained`), a "
+            "Hub id such as Qwen/Qwen3-1.7B, or tiny://student."
+        )
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in ("config.json", "tokenizer_config.json")):
+        raise EvaluationError(
+            f"{option} {name_or_path!r} is a folder but not a checkpoint (it has no config.json): give the folder a "
+            "model was saved to with `save_pretrained`."
+        )
 
 
 def default_output_dir(model: str) -> str:
@@ -386,7 +406,11 @@ def run_evaluation(config: EvalConfig, generator=None, progress: bool = True) ->
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_path = config.tokenizer or config.model
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except (OSError, ValueError) as error:
+        option = "--tokenizer" if config.tokenizer else "--model"
+        raise EvaluationError(f"cannot load a tokenizer from {option} {tokenizer_path!r}: {error}") from error
     chat = bool(config.use_chat_template and getattr(tokenizer, "chat_template", None))
     protocol = _protocol(config, chat)
     previous_settings = _check_resume(output_dir, {"model": config.model, **protocol})
@@ -463,10 +487,13 @@ def _sampler(config: EvalConfig, tokenizer, tokenizer_path: str, chat: bool, gen
         max_new_tokens=config.max_new_tokens,
         seed=config.seed,
     )
-    if backend == "vllm":
-        generator = VLLMGenerator(config.model, tokenizer_path, sampling, stop_ids, dtype=config.dtype)
-    else:
-        generator = TransformersGenerator(config.model, tokenizer, sampling, stop_ids, dtype=config.dtype)
+    try:
+        if backend == "vllm":
+            generator = VLLMGenerator(config.model, tokenizer_path, sampling, stop_ids, dtype=config.dtype)
+        else:
+            generator = TransformersGenerator(config.model, tokenizer, sampling, stop_ids, dtype=config.dtype)
+    except OSError as error:  # what transformers raises for a checkpoint without weights, or one it cannot find
+        raise EvaluationError(f"cannot load the model --model {config.model!r}: {error}") from error
     return generator, backend, stop_ids
 
 
