@@ -18,6 +18,7 @@ from ._gkd import GKDTrainer
 from ._paths import check_model_path
 from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_not_empty
 from .config import EOPDConfig
+from .launch_check import launch_problem
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
 from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
@@ -30,6 +31,13 @@ if is_peft_available():
 _ROLLOUT_DONE = "eopd_rollout_done"
 # With a served teacher: the batch's `ServedTeacherLogProbs`, fetched once per accumulation window.
 _SERVED_TEACHER = "eopd_served_teacher"
+
+
+def _distributed_state(args):
+    from accelerate import PartialState
+
+    _ = args.device  # the training arguments set up the process group (with their `ddp_backend`) on first use
+    return PartialState()
 
 
 def _tokenizer_of(processing_class):
@@ -143,6 +151,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 f"`args` must be an `EOPDConfig`, got {type(args).__name__}. `EOPDConfig` takes every `GKDConfig` "
                 "argument, so replacing the class name is enough."
             )
+        # Before any model loads: processes that would train apart, or a sharding the loss cannot read.
+        launch_error = launch_problem(_distributed_state(args))
+        if launch_error is not None:
+            raise ValueError(launch_error)
         served_teacher_url = args.teacher_model_server_url
         if served_teacher_url is not None and not (teacher_model is None or isinstance(teacher_model, str)):
             raise ValueError(
