@@ -10,6 +10,9 @@ that is never shared, and writes to the same output folder: a silent wrong resul
 - `torchrun` without a backend on such a machine: the same;
 - either of them with `--ddp_backend gloo`: the processes form a group (`num_processes` is 2), but with
   `distributed_type=NO` nothing wraps the model in DDP, so nothing averages the gradients.
+
+FSDP1 is refused too, naming FSDP2: EOPD's loss reads the output layers' weights directly and handles FSDP2's sharded
+tensors only (trl_eopd/loss/projection.py, `gathered`).
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ def _launcher_world_size() -> int:
 
 def launch_problem(state) -> str | None:
     """One line saying why this launch must not train, or None. `state` is accelerate's `PartialState`."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and os.environ.get("FSDP_VERSION", "2") != "2":
+    # accelerate's FSDP plugin reads its version from FSDP_VERSION and defaults to 1.
+    fsdp_version = os.environ.get("FSDP_VERSION", "1")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and fsdp_version != "2":
         return (
-            f"the accelerate config asks for FSDP version {os.environ['FSDP_VERSION']} (`fsdp_version`), which EOPD "
-            "does not support: its loss reads the output layer's weight directly, which FSDP1 frees outside the "
-            "forward pass. Use FSDP2: `--config_file recipes/accelerate/fsdp2.yaml` (or `fsdp_version: 2`)."
+            f"the accelerate config asks for FSDP version {fsdp_version} (`fsdp_version`), which EOPD "
+            "does not support: its loss reads the output layers' weights directly, which it handles (and is tested "
+            "with) for FSDP2's sharded tensors only. Use FSDP2: `--config_file recipes/accelerate/fsdp2.yaml` (or "
+            "`fsdp_version: 2`)."
         )
     from accelerate.utils import DistributedType
 

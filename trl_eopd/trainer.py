@@ -20,7 +20,7 @@ from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_
 from .config import EOPDConfig
 from .launch_check import launch_problem
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
-from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
+from .loss.projection import OutputProjection, find_output_projection, gathered, last_hidden_state, project
 from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
 
 if is_peft_available():
@@ -471,7 +471,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         loss_mask = shifted_labels != IGNORE_INDEX
         teacher = inputs.pop(_SERVED_TEACHER)
         student_hidden = last_hidden_state(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1][loss_mask]
-        projection, _ = find_output_projection(student)
+        projection = gathered(find_output_projection(student)[0])
         with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
             loss, stats = served_teacher_eopd_loss_and_stats(
                 student_hidden,
@@ -522,8 +522,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 attention_mask,
             )[:, :-1][loss_mask]
 
-        student_projection, _ = find_output_projection(student)
-        teacher_projection, _ = find_output_projection(unwrapped_teacher)
+        # Full tensors once per call under FSDP2 (the teacher's head was resharded when its forward returned).
+        student_projection = gathered(find_output_projection(student)[0])
+        teacher_projection = gathered(find_output_projection(unwrapped_teacher)[0])
         with (
             maybe_gather_lm_head_ctx(student_projection.weight, student_projection.bias),
             maybe_gather_lm_head_ctx(teacher_projection.weight, teacher_projection.bias),
@@ -619,7 +620,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         input_ids, attention_mask = inputs["input_ids"][:1], inputs["attention_mask"][:1]
         with torch.no_grad():
             reference = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            hidden = last_hidden_state(unwrapped, input_ids, attention_mask)
+            # Inside the wrapper's forward, as the loss runs: FSDP2 gathers the embedding only there.
+            hidden = self._forward_redirection(wrapped, unwrapped, last_hidden_state, unwrapped, input_ids,
+                                               attention_mask)  # fmt: skip
+            projection = gathered(projection)
             with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
                 ours = project(hidden.float(), projection).float()
         if ours.shape != reference.shape:
@@ -706,6 +710,7 @@ def _metric_prefix(logs: dict) -> str:
 
 def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, chunk_size: int = 256) -> int:
     count = 0
+    projection = gathered(projection)
     with torch.no_grad(), maybe_gather_lm_head_ctx(projection.weight, projection.bias):
         for start in range(0, hidden.size(0), chunk_size):
             logits = project(hidden[start : start + chunk_size].float(), projection)
