@@ -3,9 +3,10 @@
 accelerate applies FSDP only on GPUs, so no CPU test reaches EOPD's FSDP2 path through `accelerate launch`. This script
 does by hand what accelerate's FSDP2 preparation does with `recipes/accelerate/fsdp2.yaml` (`fully_shard` on every
 decoder layer, then on the whole model, `reshard_after_forward=True`, for the student and for the frozen teacher), on
-a CPU device mesh over gloo, and then drives the trainer's own `training_step` (its chunked or served-free local-teacher
-loss, inside the student's forward) for a few AdamW steps. With `--world_size 1` it runs the same steps unsharded in
-one process, on the whole batch: the reference that tests/test_fsdp2.py compares against.
+a CPU device mesh over gloo, and then drives the trainer's own `training_step` (the chunked local-teacher loss, inside
+the student's forward) for a few AdamW steps; `--uneven_rollout` then samples completions of a different length on
+each rank. With `--world_size 1` it runs the same steps unsharded in one process, on the whole batch: the reference
+that tests/test_fsdp2.py compares against.
 
 What it stands in for, and so does not test: accelerate's own FSDP2 preparation and its FULL_STATE_DICT saving (done
 here with torch's `get_model_state_dict`), and the division of the token count by `accelerator.num_processes` (the
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--uneven_rollout", action="store_true",
+                        help="after training, sample completions with a different max_new_tokens on each rank")
     args = parser.parse_args()
     out = Path(args.out)
     world, rank = args.world_size, args.rank
@@ -113,6 +116,20 @@ def main() -> None:
             grads = {name: full(p.grad) for name, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
+
+    if args.uneven_rollout:
+        # Ranks whose completions end at different steps, as EOS makes them in practice: on rank 0 every token ends a
+        # completion. Under FSDP2 every decoding step is a collective, so a rank that has finished must keep stepping
+        # until all have, or the others wait for it forever.
+        trainer.lmbda = 1.0
+        trainer.generation_config.max_new_tokens = 6
+        if rank == 0:
+            trainer.generation_config.eos_token_id = list(range(trainer.model.config.vocab_size))
+        prompt_width = local["prompts"].shape[1]
+        rolled = trainer._roll_out({key: value.clone() for key, value in local.items()})
+        out.mkdir(parents=True, exist_ok=True)
+        new_tokens = rolled["input_ids"].shape[1] - prompt_width
+        (out / f"rollout_rank{rank}.json").write_text(json.dumps({"new_tokens": new_tokens}))
 
     if world > 1:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

@@ -4,7 +4,8 @@ accelerate takes no FSDP path without GPUs, so `tests/fsdp2_harness.py` (test-on
 with `fully_shard` as accelerate's FSDP2 preparation would and drives the trainer's `training_step` for a few AdamW
 steps; it says what it stands in for. Under FSDP2 the teacher's `lm_head` is a sharded `DTensor` when the loss reads
 it, and the student's layers gather and reshard around the loss: the loss, every gradient (`lm_head` included), and
-the saved student must still be the single process's, to float32 rounding. About 1 minute per variant on two cores
+the saved student must still be the single process's, to float32 rounding. The two ranks then sample completions
+that end at different steps, which a sharded model must do in lockstep. About 1 minute per variant on two cores
 (the reference and the two ranks run side by side).
 """
 
@@ -32,7 +33,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_both(paths: dict, out: Path, *extra: str) -> tuple[Path, Path]:
+def _run_both(paths: dict, out: Path, *extra: str, sharded_extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
     """The unsharded reference (one process) and the FSDP2 run (two ranks), started together."""
     env = {key: value for key, value in os.environ.items() if key not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
@@ -41,7 +42,8 @@ def _run_both(paths: dict, out: Path, *extra: str) -> tuple[Path, Path]:
     port = str(_free_port())
     single, sharded = out / "single", out / "fsdp2"
     commands = [[*common, str(single)]] + [
-        [*common, str(sharded), "--world_size", "2", "--rank", str(rank), "--port", port] for rank in (0, 1)
+        [*common, str(sharded), "--world_size", "2", "--rank", str(rank), "--port", port, *sharded_extra]
+        for rank in (0, 1)
     ]
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
     logs = [p.communicate(timeout=400)[0] for p in procs]
@@ -59,7 +61,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_runs(tiny, tmp_path_factory):
-    return _run_both(tiny, tmp_path_factory.mktemp("fsdp2-full"))
+    return _run_both(tiny, tmp_path_factory.mktemp("fsdp2-full"), sharded_extra=("--uneven_rollout",))
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +126,12 @@ def test_fsdp2_lora_student_equals_one_process(lora_runs, tiny):
         return base if adapter is None else PeftModel.from_pretrained(base, adapter).merge_and_unload()
 
     _assert_same_weights(load(single / "student"), load(sharded / "student"), load())
+
+
+def test_fsdp2_ranks_sample_completions_that_end_at_different_steps(full_runs):
+    """Every decoding step of a sharded student is a collective. Rank 0's completions end at their first token, rank
+    1's run on: rank 0 keeps stepping with the others (transformers' synchronised generation, which needs the KV
+    cache here) and neither hangs nor fails."""
+    _, sharded = full_runs
+    new_tokens = [json.loads((sharded / f"rollout_rank{rank}.json").read_text())["new_tokens"] for rank in (0, 1)]
+    assert new_tokens[0] == 1 and new_tokens[1] > 1, new_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import textwrap
 import warnings
@@ -38,6 +39,39 @@ def _distributed_state(args):
 
     _ = args.device  # the training arguments set up the process group (with their `ddp_backend`) on first use
     return PartialState()
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def _generation_is_synced(model: nn.Module) -> bool:
+    """Whether transformers' `generate` steps every process together (`synced_gpus`), as it does by itself for a
+    ZeRO-3 or FSDP-sharded model in a group of several processes: a process whose completions have all ended keeps
+    running forward passes until every process's have."""
+    import torch.distributed as dist
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return is_deepspeed_zero3_enabled() or _is_fsdp2(model)
+
+
+def _with_cache(generation_config):
+    """A copy of `generation_config` that uses the KV cache.
+
+    GKD turns the cache off when activation checkpointing is on, but TRL's `unwrap_model_for_generation` switches
+    checkpointing off while generating anyway. Without the cache, transformers 5's synchronised generation breaks on a
+    process whose completions have all ended: it stops extending that process's token ids but keeps extending its
+    attention mask, and the next forward fails on their shape mismatch.
+    """
+    if generation_config.use_cache:
+        return generation_config
+    generation_config = copy.deepcopy(generation_config)
+    generation_config.use_cache = True
+    return generation_config
 
 
 def _tokenizer_of(processing_class):
@@ -306,8 +340,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         ) as unwrapped_model:
             try:
                 # GKD's static method, unchanged, so code calling it on the class keeps working.
+                synced = _generation_is_synced(unwrapped_model)
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    _compat.GenerationConfigOnly(unwrapped_model), inputs, self.generation_config
+                    _compat.GenerationConfigOnly(unwrapped_model),
+                    inputs,
+                    _with_cache(self.generation_config) if synced else self.generation_config,
                 )
             except RuntimeError as error:
                 # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
@@ -620,9 +657,12 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         input_ids, attention_mask = inputs["input_ids"][:1], inputs["attention_mask"][:1]
         with torch.no_grad():
             reference = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            # Inside the wrapper's forward, as the loss runs: FSDP2 gathers the embedding only there.
-            hidden = self._forward_redirection(wrapped, unwrapped, last_hidden_state, unwrapped, input_ids,
-                                               attention_mask)  # fmt: skip
+            if _is_fsdp2(unwrapped):
+                # Inside the model's forward, as the loss runs: FSDP2 gathers the embedding only there.
+                hidden = self._forward_redirection(wrapped, unwrapped, last_hidden_state, unwrapped, input_ids,
+                                                   attention_mask)  # fmt: skip
+            else:
+                hidden = last_hidden_state(unwrapped, input_ids, attention_mask)
             projection = gathered(projection)
             with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
                 ours = project(hidden.float(), projection).float()
