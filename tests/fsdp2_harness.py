@@ -14,7 +14,9 @@ trainer's accelerator sees one process here, so the harness hands each rank the 
 world size, which is what `compute_loss` computes under a real launch). The trainer must not see `WORLD_SIZE`, or it
 refuses the launch (trl_eopd/launch_check.py); the process group is set up from arguments instead.
 
-    python tests/fsdp2_harness.py OUT --student S --teacher T --data D --world_size 2 --rank R --port P
+    python tests/fsdp2_harness.py OUT --student S --teacher T --data D [--world_size 2 --rank R --port P]
+
+writes OUT/full and OUT/lora (full fine-tuning, then a LoRA student) from rank 0.
 """
 
 from __future__ import annotations
@@ -55,31 +57,39 @@ def main() -> None:
     parser.add_argument("--world_size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--variants", default="full,lora", help="each trains and saves into OUT/<variant>")
     parser.add_argument("--uneven_rollout", action="store_true",
-                        help="after training, sample completions with a different max_new_tokens on each rank")
+                        help="after the full fine-tuning, sample completions that end at different steps per rank")
     args = parser.parse_args()
-    out = Path(args.out)
-    world, rank = args.world_size, args.rank
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=world)
+    if args.world_size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
+                                world_size=args.world_size)  # fmt: skip
+    for variant in args.variants.split(","):
+        run_variant(args, Path(args.out) / variant, lora=variant == "lora",
+                    uneven_rollout=args.uneven_rollout and variant == "full")  # fmt: skip
+    if args.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
+
+def run_variant(args, out: Path, *, lora: bool, uneven_rollout: bool) -> None:
     from datasets import load_dataset
     from transformers import AutoTokenizer
 
     from trl_eopd import EOPDConfig, EOPDTrainer
 
+    world, rank = args.world_size, args.rank
     tokenizer = AutoTokenizer.from_pretrained(args.student)
     dataset = load_dataset("json", data_files=args.data, split="train")
     peft_config = None
-    if args.lora:
+    if lora:
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     config = EOPDConfig(
         output_dir=str(out / f"trainer-rank{rank}"), bf16=False, report_to=[], save_strategy="no", seed=0,
         # Dataset completions only: on-policy sampling draws differently in one and in two processes.
-        lmbda=0.0, learning_rate=1e-2 if args.lora else 1e-3, weight_decay=0.0, max_length=128,
+        lmbda=0.0, learning_rate=1e-2 if lora else 1e-3, weight_decay=0.0, max_length=128,
         # Small chunks, so that the loss runs several of them over the one gathered lm_head.
         loss_chunk_size=8, forward_kl_top_k=4, forward_kl_coef=1.0, entropy_threshold=0.5,
     )  # fmt: skip
@@ -117,7 +127,8 @@ def main() -> None:
         trainer.optimizer.step()
         trainer.optimizer.zero_grad()
 
-    if args.uneven_rollout:
+    out.mkdir(parents=True, exist_ok=True)
+    if uneven_rollout:
         # Ranks whose completions end at different steps, as EOS makes them in practice: on rank 0 every token ends a
         # completion. Under FSDP2 every decoding step is a collective, so a rank that has finished must keep stepping
         # until all have, or the others wait for it forever.
@@ -127,7 +138,6 @@ def main() -> None:
             trainer.generation_config.eos_token_id = list(range(trainer.model.config.vocab_size))
         prompt_width = local["prompts"].shape[1]
         rolled = trainer._roll_out({key: value.clone() for key, value in local.items()})
-        out.mkdir(parents=True, exist_ok=True)
         new_tokens = rolled["input_ids"].shape[1] - prompt_width
         (out / f"rollout_rank{rank}.json").write_text(json.dumps({"new_tokens": new_tokens}))
 
@@ -138,13 +148,9 @@ def main() -> None:
     else:
         state = trainer.model.state_dict()
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(out / "student", state_dict=state)
         torch.save(grads, out / "grads_step0.pt")
         (out / "losses.json").write_text(json.dumps({"losses": losses, "trained": names}))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

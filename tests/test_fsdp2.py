@@ -5,8 +5,8 @@ with `fully_shard` as accelerate's FSDP2 preparation would and drives the traine
 steps; it says what it stands in for. Under FSDP2 the teacher's `lm_head` is a sharded `DTensor` when the loss reads
 it, and the student's layers gather and reshard around the loss: the loss, every gradient (`lm_head` included), and
 the saved student must still be the single process's, to float32 rounding. The two ranks then sample completions
-that end at different steps, which a sharded model must do in lockstep. About 1 minute per variant on two cores
-(the reference and the two ranks run side by side).
+that end at different steps, which a sharded model must do in lockstep. About 1 minute on two cores for both
+variants (the reference and the two ranks run side by side).
 """
 
 from __future__ import annotations
@@ -60,13 +60,19 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def full_runs(tiny, tmp_path_factory):
-    return _run_both(tiny, tmp_path_factory.mktemp("fsdp2-full"), sharded_extra=("--uneven_rollout",))
+def runs(tiny, tmp_path_factory):
+    """Full fine-tuning, then a LoRA student, in the same processes (one start-up for both)."""
+    return _run_both(tiny, tmp_path_factory.mktemp("fsdp2"), sharded_extra=("--uneven_rollout",))
 
 
 @pytest.fixture(scope="module")
-def lora_runs(tiny, tmp_path_factory):
-    return _run_both(tiny, tmp_path_factory.mktemp("fsdp2-lora"), "--lora")
+def full_runs(runs):
+    return tuple(run / "full" for run in runs)
+
+
+@pytest.fixture(scope="module")
+def lora_runs(runs):
+    return tuple(run / "lora" for run in runs)
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
