@@ -339,8 +339,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
         ) as unwrapped_model:
             try:
-                # GKD's static method, unchanged, so code calling it on the class keeps working.
                 synced = _generation_is_synced(unwrapped_model)
+                # GKD's static method, unchanged, so code calling it on the class keeps working.
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
                     _compat.GenerationConfigOnly(unwrapped_model),
                     inputs,
