@@ -17,7 +17,13 @@ Sections (each writes into `<out>/gpu_check.json` as soon as it ends, so a run c
    `EOPDTrainer` step at >= 1.2x `DistillationTrainer`'s tokens per second. When a target is missed, `torch.profiler`
    tables of where the time goes are written next to the JSON (`profile_loss.txt`, `profile_step.txt`).
 
-The run exits 1 when a correctness case fails or a section raises.
+5. `fsdp2`: `EOPDTrainer.training_step` (chunked loss, local teacher, dataset completions) with the student and the
+   teacher sharded by FSDP2's `fully_shard` as `recipes/accelerate/fsdp2.yaml` has accelerate shard them, in a
+   process group of one (every parameter is still a DTensor, and the teacher's output head is resharded when the loss
+   reads it), against the same models unsharded: the loss, every gradient (the output head's included) and one AdamW
+   step's update, float32, to 1e-5 relative. Several processes are checked on CPU by tests/test_fsdp2.py.
+
+The run exits 1 when a correctness case or the FSDP2 comparison fails, or a section raises.
 
 Presets:
 
@@ -64,9 +70,11 @@ tiny preset's per-section overheads (imports and trainer construction ~20 s on t
   repeats, ~30 s;
 - training steps: building a 1.7B student (three copies) and an 8B teacher on the GPU ~30 s; one step is dominated by
   256 sequential `generate` steps of a 28-layer model, ~20-35 ms each in eager mode, so ~5-9 s, 9 steps ~80 s;
-- profiles when a target is missed: ~30 s.
+- profiles when a target is missed: ~30 s;
+- fsdp2: two copies each of a 4-layer student and teacher at the real widths and vocabulary in float32 (~0.5 B and
+  ~2.1 B parameters, ~21 GB together), one step of each on 4 short rows: ~20-30 s, most of it building the models.
 
-Total ~3.5-4 minutes, inside the 8-minute budget with room for a slow start.
+Total ~4-4.5 minutes, inside the 8-minute budget with room for a slow start.
 """
 
 from __future__ import annotations
@@ -100,6 +108,7 @@ PRESETS = {
         "teacher": {"layers": 2, "hidden": 96, "intermediate": 192, "heads": 4, "kv_heads": 2, "head_dim": 24,
                     "tie": False},
         "steps": {"vocab": 4096, "batch": 2, "new_tokens": 8, "warmup": 1, "repeats": 2},
+        "fsdp2": {"vocab": 4096, "batch": 2, "student_layers": 2, "teacher_layers": 2, "chunk_size": 16},
     },
     "h200": {
         "device": "cuda",
@@ -113,6 +122,8 @@ PRESETS = {
         "teacher": {"layers": 36, "hidden": 4096, "intermediate": 12288, "heads": 32, "kv_heads": 8, "head_dim": 128,
                     "tie": False},
         "steps": {"vocab": 151936, "batch": 8, "new_tokens": 256, "warmup": 1, "repeats": 2},
+        # Real widths and vocabulary, 4 layers each: the sharded output heads are the full-size ones.
+        "fsdp2": {"vocab": 151936, "batch": 4, "student_layers": 4, "teacher_layers": 4, "chunk_size": 1024},
     },
 }
 
@@ -121,6 +132,8 @@ TOLERANCES = {
     "float32": {"loss": 1e-4, "grad": 1e-4, "stats": 1e-4},
     "bfloat16": {"loss": 1e-3, "grad": 2e-2, "stats": 1e-3},
 }
+# FSDP2 against the unsharded models, both float32 (section `fsdp2`): the same arithmetic on weights held differently.
+FSDP2_RTOL = 1e-5
 TOLERANCE_REASONS = {
     "float32": "float32 arithmetic: log-sum-exp over the vocabulary and the chunked sums differ from float64 in the "
     "last bits only (~1e-6 relative on a CPU); 1e-4 leaves room for longer sums and cancellation in small KL values "
@@ -876,6 +889,129 @@ def run_training_steps(preset, device, dtype, record, out_dir):
     return True
 
 
+# ------------------------------------------------------------------------------------------------- fsdp2
+
+
+def _single_process_group(device):
+    """A process group of one (FSDP2 needs one; at world size 1 it still makes every parameter a DTensor)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    return True
+
+
+def run_fsdp2(preset, device, record):
+    """The chunked loss's value and gradients under FSDP2's `fully_shard` against the unsharded models, then one AdamW
+    step of each, through `EOPDTrainer.training_step` on the same batch (dataset completions, no rollout).
+
+    The student and the teacher are sharded as `recipes/accelerate/fsdp2.yaml` has accelerate do it: each decoder
+    layer, then the whole model. In float32, so that the two runs differ only by how the weights are held.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from trl_eopd import EOPDConfig, EOPDTrainer
+    from trl_eopd.tiny import build_tiny_tokenizer
+
+    spec = preset["fsdp2"]
+    shapes = {**preset, "steps": {**preset["steps"], "vocab": spec["vocab"]},
+              "student": {**preset["student"], "layers": spec["student_layers"]},
+              "teacher": {**preset["teacher"], "layers": spec["teacher_layers"]}}  # fmt: skip
+    created_group = _single_process_group(device)
+    tokenizer = build_tiny_tokenizer()
+    messages, _ = step_datasets(spec["batch"])
+    rows = [messages[i] for i in range(spec["batch"])]
+    trainers = {}
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in ("unsharded", "fsdp2"):
+            student, teacher = build_models(shapes, device, torch.float32, tokenizer)  # same seeds: same weights
+            teacher.eval().requires_grad_(False)
+            args = EOPDConfig(
+                output_dir=f"{workdir}/{name}", per_device_train_batch_size=spec["batch"], lmbda=0.0,
+                learning_rate=1e-4, weight_decay=0.0, loss_chunk_size=spec["chunk_size"], max_length=4096,
+                bf16=False, use_cpu=device.type != "cuda", gradient_checkpointing=False, report_to="none",
+                save_strategy="no", seed=0,
+            )  # fmt: skip
+            trainer = EOPDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=messages,
+                                  processing_class=tokenizer)  # fmt: skip
+            if name == "fsdp2":
+                mesh = init_device_mesh(device.type, (1,))
+                for model in (trainer.model, trainer.teacher_model):
+                    for module in list(model.modules()):
+                        if type(module).__name__.endswith("DecoderLayer"):
+                            fully_shard(module, mesh=mesh, reshard_after_forward=True)
+                    fully_shard(model, mesh=mesh, reshard_after_forward=True)
+            trainer.create_optimizer()
+            trainer.current_gradient_accumulation_steps = 1
+            trainer.model.train()
+            trainers[name] = trainer
+
+        def full(tensor):
+            return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().float().clone()
+
+        results = {}
+        for name, trainer in trainers.items():
+            inputs = trainer.data_collator(rows)
+            inputs["eopd_rollout_done"] = True  # dataset completions: nothing to sample
+            count = (inputs["labels"][:, 1:] != -100).sum()
+            synchronize(device)
+            start = time.perf_counter()
+            loss = trainer.training_step(trainer.model, inputs, num_items_in_batch=count)
+            grads = {n: full(p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None}
+            before = {n: full(p) for n, p in trainer.model.named_parameters()}
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            updates = {n: full(p) - before[n] for n, p in trainer.model.named_parameters()}
+            results[name] = {"loss": float(loss), "grads": grads, "updates": updates,
+                             "step_s": time.perf_counter() - start,
+                             "dtensor_params": sum(isinstance(p, DTensor) for p in trainer.model.parameters())}  # fmt: skip
+        ref, got = results["unsharded"], results["fsdp2"]
+        grad_errors = {n: relative_error(got["grads"][n], g) for n, g in ref["grads"].items()}
+        update_errors = {n: relative_error(got["updates"][n], u) for n, u in ref["updates"].items() if u.norm() > 0}
+        loss_error = abs(got["loss"] - ref["loss"]) / abs(ref["loss"])
+        # The output head's weight, under its own name or, tied, under the embedding's.
+        unsharded_model = trainers["unsharded"].model
+        head = next(n for n, p in unsharded_model.named_parameters() if p is unsharded_model.lm_head.weight)
+        passed = (
+            got["dtensor_params"] > 0  # the student really was sharded
+            and set(got["grads"]) == set(ref["grads"])
+            and loss_error <= FSDP2_RTOL and max(grad_errors.values()) <= FSDP2_RTOL
+            and max(update_errors.values()) <= FSDP2_RTOL
+        )  # fmt: skip
+        record["fsdp2"] = {
+            "shape": spec,
+            "world_size": dist.get_world_size(),
+            "student_dtensor_params": got["dtensor_params"],
+            "loss": {"unsharded": ref["loss"], "fsdp2": got["loss"], "relative_error": loss_error},
+            "max_grad_relative_error": max(grad_errors.values()),
+            "lm_head_parameter": head,
+            "lm_head_grad_relative_error": grad_errors[head],
+            "max_update_relative_error": max(update_errors.values()),
+            "step_s": {"unsharded": ref["step_s"], "fsdp2": got["step_s"]},
+            "tolerance": FSDP2_RTOL,
+            "passed": passed,
+        }
+        print(f"fsdp2: loss rel err {loss_error:.2e}, max grad rel err {max(grad_errors.values()):.2e}, "
+              f"max update rel err {max(update_errors.values()):.2e}: {'ok' if passed else 'FAILED'}", flush=True)  # fmt: skip
+        del trainers
+    if created_group:
+        dist.destroy_process_group()
+    free_memory(device)
+    return passed
+
+
 # ------------------------------------------------------------------------------------------------- report
 
 
@@ -939,6 +1075,16 @@ def markdown(record) -> str:
             lines.append(f"| {name} | {r['step_s']:.3f} | {r['rollout_s']:.3f} | {r['train_part_s']:.3f} | "
                          f"{r['tokens_per_s']:.1f} | {r['peak_mib']:.0f} |")  # fmt: skip
         lines.append("")
+    fsdp2 = record.get("fsdp2")
+    if fsdp2:
+        sh = fsdp2["shape"]
+        title = (f"## FSDP2 (world size {fsdp2['world_size']}): {sh['student_layers']}/{sh['teacher_layers']} "
+                 f"layers, vocabulary {sh['vocab']}, float32, against the unsharded models")  # fmt: skip
+        summary = (f"- loss relative error {fsdp2['loss']['relative_error']:.1e}; largest gradient relative error "
+                   f"{fsdp2['max_grad_relative_error']:.1e} (lm_head {fsdp2['lm_head_grad_relative_error']:.1e}); "
+                   f"largest AdamW update relative error {fsdp2['max_update_relative_error']:.1e}; tolerance "
+                   f"{fsdp2['tolerance']:.0e}: {'passed' if fsdp2['passed'] else 'FAILED'}")  # fmt: skip
+        lines += [title, "", summary, ""]
     if record.get("targets"):
         lines += ["## Targets", ""] + [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}"
                                        for k, v in record["targets"].items()]  # fmt: skip
@@ -953,7 +1099,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default=None, help="Defaults to the preset's ('cuda' for h200, 'cpu' for tiny).")
     parser.add_argument("--out", required=True, help="Folder for gpu_check.json, gpu_check.md and any profiles.")
     parser.add_argument("--budget-s", type=float, default=None, help="Skip the sections left after this many seconds.")
-    parser.add_argument("--sections", default="correctness,loss_stage,training_steps",
+    parser.add_argument("--sections", default="correctness,loss_stage,training_steps,fsdp2",
                         help="Comma-separated subset to run.")  # fmt: skip
     return parser.parse_args(argv)
 
@@ -990,6 +1136,7 @@ def main(argv=None) -> int:
         "correctness": lambda: run_correctness(preset, device, record),
         "loss_stage": lambda: run_loss_stage(preset, device, dtype, record, out_dir),
         "training_steps": lambda: run_training_steps(preset, device, dtype, record, out_dir),
+        "fsdp2": lambda: run_fsdp2(preset, device, record),
     }
     ok = True
     for name in args.sections.split(","):

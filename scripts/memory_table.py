@@ -1,4 +1,4 @@
-"""Per-GPU memory of the model states of each paper recipe under DeepSpeed ZeRO-2 and ZeRO-3 (4 x 80 GB by default).
+"""Per-GPU memory of the model states of each paper recipe under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 (4 x 80 GB by default).
 
     python scripts/memory_table.py                  # 4 GPUs, markdown table
     python scripts/memory_table.py --num_gpus 8
@@ -11,6 +11,14 @@ the functions behind the `..._all_cold` printers), without optimizer or paramete
 gradients and AdamW states (fp32 master weights and two moments). The teacher is frozen and has no gradients or
 optimizer states: TRL's `prepare_deepspeed` keeps a full bf16 copy per GPU under ZeRO-2 (it runs the teacher at stage
 0) and shards it under ZeRO-3, so it costs 2 bytes per parameter, divided by the number of GPUs under ZeRO-3.
+
+FSDP2 (`recipes/accelerate/fsdp2.yaml`, bf16 mixed precision) has no estimator; its rows count what it keeps. The
+recipes load the student in fp32, and FSDP2 keeps those fp32 weights sharded as the optimizer's own copy: 16 bytes per
+parameter divided by the number of GPUs (weights, gradients and AdamW's two moments, all fp32), with no separate bf16
+copy. On top, as DeepSpeed's ZeRO-3 estimator counts its largest layer, 4 bytes per parameter of the largest FSDP unit
+(bf16 gathered weights and their gradients before the reduce-scatter): a decoder layer, or the root unit, which holds
+every parameter outside the decoder layers (embedding, final norm, untied output head). The teacher, frozen and loaded
+in bf16, is sharded the same way: 2 bytes per parameter divided by the number of GPUs.
 
 With `--teacher_server_gpus T`, a second table splits the node: the teacher served by vLLM on T GPUs (its bf16
 weights split by tensor parallelism, 2 bytes per parameter / T per GPU) and the trainers on the other GPUs, which
@@ -97,6 +105,30 @@ def count_parameters(arch: Arch) -> tuple[int, int]:
     return total, largest
 
 
+def fsdp2_largest_unit(arch: Arch) -> int:
+    """Parameters of the largest unit `fully_shard` gathers at once under fsdp2.yaml (TRANSFORMER_BASED_WRAP)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers, num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads, head_dim=arch.head_dim,
+        tie_word_embeddings=arch.tie_word_embeddings,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    in_layers = {id(p) for p in model.model.layers.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_layers)
+    return max(layer, root)
+
+
+def fsdp2_student_bytes(total: int, largest_unit: int, num_gpus: int) -> tuple[int, int]:
+    """(weights, gradients + AdamW) per GPU under FSDP2 with an fp32 student and bf16 compute."""
+    return 4 * total // num_gpus + 2 * largest_unit, 12 * total // num_gpus + 2 * largest_unit
+
+
 def student_bytes(total: int, largest: int, num_gpus: int, stage: int) -> int:
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -125,7 +157,15 @@ def build_rows(num_gpus: int, gpu_gib: float) -> list[dict]:
     for recipe, student, teacher in RECIPES:
         s_total, s_largest = counts[student]
         t_total, _ = counts[teacher]
-        for stage in (2, 3):
+        for stage in (2, 3, "FSDP2"):
+            if stage == "FSDP2":
+                weights, grads_optim = fsdp2_student_bytes(s_total, fsdp2_largest_unit(ARCHS[student]), num_gpus)
+                teach = 2 * t_total // num_gpus
+                rows.append({"recipe": recipe, "stage": "FSDP2", "student_params": s_total, "teacher_params": t_total,
+                             "student_weights": weights, "student_grads_optim": grads_optim, "teacher": teach,
+                             "total": weights + grads_optim + teach,
+                             "left": gpu_gib * GIB - (weights + grads_optim + teach)})  # fmt: skip
+                continue
             states = student_bytes(s_total, s_largest, num_gpus, stage)
             weights = student_weight_bytes(s_total, num_gpus, stage)
             teach = teacher_bytes(t_total, num_gpus, stage)
@@ -204,7 +244,7 @@ def markdown(rows: list[dict], num_gpus: int, gpu_gib: float) -> str:
         f"Per-GPU memory of model states on {num_gpus} x {gpu_gib:g} GiB (GiB; activations and rollouts not included)",
         "",
         (
-            "| recipe | ZeRO | student params | teacher params | student weights (bf16) | student grads + AdamW "
+            "| recipe | sharding | student params | teacher params | student weights | student grads + AdamW "
             "| teacher weights (bf16) | total | left for activations |"
         ),
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
-SECTIONS = ("versions", "correctness", "loss_stage", "training_steps", "targets")
+SECTIONS = ("versions", "correctness", "loss_stage", "training_steps", "fsdp2", "targets")
 LOSSES = ("gkd_full_logits", "eopd_full_logits", "eopd_chunked", "trl_chunked_divergence")
 TRAINERS = ("eopd", "distillation", "gkd")
 
@@ -92,6 +92,36 @@ def test_correctness_covers_every_option_and_passes(tiny_report):
         # Both gate branches are taken, away from the threshold.
         assert 0 < case["num_high_entropy"] < case["num_tokens"] and case["gate_margin_nats"] > 0.05
         assert {"loss", "grad_hidden", "grad_weight"} <= set(case["errors"])
+
+
+def test_fsdp2_section_shards_and_matches_the_unsharded_models(tiny_report):
+    report, table = tiny_report
+    fsdp2 = report["fsdp2"]
+    assert fsdp2["passed"] and fsdp2["world_size"] == 1 and fsdp2["student_dtensor_params"] > 0
+    # The tiny student ties its head to the embedding: its gradient is checked under that name.
+    assert fsdp2["lm_head_parameter"] == "model.embed_tokens.weight"
+    assert fsdp2["loss"]["relative_error"] <= fsdp2["tolerance"]
+    assert fsdp2["max_grad_relative_error"] <= fsdp2["tolerance"]
+    assert fsdp2["max_update_relative_error"] <= fsdp2["tolerance"]
+    assert "## FSDP2 (world size 1)" in table
+
+
+# The loss reading the sharded output heads as they are, without turning them into full tensors first.
+PLANT_FSDP2_BUG = """
+import runpy, sys
+import trl_eopd.trainer
+trl_eopd.trainer.gathered = lambda projection: projection
+script = runpy.run_path(sys.argv[1])
+sys.exit(script["main"](sys.argv[2:]))
+"""
+
+
+def test_fsdp2_section_fails_when_the_loss_reads_sharded_heads(tmp_path):
+    result = _run([sys.executable, "-c", PLANT_FSDP2_BUG, str(SCRIPT), "--preset", "tiny", "--device", "cpu", "--out",
+                   str(tmp_path), "--sections", "fsdp2"])  # fmt: skip
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert "DTensor" in report["errors"]["fsdp2"]
 
 
 def test_a_planted_gradient_bug_fails_the_check(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import textwrap
 import warnings
@@ -18,9 +19,10 @@ from ._gkd import GKDTrainer
 from ._paths import check_model_path
 from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_not_empty
 from .config import EOPDConfig
+from .launch_check import launch_problem
 from .loss import IGNORE_INDEX, EOPDLossOptions, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.full import safe_divisor
-from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
+from .loss.projection import OutputProjection, find_output_projection, gathered, last_hidden_state, project
 from .loss.stats import evaluation_loss_sum, evaluation_means
 from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
 
@@ -32,6 +34,46 @@ if is_peft_available():
 _ROLLOUT_DONE = "eopd_rollout_done"
 # With a served teacher: the batch's `ServedTeacherLogProbs`, fetched once per accumulation window.
 _SERVED_TEACHER = "eopd_served_teacher"
+
+
+def _distributed_state(args):
+    from accelerate import PartialState
+
+    _ = args.device  # the training arguments set up the process group (with their `ddp_backend`) on first use
+    return PartialState()
+
+
+def _is_fsdp2(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def _generation_is_synced(model: nn.Module) -> bool:
+    """Whether transformers' `generate` steps every process together (`synced_gpus`), as it does by itself for a
+    ZeRO-3 or FSDP-sharded model in a group of several processes: a process whose completions have all ended keeps
+    running forward passes until every process's have."""
+    import torch.distributed as dist
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    return is_deepspeed_zero3_enabled() or _is_fsdp2(model)
+
+
+def _with_cache(generation_config):
+    """A copy of `generation_config` that uses the KV cache.
+
+    GKD turns the cache off when activation checkpointing is on, but TRL's `unwrap_model_for_generation` switches
+    checkpointing off while generating anyway. Without the cache, transformers 5's synchronised generation breaks on a
+    process whose completions have all ended: it stops extending that process's token ids but keeps extending its
+    attention mask, and the next forward fails on their shape mismatch.
+    """
+    if generation_config.use_cache:
+        return generation_config
+    generation_config = copy.deepcopy(generation_config)
+    generation_config.use_cache = True
+    return generation_config
 
 
 def _tokenizer_of(processing_class):
@@ -148,6 +190,10 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 f"`args` must be an `EOPDConfig`, got {type(args).__name__}. `EOPDConfig` takes every `GKDConfig` "
                 "argument, so replacing the class name is enough."
             )
+        # Before any model loads: processes that would train apart, or a sharding the loss cannot read.
+        launch_error = launch_problem(_distributed_state(args))
+        if launch_error is not None:
+            raise ValueError(launch_error)
         served_teacher_url = args.teacher_model_server_url
         if served_teacher_url is not None and not (teacher_model is None or isinstance(teacher_model, str)):
             raise ValueError(
@@ -302,9 +348,12 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
         ) as unwrapped_model:
             try:
+                synced = _generation_is_synced(unwrapped_model)
                 # GKD's static method, unchanged, so code calling it on the class keeps working.
                 input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    _compat.GenerationConfigOnly(unwrapped_model), inputs, self.generation_config
+                    _compat.GenerationConfigOnly(unwrapped_model),
+                    inputs,
+                    _with_cache(self.generation_config) if synced else self.generation_config,
                 )
             except RuntimeError as error:
                 # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
@@ -488,7 +537,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         loss_mask = shifted_labels != IGNORE_INDEX
         teacher = inputs.pop(_SERVED_TEACHER)
         student_hidden = last_hidden_state(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1][loss_mask]
-        projection, _ = find_output_projection(student)
+        projection = gathered(find_output_projection(student)[0])
         with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
             loss, stats = served_teacher_eopd_loss_and_stats(
                 student_hidden,
@@ -541,8 +590,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 attention_mask,
             )[:, :-1][loss_mask]
 
-        student_projection, _ = find_output_projection(student)
-        teacher_projection, _ = find_output_projection(unwrapped_teacher)
+        # Full tensors once per call under FSDP2 (the teacher's head was resharded when its forward returned).
+        student_projection = gathered(find_output_projection(student)[0])
+        teacher_projection = gathered(find_output_projection(unwrapped_teacher)[0])
         with (
             maybe_gather_lm_head_ctx(student_projection.weight, student_projection.bias),
             maybe_gather_lm_head_ctx(teacher_projection.weight, teacher_projection.bias),
@@ -638,7 +688,13 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         input_ids, attention_mask = inputs["input_ids"][:1], inputs["attention_mask"][:1]
         with torch.no_grad():
             reference = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            hidden = last_hidden_state(unwrapped, input_ids, attention_mask)
+            if _is_fsdp2(unwrapped):
+                # Inside the model's forward, as the loss runs: FSDP2 gathers the embedding only there.
+                hidden = self._forward_redirection(wrapped, unwrapped, last_hidden_state, unwrapped, input_ids,
+                                                   attention_mask)  # fmt: skip
+            else:
+                hidden = last_hidden_state(unwrapped, input_ids, attention_mask)
+            projection = gathered(projection)
             with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
                 ours = project(hidden.float(), projection).float()
         if ours.shape != reference.shape:
@@ -764,6 +820,7 @@ def _metric_prefix(logs: dict) -> str:
 
 def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, chunk_size: int = 256) -> int:
     count = 0
+    projection = gathered(projection)
     with torch.no_grad(), maybe_gather_lm_head_ctx(projection.weight, projection.bias):
         for start in range(0, hidden.size(0), chunk_size):
             logits = project(hidden[start : start + chunk_size].float(), projection)

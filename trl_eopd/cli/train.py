@@ -87,6 +87,7 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
     """
     from accelerate import PartialState
 
+    from ..launch_check import launch_problem
     from .data import load_datasets
     from .preflight import announce_overwrite, check_prompt_lengths, check_vocabularies, resume_target
     from .tiny_cache import resolve_tiny
@@ -106,6 +107,9 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
                          "or `teacher_model_server_url` for a teacher served by vLLM.")
 
     state = PartialState()
+    launch_error = launch_problem(state)
+    if launch_error is not None:
+        raise UsageError(launch_error)
     announce_overwrite(state, training_args)
 
     student = resolve_tiny(model_args.model_name_or_path)

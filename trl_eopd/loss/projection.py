@@ -7,6 +7,7 @@ through the `lm_head`, a chunk at a time. That is exact only when the model's lo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,24 @@ def find_output_projection(causal_lm: nn.Module) -> tuple[OutputProjection | Non
         ),
         "",
     )
+
+
+def gathered(projection: OutputProjection) -> OutputProjection:
+    """The projection with FSDP2-sharded (`DTensor`) weight and bias turned into full tensors; others pass as they are.
+
+    Under FSDP2 an output layer read outside its model's forward (the teacher's, after its forward resharded it) is a
+    `DTensor`, which cannot meet the plain hidden states. Called once per loss call, so that every chunk reads the
+    same full tensor: one all-gather in the forward and one reduce-scatter of its gradient in the backward, however
+    many chunks there are.
+    """
+    from torch.distributed.tensor import DTensor
+
+    def full(tensor):
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    if not isinstance(projection.weight, DTensor) and not isinstance(projection.bias, DTensor):
+        return projection
+    return dataclasses.replace(projection, weight=full(projection.weight), bias=full(projection.bias))
 
 
 def project(hidden: torch.Tensor, projection: OutputProjection) -> torch.Tensor:
