@@ -833,6 +833,9 @@ def test_python_quick_start_runs_where_bf16_is_unsupported(tmp_path, monkeypatch
     tokenizer = AutoTokenizer.from_pretrained(paths["student"])
     student = AutoModelForCausalLM.from_pretrained(paths["student"])
     dataset = load_dataset("json", data_files=paths["dataset"], split="train")
+    from trl_eopd import config as config_module
+
+    config_module._say_float32_fallback.cache_clear()  # said once per process: earlier tests may have said it
     with caplog.at_level(logging.INFO, logger="trl_eopd.config"):
         # As in the README: no `bf16` argument.
         args = EOPDConfig(output_dir=str(tmp_path / "run"), max_new_tokens=8, max_steps=2,
