@@ -240,6 +240,11 @@ def _check_teacher_server_flags(argv: list[str], what: str) -> None:
         assert flags in joined, f"{what}: a served teacher needs `{flags}` (trl_eopd/teacher_server.py)"
 
 
+def _check_ruff(argv: list[str], what: str) -> None:
+    # The lint commands of docs/development.md are the ones tests/test_lint.py runs.
+    assert argv in (["check", "."], ["format", "--check", "."]), f"{what}: `ruff {' '.join(argv)}` is not what CI runs"
+
+
 def check_command(command: list[str], what: str) -> None:
     while command and _ENV_ASSIGNMENT.match(command[0]):
         command = command[1:]
@@ -252,6 +257,8 @@ def check_command(command: list[str], what: str) -> None:
         _check_pip(rest, what)
     elif program == "vllm":
         _check_vllm(rest, what)
+    elif program == "ruff":
+        _check_ruff(rest, what)
     elif program in ("python", "python3") or program.endswith("/bin/python"):
         if rest[0] == "-m":
             _check_module(rest[1:], what)
