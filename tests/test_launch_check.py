@@ -29,14 +29,14 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("extra", "processes_seen", "cause"),
+    ("extra", "cause"),
     [
-        ((), 1, "because of its FSDP config (`distributed_type: FSDP`), which accelerate applies only on GPUs"),
-        (("--ddp_backend", "gloo"), 2, "`ddp_backend: gloo` joins the processes, but with distributed_type NO"),
+        ((), "because of its FSDP config (`distributed_type: FSDP`), which accelerate applies only on GPUs"),
+        (("--ddp_backend", "gloo"), "`ddp_backend: gloo` joins the processes, but with distributed_type NO"),
     ],
     ids=["fsdp2-config", "fsdp2-config-gloo"],
 )
-def test_two_process_fsdp2_launch_on_cpu_stops_before_training(tiny_assets, tmp_path, extra, processes_seen, cause):
+def test_two_process_fsdp2_launch_on_cpu_stops_before_training(tiny_assets, tmp_path, extra, cause):
     root, _ = tiny_assets
     out = tmp_path / "out"
     env = {**os.environ, "TRL_EOPD_TINY_DIR": str(root), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -49,7 +49,8 @@ def test_two_process_fsdp2_launch_on_cpu_stops_before_training(tiny_assets, tmp_
     proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0, log[-3000:]
-    assert f"[trl-eopd] {processes_seen} process(es), device=cpu, distributed_type=NO" in log
+    # The process count is said only once every check has passed: the error stands alone.
+    assert "process(es), device=" not in log, log[-3000:]
     errors = [line for line in log.splitlines() if line.startswith("trl-eopd train: error:")]
     # One line, from rank 0 only, naming the launch, the cause and the CPU launch that works.
     assert len(errors) == 1, log[-3000:]
