@@ -145,6 +145,7 @@ def test_a_served_teacher_config_with_the_papers_recipe_is_accepted():
     assert config.teacher_top_logprobs >= config.forward_kl_top_k
     assert config.teacher_model_server_timeout > 0 and config.teacher_model_server_retries >= 0
     assert make(**SERVED, forward_kl_top_k=8, teacher_top_logprobs=8).teacher_top_logprobs == 8
+    assert make(**SERVED, teacher_model_server_retries=0).teacher_model_server_retries == 0  # one attempt, no retry
 
 
 @pytest.mark.parametrize(

@@ -236,6 +236,13 @@ def test_the_statistics_name_the_entropy_exact_only_when_it_was_given():
     estimate = estimate_teacher_entropy(case["top_log_probs"], V)
     assert estimated.means()["eopd/teacher_entropy_estimate"] == pytest.approx(float(estimate.mean()), rel=1e-6)
     assert "eopd/teacher_entropy" not in estimated.means()
+    # Every teacher-side metric taken from the estimate says so; the rest keep their names.
+    renamed = {"eopd/teacher_entropy": "eopd/teacher_entropy_estimate",
+               "eopd/monitor/teacher_high_entropy_ratio": "eopd/monitor/teacher_high_entropy_ratio_estimate"}
+    assert set(estimated.means()) == {renamed.get(name, name) for name in means}
+    assert estimated.means()["eopd/monitor/teacher_high_entropy_ratio_estimate"] == pytest.approx(
+        float((estimate.float() > 1.5).double().mean())
+    )
     # Summed over processes and steps as the trainer does (one packed vector), the names survive.
     packed = with_exact.to_tensor() + with_exact.to_tensor()
     assert type(with_exact).from_tensor(packed).means()["eopd/teacher_entropy_exact"] == 1.0
@@ -377,6 +384,18 @@ def test_the_loss_gates_on_the_estimate_it_is_given_and_defaults_to_the_estimate
 # ------------------------------------------------------------------------------------------------ logged statistics
 
 
+def float64_bounds(fetched, vocab_size):
+    """`(lower, upper, tail_mass)` of the module docstring, written out: the concentrated tail, and the even one."""
+    tail_mass = 1 - fetched.exp().sum(-1)
+    top_k_entropy = -(fetched.exp() * fetched).sum(-1)
+    upper = top_k_entropy - tail_mass * (tail_mass / (vocab_size - fetched.size(-1))).log()
+    p_k = fetched[:, -1].exp()
+    full = torch.floor(tail_mass / p_k)
+    rest = tail_mass - full * p_k
+    lower = top_k_entropy - full * p_k * p_k.log() - torch.where(rest > 0, rest * rest.log(), 0.0)
+    return lower, upper, tail_mass
+
+
 def independent_means(case, rows, threshold=0.8, top_k=16):
     """Per-token means of every logged statistic, in float64 from the teacher's logits and the student's logits."""
     student = student_logits(case).double()[rows].log_softmax(-1)
@@ -389,15 +408,7 @@ def independent_means(case, rows, threshold=0.8, top_k=16):
     forward = (renormalised.exp() * (renormalised - student.gather(-1, ids))).sum(-1)
     sampled = student.gather(-1, targets[:, None])[:, 0] - teacher.gather(-1, targets[:, None])[:, 0]
     fetched = teacher.topk(case["top_log_probs"].size(-1), dim=-1).values
-    tail_mass = 1 - fetched.exp().sum(-1)
-    # The bounds of the module docstring, written out: the even tail, and the concentrated one.
-    k = fetched.size(-1)
-    top_k_entropy = -(fetched.exp() * fetched).sum(-1)
-    upper = top_k_entropy - tail_mass * (tail_mass / (V - k)).log()
-    p_k = fetched[:, -1].exp()
-    full = torch.floor(tail_mass / p_k)
-    rest = tail_mass - full * p_k
-    lower = top_k_entropy - full * p_k * p_k.log() - torch.where(rest > 0, rest * rest.log(), 0.0)
+    lower, upper, tail_mass = float64_bounds(fetched, V)
     ambiguous = (lower <= threshold) & (upper > threshold)
     student_entropy = -(student.exp() * student).sum(-1)
     n = len(targets)
@@ -446,3 +457,16 @@ def test_logged_means_have_the_right_denominators_and_add_up_across_micro_batche
     summed = ServedTeacherStats.from_tensor(estimated[0].to_tensor() + estimated[1].to_tensor()).means()
     assert summed["eopd/gate_ambiguous_ratio"] == pytest.approx(ambiguous, rel=1e-6)
     assert estimated[1].means()["eopd/gate_ambiguous_ratio"] == pytest.approx(alone_ambiguous, rel=1e-6)
+
+
+@pytest.mark.parametrize("vocab_size", [V, 5000])
+def test_the_gate_takes_the_vocabulary_it_is_given(vocab_size):
+    # The trainer passes the served vocabulary, which need not be the student's rows: the tail spreads over V - K
+    # tokens of that vocabulary, in the estimate and in the bounds that make a token ambiguous.
+    case = make_case(seed=12, fetched=16, scale_low=0.3, scale_span=0.7, peaks=(5.0, 5.0))
+    _, stats, _, _ = served(case, vocab_size=vocab_size, entropy_estimate="upper")
+    lower, upper, _ = float64_bounds(case["top_log_probs"].double(), vocab_size)
+    assert float(stats.teacher_entropy_estimate) == pytest.approx(float(upper.sum()), rel=1e-5)
+    assert int(stats.num_high_entropy) == int((upper.float() > 0.8).sum())
+    ambiguous = (lower <= 0.8) & (upper > 0.8)
+    assert 0 < int(ambiguous.sum()) < N and int(stats.num_gate_ambiguous) == int(ambiguous.sum())

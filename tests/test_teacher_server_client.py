@@ -71,6 +71,20 @@ def test_the_plugin_entropy_is_read_per_completion_token_and_never_taken_for_a_t
     assert parts[0].to("cpu").entropy.tolist() == pytest.approx([0.41, 1.25])
 
 
+def test_the_entropy_of_a_prompt_position_is_not_read():
+    # The plugin adds the entropy at every position, the prompt's own included: only the completion's count.
+    client = _client(top_logprobs=2)
+    client.exact_entropy = True
+    choice = _choice(
+        {"5": {"logprob": -0.3, "rank": 1}, **_entropy_entry(2.0, 2)},  # the prompt's last token
+        {"7": {"logprob": -0.1, "rank": 1}, **_entropy_entry(0.41, 2)},
+        {"9": {"logprob": -0.2, "rank": 1}, **_entropy_entry(1.25, 2)},
+    )
+    fetched = client._to_tensors([choice], [[3, 5, 7, 9]], [2])
+    torch.testing.assert_close(fetched.entropy, torch.tensor([0.41, 1.25]))
+    assert fetched.top_ids[:, 0].tolist() == [7, 9]
+
+
 def test_an_entropy_missing_after_start_up_stops_training_instead_of_falling_back():
     client = _client()
     client.exact_entropy = True
@@ -105,6 +119,46 @@ def test_the_start_up_probe_finds_the_entropy_and_says_so_once_when_it_is_missin
         assert len(warnings) == 1
         assert "does not return the teacher's entropy" in warnings[0] and "estimate" in warnings[0]
         assert "python -m trl_eopd.vllm_plugin.serve --model TEACHER" in warnings[0]
+
+
+def test_fetch_gives_each_batch_its_loss_tokens_in_row_major_order(monkeypatch):
+    import json
+
+    # Two right-padded batches of different sizes, prompts of different lengths, sent in one request.
+    batches = [
+        {"input_ids": [[11, 12, 13, 14], [21, 22, 23, 0]], "attention_mask": [[1, 1, 1, 1], [1, 1, 1, 0]],
+         "labels": [[-100, -100, 13, 14], [-100, 22, 23, -100]]},
+        {"input_ids": [[31, 32, 33, 34, 35]], "attention_mask": [[1, 1, 1, 1, 1]],
+         "labels": [[-100, -100, 33, 34, 35]]},
+    ]  # fmt: skip
+    batches = [{key: torch.tensor(value) for key, value in batch.items()} for batch in batches]
+
+    def log_prob(token, position):  # a distinct value per token and position
+        return -token / 10 - position / 1000
+
+    requests = []
+
+    def post(prompts, prompt_logprobs):
+        requests.append(prompts)
+        choices = [
+            {"index": i, "prompt_logprobs": [None] + [{str(token): {"logprob": log_prob(token, position), "rank": 1}}
+                                                      for position, token in enumerate(prompt) if position]}
+            for i, prompt in enumerate(prompts)
+        ]  # fmt: skip
+        return 200, json.dumps({"choices": choices})
+
+    client = _client(top_logprobs=1, vocab_size=100)
+    client.max_model_len, client.model_name, client.retries, client.exact_entropy = 64, "teacher", 0, False
+    monkeypatch.setattr(client, "_post_completion", post)
+    fetched = client.fetch(batches, global_step=0)
+    assert requests == [[[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35]]]  # one request, padding trimmed
+    assert len(fetched) == len(batches)
+    for batch, result in zip(batches, fetched):
+        labels = batch["labels"][:, 1:]
+        positions = (labels != -100).nonzero()  # row-major, as the loss reads them
+        expected = [log_prob(int(labels[row, column]), int(column) + 1) for row, column in positions]
+        torch.testing.assert_close(result.target_log_probs, torch.tensor(expected))
+        assert result.top_ids[:, 0].tolist() == labels[labels != -100].tolist()
 
 
 class _FakeVocabularyServer:

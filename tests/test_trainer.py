@@ -875,18 +875,23 @@ def test_served_teacher_that_does_not_answer_names_the_url_and_the_timeout(tiny,
                     processing_class=tokenizer)  # fmt: skip
 
 
-def test_served_teacher_loss_gets_the_servers_vocabulary_and_the_configured_estimate(tiny, tokenizer, dataset,
-                                                                                      tmp_path, monkeypatch):  # fmt: skip
-    # A stand-in for the vLLM client: the tiny teacher's top log-probabilities computed here, as a server returns them.
+def test_served_teacher_gets_its_settings_and_the_loss_the_servers_vocabulary_entropy_and_estimate(
+    tiny, tokenizer, dataset, tmp_path, monkeypatch
+):
+    # A stand-in for the vLLM client: the tiny teacher's top log-probabilities computed here, as a server returns them,
+    # and its exact entropy once `exact_entropy` is set, as a server with trl-eopd's plugin returns it.
     from trl_eopd import teacher_server
     from trl_eopd.trainer import _SERVED_TEACHER
 
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"]).eval()
-    clients, fetched = [], []
+    clients, fetched, entropies = [], [], []
 
     class LocalTeacherServer:
+        exact_entropy = False
+
         def __init__(self, url, *, top_logprobs, timeout, retries, student_vocab_size, teacher_name=None):
             self.vocab_size, self.top_logprobs = student_vocab_size, top_logprobs
+            self.settings = {"url": url, "top_logprobs": top_logprobs, "timeout": timeout, "retries": retries}
             clients.append(self)
 
         def fetch(self, batches, global_step):
@@ -898,7 +903,11 @@ def test_served_teacher_loss_gets_the_servers_vocabulary_and_the_configured_esti
                 log_probs = logits[:, :-1][labels != -100].double().log_softmax(-1)
                 top, ids = log_probs.topk(self.top_logprobs, dim=-1)
                 target = log_probs.gather(-1, labels[labels != -100][:, None])[:, 0]
-                results.append(teacher_server.ServedTeacherLogProbs(top.float(), ids, target.float()))
+                entropy = -(log_probs.exp() * log_probs).sum(-1)
+                entropies.append(entropy)
+                results.append(teacher_server.ServedTeacherLogProbs(
+                    top.float(), ids, target.float(), entropy.float() if self.exact_entropy else None
+                ))  # fmt: skip
             fetched.extend(results)
             return results
 
@@ -906,20 +915,35 @@ def test_served_teacher_loss_gets_the_servers_vocabulary_and_the_configured_esti
             pass
 
     monkeypatch.setattr(teacher_server, "TeacherServer", LocalTeacherServer)
-    args = make_args(tmp_path, **SERVED, teacher_top_logprobs=16, teacher_entropy_estimate="upper")
+    args = make_args(tmp_path, **SERVED, teacher_top_logprobs=16, teacher_entropy_estimate="upper",
+                     teacher_model_server_timeout=17.0, teacher_model_server_retries=2)  # fmt: skip
     trainer = EOPDTrainer(model=tiny["student"], teacher_model=None, args=args, train_dataset=dataset,
                           processing_class=tokenizer)  # fmt: skip
+    assert clients[0].settings == {"url": SERVED["teacher_model_server_url"], "top_logprobs": 16, "timeout": 17.0,
+                                   "retries": 2}  # fmt: skip
     vocab_size = trainer.model.config.get_text_config().vocab_size
     assert clients[0].vocab_size == vocab_size == trainer.model.get_output_embeddings().weight.size(0)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     batch.pop(_SERVED_TEACHER, None)  # fetched again inside the loss: the same values
     trainer.model.train()
-    with torch.no_grad():
-        trainer.compute_loss(trainer.model, batch)
-    means = trainer._stats_class.from_tensor(trainer._eopd_sums["train"].cpu()).means()
+
+    def logged_means():
+        with torch.no_grad():
+            trainer.compute_loss(trainer.model, dict(batch))
+        return trainer._stats_class.from_tensor(trainer._eopd_sums.pop("train").cpu()).means()
+
+    means = logged_means()
     # The logged estimate is the upper bound over the served vocabulary, written out here: H_topK - m log(m / (V - K)).
     top = fetched[-1].top_log_probs.double()
     tail_mass = 1 - top.exp().sum(-1)
     upper = -(top.exp() * top).sum(-1) - tail_mass * (tail_mass / (vocab_size - top.size(-1))).log()
     assert means["eopd/teacher_entropy_estimate"] == pytest.approx(float(upper.mean()), rel=1e-5)
     assert means["eopd/high_entropy_ratio"] == pytest.approx(float((upper.float() > 0.8).double().mean()))
+    # A server that gives the exact entropy: the gate and the statistics use it, whatever the estimate says.
+    clients[0].exact_entropy = True
+    means = logged_means()
+    exact = entropies[-1]
+    assert means["eopd/teacher_entropy_exact"] == 1.0
+    assert means["eopd/teacher_entropy"] == pytest.approx(float(exact.mean()), rel=1e-5)
+    assert abs(float(exact.mean()) - float(upper.mean())) > 1e-4 * float(exact.mean())  # so the estimate would show
+    assert means["eopd/high_entropy_ratio"] == pytest.approx(float((exact.float() > 0.8).double().mean()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import importlib.metadata
+import math
 import os
 import sys
 from pathlib import Path
@@ -71,6 +72,36 @@ def test_the_serve_command_becomes_the_vllm_server_with_its_arguments(monkeypatc
     assert executable == sys.executable
     assert argv == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "DIR", "--port", "8000"]
     assert PLUGIN_NAME in env["VLLM_PLUGINS"].split(",")
+
+
+@pytest.mark.parametrize("mode", ["processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits"])
+def test_the_plugins_entropy_is_the_full_distributions_with_masked_tokens_counting_zero(mode):
+    import torch
+
+    from trl_eopd.vllm_plugin.patches import _ENTROPY_ROWS, entropy_of_rows
+
+    rows = _ENTROPY_ROWS + 5  # two blocks of rows, the last one short
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(rows, 50, generator=generator, dtype=torch.float64) * torch.linspace(0.1, 8.0, rows)[:, None]
+    logits[::3, :7] = -math.inf  # tokens vLLM masked: probability 0, and -inf as log-probability
+    logits += 3.0  # unnormalised, as in the `*_logits` modes
+    log_probs = logits.log_softmax(-1)
+    expected = -torch.where(torch.isfinite(log_probs), log_probs.exp() * log_probs, 0.0).sum(-1)
+    scores = logits if mode.endswith("_logits") else log_probs
+    entropy = entropy_of_rows(scores.float(), mode)
+    assert entropy.dtype == torch.float64
+    torch.testing.assert_close(entropy, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "version, tested", [("0.32.0", True), ("0.32.1+cpu", True), ("0.31.2", False), ("0.33.0", False), ("0.3", False)]
+)
+def test_the_plugin_patches_only_the_vllm_versions_it_was_tested_with(version, tested):
+    from trl_eopd import _compat
+    from trl_eopd.vllm_plugin.patches import vllm_version_is_tested
+
+    assert _compat.VLLM_ENTROPY_PLUGIN_TESTED_VERSIONS == ("0.32",)  # update the cases with the pin
+    assert vllm_version_is_tested(version) is tested
 
 
 def test_the_plugin_and_the_client_import_nothing_heavy():
