@@ -57,7 +57,9 @@ def normalise_routing_options(args) -> None:
             raise ValueError("`teacher_model_server_url` is an empty mapping: give at least one teacher id and URL.")
         for teacher_id, url in urls.items():
             if not isinstance(teacher_id, str) or not teacher_id:
-                raise ValueError(f"`teacher_model_server_url` keys are teacher ids (non-empty strings); got {teacher_id!r}.")
+                raise ValueError(
+                    f"`teacher_model_server_url` keys are teacher ids (non-empty strings); got {teacher_id!r}."
+                )
             if not isinstance(url, str) or not url.strip().startswith(("http://", "https://")):
                 raise ValueError(
                     f"`teacher_model_server_url[{teacher_id!r}]` must be an http(s) base URL such as "
@@ -70,7 +72,9 @@ def normalise_routing_options(args) -> None:
                 "with a single teacher, set `entropy_threshold`."
             )
         if not isinstance(thresholds, dict):
-            raise ValueError(f"`teacher_entropy_thresholds` must be a mapping of teacher id to nats; got {thresholds!r}.")
+            raise ValueError(
+                f"`teacher_entropy_thresholds` must be a mapping of teacher id to nats; got {thresholds!r}."
+            )
         for teacher_id, threshold in thresholds.items():
             if teacher_id not in urls:
                 raise ValueError(
@@ -82,7 +86,12 @@ def normalise_routing_options(args) -> None:
                     threshold = float(threshold)
                 except ValueError:
                     pass
-            if isinstance(threshold, bool) or not isinstance(threshold, Real) or math.isnan(threshold) or threshold < 0:
+            if (
+                isinstance(threshold, bool)
+                or not isinstance(threshold, Real)
+                or math.isnan(threshold)
+                or threshold < 0
+            ):
                 raise ValueError(
                     f"`teacher_entropy_thresholds[{teacher_id!r}]` must be a number of nats >= 0 (inf switches that "
                     f"teacher's gate off); got {threshold!r}."
