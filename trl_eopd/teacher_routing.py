@@ -219,6 +219,8 @@ class TeacherRouter:
         self.teacher_ids = list(urls)
         self.entropy_thresholds = dict(entropy_thresholds or {})
         self.servers: dict[str, TeacherServer] = {}
+        # `teacher_model` names one model; compared with several served ones it would only warn about the others.
+        server_kwargs.pop("teacher_name", None)
         for teacher_id, url in urls.items():
             try:
                 self.servers[teacher_id] = TeacherServer(url, **server_kwargs)
@@ -226,6 +228,11 @@ class TeacherRouter:
                 self.close()
                 raise TeacherServerError(f"Teacher {teacher_id!r} (`teacher_model_server_url`): {error}") from None
         self.vocab_size = next(iter(self.servers.values())).vocab_size
+
+    @property
+    def url(self) -> str:
+        """Every teacher's id and URL, for messages."""
+        return ", ".join(f"{teacher_id}: {server.url}" for teacher_id, server in self.servers.items())
 
     def check_dataset(self, dataset, name: str) -> None:
         """Stop before training on a row whose `teacher_id` is not a configured teacher, naming it and the ids.
