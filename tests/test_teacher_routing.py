@@ -279,3 +279,23 @@ def test_an_empty_group_keeps_the_graph_and_counts_nothing(tiny):
                                                      teacher_ids=["math", "code"], options=options)  # fmt: skip
     loss.backward()
     assert float(loss) == 0.0 and float(stats.per_teacher["code"].num_tokens) == 0
+
+
+def test_batches_are_checked_when_fetched_too(servers, tiny):
+    trainer = _trainer(tiny, "fetch-checks")
+    batch = trainer.data_collator(tiny["rows"][:2])
+    batch["teacher_id"] = ["math", "bio"]
+    with pytest.raises(ValueError, match=r"global step 3 has `teacher_id='bio'`.*known ids are \['math', 'code'\]"):
+        trainer._teacher_server.fetch([batch], global_step=3)
+    del batch["teacher_id"]
+    with pytest.raises(ValueError, match=r"A training batch has no `teacher_id` column"):
+        trainer._teacher_server.fetch([batch], global_step=3)
+
+
+def test_evaluation_reports_each_teachers_forward_kl_and_no_sampled_terms(servers, tiny):
+    trainer = _trainer(tiny, "eval", per_device_eval_batch_size=3)
+    metrics = trainer.evaluate(Dataset.from_list(tiny["rows"]))
+    shares = {t: metrics[f"eval_eopd/teacher/{t}/token_share"] for t in URLS}
+    per_teacher = sum(shares[t] * metrics[f"eval_eopd/teacher/{t}/forward_kl_top_k"] for t in URLS)
+    assert metrics["eval_loss"] == pytest.approx(per_teacher, rel=1e-5)
+    assert not [name for name in metrics if name.endswith(("/loss_base", "/loss_forward_gated", "reverse_kl_sampled"))]
