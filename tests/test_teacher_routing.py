@@ -219,14 +219,17 @@ def test_a_single_url_needs_no_column_and_a_single_teacher_mapping_neither(serve
     assert list(routed.groups) == ["math"]
 
 
-def test_dataset_errors_name_the_row_and_the_known_ids(servers, tiny):
+def test_dataset_errors_name_the_row_and_the_known_ids_before_any_server_is_asked(servers, tiny):
+    # Servers that do not exist: the data is checked first, so the error comes at once, not after their timeout.
+    nowhere = {"teacher_model_server_url": {"math": "http://nowhere:1", "code": "http://nowhere:2"},
+               "teacher_model_server_timeout": 60}  # fmt: skip
     rows = [dict(row) for row in tiny["rows"]]
     rows[5]["teacher_id"] = "physics"
     with pytest.raises(ValueError, match=r"Row 5 of `train_dataset` has `teacher_id='physics'`.*\['math', 'code'\]"):
-        _trainer(tiny, rows=rows)
+        _trainer(tiny, rows=rows, **nowhere)
     without = [{"messages": row["messages"]} for row in tiny["rows"]]
     with pytest.raises(ValueError, match=r"`train_dataset` .* has no `teacher_id` column.*2 teachers"):
-        _trainer(tiny, rows=without)
+        _trainer(tiny, rows=without, **nowhere)
 
 
 def test_start_up_errors_name_the_teacher_and_its_url(servers, tiny):

@@ -215,10 +215,14 @@ class TeacherRouter:
     `fetch(batches, global_step)` (one result per batch, here a [`RoutedTeacherLogProbs`]), `vocab_size`, `close()`.
     """
 
-    def __init__(self, urls: dict[str, str], *, entropy_thresholds: dict[str, float] | None = None, **server_kwargs):
+    def __init__(self, urls: dict[str, str], *, entropy_thresholds: dict[str, float] | None = None,
+                 datasets: dict | None = None, **server_kwargs):  # fmt: skip
         self.teacher_ids = list(urls)
         self.entropy_thresholds = dict(entropy_thresholds or {})
         self.servers: dict[str, TeacherServer] = {}
+        # The data first: a misrouted row is found in seconds, a server that is down only after the timeout.
+        for name, dataset in (datasets or {}).items():
+            self.check_dataset(dataset, name)
         # `teacher_model` names one model; compared with several served ones it would only warn about the others.
         server_kwargs.pop("teacher_name", None)
         for teacher_id, url in urls.items():
@@ -260,14 +264,14 @@ class TeacherRouter:
         else:
             return
         for row, value in enumerate(values):
-            if value not in self.servers:
+            if value not in self.teacher_ids:
                 raise ValueError(self._unknown(value, f"Row {row} of `{name}`"))
 
     def _missing_column(self, where: str) -> None:
-        if len(self.servers) > 1:
+        if len(self.teacher_ids) > 1:
             raise ValueError(
                 f"{where} has no `{TEACHER_ID_COLUMN}` column, which `teacher_model_server_url` with "
-                f"{len(self.servers)} teachers ({', '.join(map(repr, self.teacher_ids))}) needs to pick each row's "
+                f"{len(self.teacher_ids)} teachers ({', '.join(map(repr, self.teacher_ids))}) needs to pick each row's "
                 "teacher."
             )
 
@@ -284,7 +288,7 @@ class TeacherRouter:
             self._missing_column("A training batch")
             return [self.teacher_ids[0]] * rows
         for value in ids:
-            if value not in self.servers:
+            if value not in self.teacher_ids:
                 raise ValueError(self._unknown(value, f"A row of the batch at global step {global_step}"))
         return list(ids)
 

@@ -232,10 +232,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 from .teacher_routing import RoutedStatsLayout, TeacherRouter
 
                 self._teacher_server = TeacherRouter(
-                    served_teacher_url, entropy_thresholds=args.teacher_entropy_thresholds, **server_kwargs
-                )
-                self._teacher_server.check_dataset(train_dataset, "train_dataset")
-                self._teacher_server.check_dataset(eval_dataset, "eval_dataset")
+                    served_teacher_url, entropy_thresholds=args.teacher_entropy_thresholds,
+                    datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset}, **server_kwargs,
+                )  # fmt: skip
                 self._stats_class = RoutedStatsLayout(self._teacher_server.teacher_ids)
             else:
                 self._teacher_server = TeacherServer(served_teacher_url, **server_kwargs)
