@@ -328,3 +328,20 @@ def test_served_teacher_recipe_is_the_paper_recipe_with_the_teacher_on_a_server(
     for name in ("entropy_threshold", "forward_kl_coef", "reverse_kl_estimator", "learning_rate", "max_new_tokens",
                  "per_device_train_batch_size", "gradient_accumulation_steps", "temperature", "teacher_eos_token"):
         assert getattr(served, name) == getattr(local, name), name
+
+
+def test_the_teacher_id_column_is_kept_for_routing_to_several_teachers():
+    rows = [{"problem": "1+1?", "teacher_id": "math", "level": "1"}, {"problem": "f()?", "teacher_id": "code",
+                                                                       "level": "2"}]  # fmt: skip
+    ds = to_messages(_dataset(rows), EOPDScriptArguments(dataset_prompt_column="problem"), "d", lmbda=1.0)
+    assert sorted(ds.column_names) == ["messages", "teacher_id"] and ds["teacher_id"] == ["math", "code"]
+
+
+def test_the_two_teacher_recipe_is_the_served_recipe_with_a_mapping_of_teachers():
+    _, routed, _ = parse_args(["--config", "qwen3-1.7b-mopd-math-code-served", "--bf16", "false"])
+    _, served, _ = parse_args(["--config", "qwen3-1.7b-math-eopd-served", "--bf16", "false"])
+    assert sorted(routed.teacher_model_server_url) == ["code", "math"]
+    assert set(routed.teacher_entropy_thresholds) <= set(routed.teacher_model_server_url)
+    for name in ("entropy_threshold", "forward_kl_coef", "forward_kl_top_k", "reverse_kl_estimator", "learning_rate",
+                 "teacher_top_logprobs", "temperature", "teacher_eos_token"):  # fmt: skip
+        assert getattr(routed, name) == getattr(served, name), name

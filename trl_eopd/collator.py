@@ -19,6 +19,9 @@ from typing import Any
 
 from ._gkd import DataCollatorForChatML
 
+# The dataset column that names each row's served teacher (the column of TRL's `AsyncDistillationTrainer`).
+TEACHER_ID_COLUMN = "teacher_id"
+
 
 _NO_ROW = object()
 
@@ -112,7 +115,11 @@ class PromptKeepingChatMLCollator(DataCollatorForChatML):
         if truncated_here:
             self.num_truncated += truncated_here
             self._report(truncated_here, len(examples))
-        return super().__call__(fitted)
+        batch = super().__call__(fitted)
+        # Each row's teacher, for a mapping of served teachers (`trl_eopd/teacher_routing.py`); the parent drops it.
+        if examples and TEACHER_ID_COLUMN in examples[0]:
+            batch[TEACHER_ID_COLUMN] = [example.get(TEACHER_ID_COLUMN) for example in examples]
+        return batch
 
     def _fit(self, example: dict) -> dict:
         if "input_ids" in example or self.messages_key not in example:

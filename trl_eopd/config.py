@@ -14,6 +14,7 @@ from ._gkd import GKDConfig
 from ._vllm_install import vllm_install_hint
 from .loss.options import EOPDLossOptions, sampled_estimator_error
 from .loss.served import DEFAULT_ENTROPY_ESTIMATE, ENTROPY_ESTIMATES
+from .teacher_routing import normalise_routing_options
 from .teacher_server import DEFAULT_TEACHER_TOP_LOGPROBS, validate_teacher_server_options
 
 # Before anything imports DeepSpeed: training scripts import the config first.
@@ -93,13 +94,22 @@ class EOPDConfig(GKDConfig):
 
         > Parameters that control a teacher served by vLLM (see `docs/teacher_server.md`)
 
-        teacher_model_server_url (`str` or `None`, *optional*, defaults to `None`):
+        teacher_model_server_url (`str`, `dict[str, str]` or `None`, *optional*, defaults to `None`):
             Base URL of an OpenAI-compatible vLLM server hosting the teacher (TRL's name), e.g.
             `"http://10.0.0.3:8000"`, started with `--max-logprobs -1 --logprobs-mode processed_logprobs`. No teacher
             is then loaded in the training processes: the teacher's top log-probabilities of every completion token
             are fetched from the server once per accumulation window. `teacher_model` may then be `None`, or a name
             used only for checks. Requires `reverse_kl_estimator="sampled"`, an integer `forward_kl_top_k`,
             `temperature=1.0` and `memory_efficient_loss=True`; the gate uses an estimate of the teacher's entropy.
+            A mapping of teacher id to URL (a dict in YAML, a JSON object on the command line), e.g. `{"math":
+            "http://10.0.0.3:8000", "code": "http://10.0.0.4:8000"}`, distils one student from several teachers
+            (multi-teacher on-policy distillation, MOPD, arXiv 2606.30406; the `teacher_server_urls` of TRL's
+            `AsyncDistillationConfig`): each training row's `teacher_id` column names the teacher that scores and
+            gates it. The column is required with two teachers or more.
+        teacher_entropy_thresholds (`dict[str, float]` or `None`, *optional*, defaults to `None`):
+            With a mapping of served teachers: the gate's threshold per teacher id, in nats, for the teachers whose
+            entropy profile needs another threshold than `entropy_threshold` (the others keep it). A dict in YAML, a
+            JSON object on the command line, e.g. `--teacher_entropy_thresholds '{"code": 1.2}'`.
         teacher_top_logprobs (`int`, *optional*, defaults to `32`):
             With `teacher_model_server_url`: how many of the teacher's top log-probabilities are fetched per token
             (the `top_logprobs` of TRL's `VLLMClient.get_sequence_logprobs`). At least `forward_kl_top_k`; the extra
@@ -241,11 +251,20 @@ class EOPDConfig(GKDConfig):
     # A teacher served by vLLM; see `trl_eopd/teacher_server.py`. `teacher_model_server_url` is TRL's name
     # (`ServerDistillationConfig`); TRL's `loss_top_k` also sets the loss's support, which EOPD keeps in
     # `forward_kl_top_k`, so the fetch count takes the name of the client's `top_logprobs` argument instead.
-    teacher_model_server_url: str | None = field(
+    teacher_model_server_url: dict[str, str] | str | None = field(
         default=None,
         metadata={
             "help": "Base URL of a vLLM server hosting the teacher (started with `--max-logprobs -1 --logprobs-mode "
-            "processed_logprobs`). No teacher is loaded locally; needs reverse_kl_estimator=sampled and temperature=1."
+            "processed_logprobs`). No teacher is loaded locally; needs reverse_kl_estimator=sampled and temperature=1. "
+            'Or a JSON object of teacher id to URL, e.g. \'{"math": "http://h1:8000", "code": "http://h2:8000"}\': '
+            "each row's `teacher_id` column then picks its teacher."
+        },
+    )
+    teacher_entropy_thresholds: dict[str, float] | str | None = field(
+        default=None,
+        metadata={
+            "help": "With several served teachers: the gate's entropy threshold per teacher id, as a JSON object, "
+            "e.g. '{\"code\": 1.2}'; teachers not named keep `entropy_threshold`."
         },
     )
     teacher_top_logprobs: int = field(
@@ -377,6 +396,7 @@ class EOPDConfig(GKDConfig):
             raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")
         # Checked even with `use_vllm=False`, so a recipe's typo surfaces before someone turns vLLM on.
         self._validate_vllm_options()
+        normalise_routing_options(self)
         validate_teacher_server_options(self)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import textwrap
 import warnings
@@ -266,14 +267,23 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
             self.teacher_model = None  # GKD prepared a parameter-free stand-in; nothing of the teacher lives here
             self._stats_class = ServedTeacherStats
-            self._teacher_server = TeacherServer(
-                served_teacher_url,
-                top_logprobs=args.teacher_top_logprobs,
-                timeout=args.teacher_model_server_timeout,
-                retries=args.teacher_model_server_retries,
-                student_vocab_size=self.model.config.get_text_config().vocab_size,
-                teacher_name=served_teacher_name,
-            )
+            server_kwargs = {
+                "top_logprobs": args.teacher_top_logprobs,
+                "timeout": args.teacher_model_server_timeout,
+                "retries": args.teacher_model_server_retries,
+                "student_vocab_size": self.model.config.get_text_config().vocab_size,
+                "teacher_name": served_teacher_name,
+            }
+            if isinstance(served_teacher_url, dict):  # several teachers, each row routed to its own
+                from .teacher_routing import RoutedStatsLayout, TeacherRouter
+
+                self._teacher_server = TeacherRouter(
+                    served_teacher_url, entropy_thresholds=args.teacher_entropy_thresholds,
+                    datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset}, **server_kwargs,
+                )  # fmt: skip
+                self._stats_class = RoutedStatsLayout(self._teacher_server.teacher_ids)
+            else:
+                self._teacher_server = TeacherServer(served_teacher_url, **server_kwargs)
         self._vllm_rollouts = None
         if args.use_vllm:
             from .vllm_rollouts import VLLMRollouts
@@ -532,21 +542,29 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
     def _project_and_score_served(self, student, inputs, num_items_in_batch, options, target_log_probs_out=None):
         from .loss.served import served_teacher_eopd_loss_and_stats
+        from .teacher_routing import RoutedTeacherLogProbs, routed_teacher_eopd_loss_and_stats
 
         shifted_labels = inputs["labels"][:, 1:]
         loss_mask = shifted_labels != IGNORE_INDEX
         teacher = inputs.pop(_SERVED_TEACHER)
         student_hidden = last_hidden_state(student, inputs["input_ids"], inputs["attention_mask"])[:, :-1][loss_mask]
         projection = gathered(find_output_projection(student)[0])
+        if isinstance(teacher, RoutedTeacherLogProbs):
+            teacher_args = (teacher,)
+            loss_function = functools.partial(
+                routed_teacher_eopd_loss_and_stats, teacher_ids=self._teacher_server.teacher_ids,
+                entropy_thresholds=self._teacher_server.entropy_thresholds,
+            )  # fmt: skip
+        else:
+            # The exact entropy where the server's plugin gives it.
+            teacher_args = (teacher.top_log_probs, teacher.top_ids, teacher.target_log_probs)
+            loss_function = functools.partial(served_teacher_eopd_loss_and_stats, teacher_entropy=teacher.entropy)
         with maybe_gather_lm_head_ctx(projection.weight, projection.bias):
-            loss, stats = served_teacher_eopd_loss_and_stats(
+            loss, stats = loss_function(
                 student_hidden,
                 projection.weight,
                 shifted_labels[loss_mask],
-                teacher.top_log_probs,
-                teacher.top_ids,
-                teacher.target_log_probs,
-                teacher_entropy=teacher.entropy,  # the exact entropy where the server's plugin gives it
+                *teacher_args,
                 student_bias=projection.bias,
                 student_logit_scale=projection.logit_scale,
                 student_softcap=projection.softcap,

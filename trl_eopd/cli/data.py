@@ -171,7 +171,11 @@ def to_messages(dataset, args, name: str, *, lmbda: float):
     # Fail on a bad first row now, with a clear message, rather than deep inside a worker during `map`.
     if len(dataset) > 0:
         convert(dataset[0])
-    return dataset.map(convert, remove_columns=columns, desc=f"Formatting {name}")
+    from ..collator import TEACHER_ID_COLUMN
+
+    # Each row's served teacher (several teachers, `trl_eopd/teacher_routing.py`) is the one other column kept.
+    dropped = [column for column in columns if column != TEACHER_ID_COLUMN]
+    return dataset.map(convert, remove_columns=dropped, desc=f"Formatting {name}")
 
 
 def load_datasets(script_args, training_args):

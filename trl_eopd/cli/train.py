@@ -173,7 +173,7 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
         callbacks=callbacks,
     )
     served = trainer._teacher_server
-    source = f"teacher {teacher}" if served is None else f"the teacher served at {served.url}"
+    source = f"teacher {teacher}" if served is None else f"the teacher(s) served at {served.url}"
     _log(state, f"training {student} from {source} on {len(train_dataset)} rows")
     trainer.train(resume_from_checkpoint=resume)
 

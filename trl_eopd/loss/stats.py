@@ -100,7 +100,9 @@ def evaluation_means(stats, forward_kl_coef: float) -> tuple[float, dict[str, fl
     """
     means = stats.means()
     if _is_served(stats):
-        for name in SERVED_METRICS_NOT_EVALUATED:
-            means.pop(name, None)
+        # Also each served teacher's own (`eopd/teacher/<id>/loss_base`, ...) with several teachers.
+        not_evaluated = {name.rsplit("/", 1)[1] for name in SERVED_METRICS_NOT_EVALUATED}
+        for name in [name for name in means if name.rsplit("/", 1)[1] in not_evaluated]:
+            means.pop(name)
     loss = float(evaluation_loss_sum(stats, forward_kl_coef)) / max(float(stats.num_tokens), 1.0)
     return loss, means
