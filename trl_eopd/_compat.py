@@ -101,14 +101,19 @@ GKD_LOGGER = "trl.experimental.gkd.gkd_trainer"
 
 
 @contextmanager
-def without_gkd_migration_advice():
-    target = logging.getLogger(GKD_LOGGER)
-    level = target.level
-    target.setLevel(logging.ERROR)
+def _logger_raised_to(name: str, level: int):
+    """Raise one logger's level for the duration, then give it back whatever level it had."""
+    target = logging.getLogger(name)
+    previous = target.level
+    target.setLevel(level)
     try:
         yield
     finally:
-        target.setLevel(level)
+        target.setLevel(previous)
+
+
+def without_gkd_migration_advice():
+    return _logger_raised_to(GKD_LOGGER, logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,15 +165,8 @@ def regroup_help(parser, sections: list[tuple[str, set[str] | None]]) -> None:
 DATASETS_JSON_LOGGER = "datasets.packaged_modules.json.json"
 
 
-@contextmanager
 def datasets_json_errors_left_to_the_caller():
-    target = logging.getLogger(DATASETS_JSON_LOGGER)
-    level = target.level
-    target.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        target.setLevel(level)
+    return _logger_raised_to(DATASETS_JSON_LOGGER, logging.CRITICAL)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -101,6 +101,16 @@ class TeacherServerProcess:
             return ""
 
 
+def save_servable_teacher(root: Path) -> Path:
+    """The tiny teacher vLLM can serve (attention heads 32 wide) and its tokenizer, saved in `root/teacher`."""
+    from trl_eopd.tiny import build_servable_tiny_teacher, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    build_servable_tiny_teacher(tokenizer).save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    return root / "teacher"
+
+
 def teacher_sampled_batch(teacher_dir, num_rows=24, max_new_tokens=24, seed=0):
     """Prompts of the toy data with completions sampled from the (local) teacher, as a padded training batch."""
     import torch

@@ -11,12 +11,12 @@ import logging
 
 import pytest
 import torch
-from served_teacher import TeacherServerProcess, teacher_sampled_batch
+from served_teacher import TeacherServerProcess, save_servable_teacher, teacher_sampled_batch
 
 from trl_eopd.loss import eopd_loss_and_stats
 from trl_eopd.loss.served import served_teacher_eopd_loss_and_stats, teacher_entropy_bounds
 from trl_eopd.teacher_server import TeacherServer
-from trl_eopd.tiny import build_servable_tiny_teacher, build_tiny_tokenizer, toy_arithmetic_conversations
+from trl_eopd.tiny import build_tiny_tokenizer, toy_arithmetic_conversations
 from trl_eopd.vllm_plugin import PLUGIN_NAME, patches
 
 THRESHOLD = 0.8
@@ -30,11 +30,7 @@ PREFILL_CHUNK = 32
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("plugin-teacher")
-    tokenizer = build_tiny_tokenizer()
-    build_servable_tiny_teacher(tokenizer).save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    return root / "teacher"
+    return save_servable_teacher(tmp_path_factory.mktemp("plugin-teacher"))
 
 
 @pytest.fixture(scope="module")

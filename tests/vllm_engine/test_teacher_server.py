@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from served_teacher import TeacherServerProcess, free_port, teacher_sampled_batch
+from served_teacher import TeacherServerProcess, save_servable_teacher, free_port, teacher_sampled_batch
 
 from trl_eopd.loss import eopd_loss_and_stats
 from trl_eopd.loss.served import estimate_teacher_entropy, served_teacher_eopd_loss_and_stats
 from trl_eopd.teacher_server import TeacherServer, TeacherServerError
-from trl_eopd.tiny import build_servable_tiny_teacher, build_tiny_tokenizer, toy_arithmetic_conversations
+from trl_eopd.tiny import build_tiny_tokenizer, toy_arithmetic_conversations
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +42,7 @@ GATE_AGREEMENT_FLOOR = 0.98
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served-teacher")
-    tokenizer = build_tiny_tokenizer()
-    build_servable_tiny_teacher(tokenizer).save_pretrained(root / "teacher")
-    tokenizer.save_pretrained(root / "teacher")
-    return root / "teacher"
+    return save_servable_teacher(tmp_path_factory.mktemp("served-teacher"))
 
 
 @pytest.fixture(scope="module")
