@@ -252,7 +252,7 @@ class EOPDConfig(GKDConfig):
     )
 
     # Parameters that control generation with vLLM. Names, defaults and meanings are TRL's `DistillationConfig`'s, so a
-    # TRL user already knows them; see `trl_eopd/vllm_rollouts.py`.
+    # TRL user already knows them; see `trl_eopd/rollouts/colocate.py`.
     use_vllm: bool = field(
         default=False,
         metadata={

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import textwrap
 import warnings
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_
 from .config import EOPDConfig
 from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
-from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
+from .rollouts import SAMPLER_LOGPROBS, build_rollout_source, without_rewritten_tokens
 
 if is_peft_available():
     from peft import PeftConfig
@@ -71,7 +70,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
     - keeps prompts longer than the room `max_length` leaves whole (cutting the reference completion instead, with a
       warning), and names the model when sampling hits non-finite probabilities;
     - with `args.use_vllm`, samples the on-policy completions with vLLM through TRL's `VLLMGeneration`, one engine call
-      per accumulation window (see `trl_eopd/vllm_rollouts.py`).
+      per accumulation window (see `trl_eopd/rollouts/`).
 
     Args:
         model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
@@ -219,19 +218,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 student_vocab_size=self.model.config.get_text_config().vocab_size,
                 teacher_name=served_teacher_name,
             )
-        self._vllm_rollouts = None
-        if args.use_vllm:
-            from .vllm_rollouts import VLLMRollouts
-
-            self._vllm_rollouts = VLLMRollouts(
-                model=self.model,
-                accelerator=self.accelerator,
-                processing_class=self.processing_class,
-                args=args,
-                eos_token_id=self.generation_config.eos_token_id,
-                train_dataset=self.train_dataset,
-                collator_max_length=getattr(self.data_collator, "max_length", None),
-            )
+        # Where on-policy completions come from (`generate`, a colocated engine, or a server); see `trl_eopd/rollouts`.
+        self._rollouts = build_rollout_source(self)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -275,58 +263,18 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         input_ids[at_student_eos] = self._teacher_eos_id
         labels[at_student_eos] = self._teacher_eos_id
 
-    def _roll_out(self, inputs: dict) -> dict:
-        """Replace the batch's completions by the student's own (with probability lmbda) or the teacher's (seq_kd)."""
-        if random.random() <= self.lmbda:
-            generator, gradient_checkpointing_kwargs = self.model_wrapped, self.args.gradient_checkpointing_kwargs
-            role = "student (on-policy sampling)"
-        elif self.seq_kd:
-            generator, gradient_checkpointing_kwargs = self.teacher_model, None
-            role = "teacher (sampling because seq_kd=True)"
-        else:
-            inputs[_ROLLOUT_DONE] = True
-            return inputs
-        with _compat.unwrap_model_for_generation(
-            generator,
-            self.accelerator,
-            generation_kwargs=self.generation_kwargs,
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
-        ) as unwrapped_model:
-            try:
-                # GKD's static method, unchanged, so code calling it on the class keeps working.
-                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    _compat.GenerationConfigOnly(unwrapped_model), inputs, self.generation_config
-                )
-            except RuntimeError as error:
-                # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
-                # names it, and sampling (the student's, or the teacher's with seq_kd) does too.
-                if "probability tensor contains" not in str(error):
-                    raise
-                raise FloatingPointError(_non_finite_sampling_report(self, unwrapped_model, role)) from error
-        self._replace_student_eos(input_ids, labels)
-        inputs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        inputs[_ROLLOUT_DONE] = True
-        return inputs
-
     def _roll_out_window(self, batches: list[dict]) -> list[dict]:
-        if self._vllm_rollouts is None:
-            batches = [self._roll_out(batch) for batch in batches]
-        else:
-            # One engine call for the whole window, after one weight push per optimizer step.
-            rolled_out = self._vllm_rollouts.roll_out(
-                batches,
-                global_step=self.state.global_step,
-                lmbda=self.lmbda,
-                measure_mismatch=self._logs_next_step(),
-            )
-            for batch in rolled_out:
-                sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
-                self._replace_student_eos(batch["input_ids"], batch["labels"])
-                if sampled_labels is not None:
-                    batch[SAMPLER_LOGPROBS] = without_rewritten_tokens(batch[SAMPLER_LOGPROBS], sampled_labels,
-                                                                       batch["labels"])  # fmt: skip
-            for batch in batches:
-                batch[_ROLLOUT_DONE] = True
+        rolled_out = self._rollouts.roll_out_window(
+            batches, global_step=self.state.global_step, lmbda=self.lmbda, measure_mismatch=self._logs_next_step()
+        )
+        for batch in rolled_out:
+            sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
+            self._replace_student_eos(batch["input_ids"], batch["labels"])
+            if sampled_labels is not None:
+                batch[SAMPLER_LOGPROBS] = without_rewritten_tokens(batch[SAMPLER_LOGPROBS], sampled_labels,
+                                                                   batch["labels"])  # fmt: skip
+        for batch in batches:
+            batch[_ROLLOUT_DONE] = True
         if self._teacher_server is not None:
             self._fetch_served_teacher(batches)
         return batches
@@ -391,7 +339,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         # In eval mode a given count (from a caller summing a loss over batches) divides the summed loss as is, as in
         # GKD. The Trainer's own evaluation (TRL's `SFTTrainer.prediction_step`) passes none: per-batch token means.
 
-        # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `vllm_rollouts`): the
+        # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `trl_eopd/rollouts`): the
         # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
         sampler_logprobs = inputs.pop(SAMPLER_LOGPROBS, None)
         target_log_probs = None
@@ -411,7 +359,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             )
         self._record_metrics(mode, loss, stats, diagnose)
         if sampler_logprobs is not None:
-            self._vllm_rollouts.record_mismatch(sampler_logprobs, target_log_probs)
+            self._rollouts.record_mismatch(sampler_logprobs, target_log_probs)
         return (loss, outputs) if return_outputs else loss
 
     def _full_logits_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
@@ -656,20 +604,15 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             prefix = _metric_prefix(logs) if mode == "eval" else ""
             means = self._stats_class.from_tensor(sums.cpu()).means()
             logs.update({prefix + name: value for name, value in means.items()})
-        if mode == "train" and self._vllm_rollouts is not None and self._vllm_rollouts.mismatch_values:
-            from .vllm_rollouts import MISMATCH_METRIC
-
-            values = self._vllm_rollouts.mismatch_values
-            logs[MISMATCH_METRIC] = sum(values) / len(values)
-            values.clear()
+        if mode == "train":
+            logs.update(self._rollouts.pop_metrics())
         super().log(logs, start_time)
 
     def end(self):
-        """Shut a colocated vLLM engine down, then finish as [`~transformers.Trainer.end`] does."""
-        # The engine made process groups inside the training world; torn down after `end()` destroyed that world, at
-        # interpreter exit, vLLM would print an "Invalid process group" traceback.
-        if self._vllm_rollouts is not None:
-            self._vllm_rollouts.close()
+        """Close the rollout source (a colocated vLLM engine), then finish as [`~transformers.Trainer.end`] does."""
+        # A colocated engine made process groups inside the training world; torn down after `end()` destroyed that
+        # world, at interpreter exit, vLLM would print an "Invalid process group" traceback.
+        self._rollouts.close()
         super().end()
 
     def evaluation_loop(self, *args, **kwargs):
@@ -699,21 +642,6 @@ def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, c
             logits = project(hidden[start : start + chunk_size].float(), projection)
             count += (~torch.isfinite(logits)).any(-1).sum().item()
     return count
-
-
-def _non_finite_sampling_report(trainer, model, role: str) -> str:
-    with torch.no_grad():
-        bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
-    if bad:
-        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        cause = f"{len(bad)} of its weight tensors contain NaN or inf ({listed})"
-    else:
-        cause = "its weights are finite, so its logits overflowed (fp16 overflows easily; prefer bf16 or fp32)"
-    return (
-        f"Sampling from the {role} failed at global step {trainer.state.global_step}: its next-token probabilities "
-        f"are NaN or inf because {cause}. A NaN loss or a too-high learning rate in an earlier step is the usual "
-        "cause; lower the learning rate, or restart from a healthy checkpoint."
-    )
 
 
 def _non_finite_report(student: Callable[[], int], teacher: Callable[[], int]) -> str:

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_eopd import EOPDConfig, EOPDTrainer
 from trl_eopd.tiny import build_tiny_model, build_tiny_tokenizer, toy_arithmetic_conversations
-from trl_eopd.vllm_rollouts import MISMATCH_METRIC
+from trl_eopd.rollouts import MISMATCH_METRIC
 
 pytestmark = pytest.mark.slow
 

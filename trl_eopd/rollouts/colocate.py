@@ -1,4 +1,4 @@
-"""On-policy rollouts through vLLM for [`EOPDTrainer`].
+"""On-policy rollouts through a vLLM engine inside every training process (`vllm_mode="colocate"`).
 
 Engine management and weight synchronisation are TRL's own `trl.generation.vllm_generation.VLLMGeneration`, the class
 behind `DistillationTrainer` and `GRPOTrainer`. This module only decides what to ask it and when:
@@ -19,63 +19,23 @@ rewrites end-of-turn tokens and marks the batches afterwards.
 
 from __future__ import annotations
 
-import math
-import random
 import warnings
 
-import torch
-
-from . import _compat
-from .loss.options import IGNORE_INDEX
-
-MISMATCH_METRIC = "eopd/vllm_logprob_abs_diff"
-# Batch key of vLLM's log-prob of each sampled token: a list of floats, one per loss token in the loss's order (NaN
-# where there is none). `EOPDTrainer.compute_loss` pops it and compares it with the loss's own log-probs. A list, not a
-# tensor, so that the Trainer's input preparation (which casts float tensors to bf16 under DeepSpeed) leaves it as is.
-SAMPLER_LOGPROBS = "eopd_sampler_logprobs"
-
-
-def build_rollout_batch(
-    prompts: torch.Tensor, prompt_attention_mask: torch.Tensor, completions: list[list[int]], pad_token_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lay out sampled completions exactly as `GKDTrainer.generate_on_policy_outputs` does after `generate`.
-
-    `prompts` stays left-padded as the collator made it; each completion (already cut after its stop token, which is
-    kept) is right-padded with `pad_token_id` to the longest one. The attention mask is the prompt mask followed by
-    ones over each completion; labels are the token ids there and -100 on the prompt and on padding.
-    """
-    batch_size, prompt_width = prompts.shape
-    if len(completions) != batch_size:
-        raise ValueError(f"{len(completions)} completions for {batch_size} prompts.")
-    width = max((len(completion) for completion in completions), default=0)
-    completion_ids = torch.full((batch_size, width), pad_token_id, dtype=prompts.dtype, device=prompts.device)
-    completion_mask = torch.zeros((batch_size, width), dtype=prompt_attention_mask.dtype, device=prompts.device)
-    for row, completion in enumerate(completions):
-        completion_ids[row, : len(completion)] = torch.as_tensor(completion, dtype=prompts.dtype)
-        completion_mask[row, : len(completion)] = 1
-    input_ids = torch.cat([prompts, completion_ids], dim=1)
-    attention_mask = torch.cat([prompt_attention_mask, completion_mask], dim=1)
-    labels = input_ids.clone()
-    labels[attention_mask == 0] = IGNORE_INDEX
-    labels[:, :prompt_width] = IGNORE_INDEX
-    return input_ids, attention_mask, labels
+from .. import _compat
+from .base import (
+    SAMPLER_LOGPROBS,
+    RolloutSource,
+    build_rollout_batch,
+    sampler_logprobs_per_loss_token,
+    stop_token_ids,
+    unpadded_rows,
+)
 
 
-def _unpadded_rows(prompts: torch.Tensor, prompt_attention_mask: torch.Tensor) -> list[list[int]]:
-    # The mask, not the pad id, marks padding: a pad id may also occur inside a real prompt.
-    return [ids[mask.bool()].tolist() for ids, mask in zip(prompts, prompt_attention_mask, strict=True)]
-
-
-def _stop_token_ids(eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        return []
-    return [eos_token_id] if isinstance(eos_token_id, int) else sorted(set(eos_token_id))
-
-
-class VLLMRollouts:
+class VLLMRollouts(RolloutSource):
     """The student's on-policy completions for an accumulation window, from TRL's `VLLMGeneration`.
 
-    Built by [`EOPDTrainer`] when `args.use_vllm` is set; the trainer calls [`roll_out`] with the prepared
+    Built by [`EOPDTrainer`] when `args.use_vllm` is set; the trainer calls [`roll_out_window`] with the prepared
     micro-batches of each window.
 
     Args:
@@ -90,8 +50,8 @@ class VLLMRollouts:
 
     def __init__(self, *, model, accelerator, processing_class, args, eos_token_id, train_dataset=None,
                  collator_max_length=None):  # fmt: skip
+        super().__init__(accelerator)
         self.model = model
-        self.accelerator = accelerator
         self.args = args
         self.processing_class = processing_class
         name_or_path = getattr(self.model, "name_or_path", None)
@@ -103,7 +63,7 @@ class VLLMRollouts:
             )
         tokenizer = getattr(processing_class, "tokenizer", processing_class)
         self.pad_token_id = tokenizer.pad_token_id
-        self.stop_token_ids = _stop_token_ids(eos_token_id)
+        self.stop_token_ids = stop_token_ids(eos_token_id)
         self.max_new_tokens = args.max_new_tokens
         self.max_model_length = args.vllm_max_model_length
         self._check_dataset_fits(train_dataset, collator_max_length)
@@ -145,8 +105,8 @@ class VLLMRollouts:
                 min_p=0.0,
                 repetition_penalty=1.0,
                 max_completion_length=args.max_new_tokens,
-                # The sampled token's log-probability (after temperature), for the mismatch metric; `roll_out` sets
-                # it per call, since only logged steps need it.
+                # The sampled token's log-probability (after temperature), for the mismatch metric; set per call,
+                # since only logged steps need it.
                 logprobs=None,
                 # Token ids are all the trainer reads: skipping the text saves engine time, and a vocabulary padded
                 # beyond the tokenizer (Qwen3's) can sample ids that have no text.
@@ -165,8 +125,6 @@ class VLLMRollouts:
         if args.vllm_mode == "colocate":
             self.max_model_length = self.generation.llm.llm_engine.model_config.max_model_len
         self._synced_at_step = None
-        # One value per measured micro-batch since the last log; the trainer logs their mean (see `log`).
-        self.mismatch_values: list[float] = []
 
     def close(self) -> None:
         """Shut a colocated engine down, while the process groups it joined still exist (see `_compat`)."""
@@ -224,23 +182,14 @@ class VLLMRollouts:
     # ----------------------------------------------------------------------------------------------------------------
     # Rollouts
 
-    def _on_policy_decisions(self, count: int, lmbda: float) -> list[bool]:
-        """One draw per micro-batch, as the `generate` path makes, taken from the main process for everyone."""
-        decisions = [random.random() <= lmbda for _ in range(count)]
-        if self.accelerator.num_processes > 1 and 0.0 < lmbda < 1.0:
-            from accelerate.utils import broadcast_object_list
-
-            shared = [decisions]
-            broadcast_object_list(shared, from_process=0)
-            decisions = shared[0]
-        return decisions
-
     def _sync_weights_once_per_step(self, step: int) -> None:
         if self._synced_at_step != step:
             self.generation.sync_weights()
             self._synced_at_step = step
 
-    def roll_out(self, batches: list[dict], *, global_step: int, lmbda: float, measure_mismatch: bool) -> list[dict]:
+    def roll_out_window(
+        self, batches: list[dict], *, global_step: int, lmbda: float, measure_mismatch: bool
+    ) -> list[dict]:
         """Replace the completions of the on-policy micro-batches of one accumulation window by the student's.
 
         `global_step` is the optimizer step the window feeds (one weight push per step), `lmbda` the share of
@@ -248,12 +197,12 @@ class VLLMRollouts:
         asks for it on logged steps only): then the engine returns each sampled token's log-prob, and each replaced
         batch carries them under `SAMPLER_LOGPROBS` for the loss to compare. Returns the batches that were replaced.
         """
-        decisions = self._on_policy_decisions(len(batches), lmbda)
+        decisions = self.on_policy_decisions(len(batches), lmbda)
         on_policy = [batch for batch, on in zip(batches, decisions, strict=True) if on]
         if not on_policy:
             return []
 
-        prompt_rows = [_unpadded_rows(b["prompts"], b["prompt_attention_mask"]) for b in on_policy]
+        prompt_rows = [unpadded_rows(b["prompts"], b["prompt_attention_mask"]) for b in on_policy]
         flat_prompts = [row for rows in prompt_rows for row in rows]
         self._check_prompt_lengths(flat_prompts)
         self._sync_weights_once_per_step(global_step)
@@ -273,49 +222,3 @@ class VLLMRollouts:
             if measure_mismatch and batch_logprobs is not None:
                 batch[SAMPLER_LOGPROBS] = sampler_logprobs_per_loss_token(labels, batch_logprobs)
         return on_policy
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Sampler/trainer mismatch
-
-    def record_mismatch(self, sampler_logprobs: list[float], student_logprobs: torch.Tensor) -> None:
-        """Add one micro-batch's mean |vLLM's log-prob - the student's| over its sampled tokens, over every process.
-
-        Both are per loss token in the loss's order; NaN sampler entries (no log-prob, or a rewritten end token) are
-        left out. Every process calls this for the same micro-batches: the measured steps and the on-policy decisions
-        are the same everywhere.
-        """
-        sampler = torch.tensor(sampler_logprobs, dtype=torch.float64, device=student_logprobs.device)
-        if sampler.numel() != student_logprobs.numel():
-            raise RuntimeError(
-                f"{sampler.numel()} vLLM log-probs for {student_logprobs.numel()} loss tokens: the batch's labels "
-                "changed after the rollout."
-            )
-        diff = (sampler - student_logprobs.double()).abs()
-        finite = torch.isfinite(diff)
-        local = torch.stack([diff[finite].sum(), finite.sum().to(torch.float64)]).to(self.accelerator.device)
-        totals = self.accelerator.reduce(local, reduction="sum")
-        if totals[1] > 0:
-            self.mismatch_values.append((totals[0] / totals[1]).item())
-
-
-def sampler_logprobs_per_loss_token(labels: torch.Tensor, sampler_logprobs) -> list[float]:
-    """vLLM's log-prob of each loss token of `labels[:, 1:]`, row-major (NaN where vLLM gave none)."""
-    mask = labels[:, 1:] != IGNORE_INDEX
-    # vLLM reports one list of log-probs per completion token; row order and completion order match `mask`.
-    values = [math.nan if lp[0] is None else lp[0] for row in sampler_logprobs for lp in row]
-    if len(values) != int(mask.sum()):
-        raise RuntimeError(
-            f"vLLM returned {len(values)} log-probs for {int(mask.sum())} completion tokens; the rollout batch and "
-            "the engine's outputs are out of step."
-        )
-    return values
-
-
-def without_rewritten_tokens(values: list[float], sampled_labels: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    """`values` (one per loss token of `sampled_labels`) with NaN where `labels` no longer holds the sampled token.
-
-    A student end token rewritten to the teacher's is not what vLLM sampled: the loss scores the teacher's there.
-    """
-    mask = sampled_labels[:, 1:] != IGNORE_INDEX
-    rewritten = (labels != sampled_labels)[:, 1:][mask].tolist()
-    return [math.nan if changed else value for value, changed in zip(values, rewritten, strict=True)]
