@@ -17,9 +17,9 @@ from ._gkd import GKDTrainer
 from ._paths import check_model_path
 from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_not_empty
 from .config import EOPDConfig
-from .loss import IGNORE_INDEX, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
+from .loss import IGNORE_INDEX, EOPDStats, ImportanceCorrection, chunked_eopd_loss_and_stats, eopd_loss_and_stats
 from .loss.projection import OutputProjection, find_output_projection, last_hidden_state, project
-from .rollouts import SAMPLER_LOGPROBS, build_rollout_source, without_rewritten_tokens
+from .rollouts import ROLLOUT_STALENESS, SAMPLER_LOGPROBS, build_rollout_source, without_rewritten_tokens
 
 if is_peft_available():
     from peft import PeftConfig
@@ -267,6 +267,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         rolled_out = self._rollouts.roll_out_window(
             batches, global_step=self.state.global_step, lmbda=self.lmbda, measure_mismatch=self._logs_next_step()
         )
+        return self._finish_rollouts(batches, rolled_out)
+
+    def _finish_rollouts(self, batches: list[dict], rolled_out: list[dict]) -> list[dict]:
         for batch in rolled_out:
             sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
             self._replace_student_eos(batch["input_ids"], batch["labels"])
@@ -305,11 +308,18 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         transformers counts `num_items_in_batch` on the dataset's labels, before on-policy generation replaces them;
         generating here, for the whole window at once, lets the count cover the completions actually trained on.
         """
-        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        # A resumed run must sample what an uninterrupted one would: the rollouts below are the first random draws.
-        self._restore_rng_before_rollouts()
-        on_device = [send_to_device(batch, self.accelerator.device) for batch in batch_samples]
-        batch_samples = self._roll_out_window(on_device)
+        def fetch() -> list[dict]:
+            batch_samples, _ = super(EOPDTrainer, self).get_batch_samples(epoch_iterator, num_batches, device)
+            # A resumed run must sample what an uninterrupted one would: the rollouts are the first random draws.
+            self._restore_rng_before_rollouts()
+            return [send_to_device(batch, self.accelerator.device) for batch in batch_samples]
+
+        # The rollout source reads the window itself: an asynchronous one reads the next windows ahead.
+        batch_samples, rolled_out = self._rollouts.next_window(
+            fetch, epoch_key=epoch_iterator, global_step=self.state.global_step, lmbda=self.lmbda,
+            measure_mismatch=self._logs_next_step(),
+        )  # fmt: skip
+        batch_samples = self._finish_rollouts(batch_samples, rolled_out)
         local_count = (
             self._count_loss_tokens(batch_samples) if batch_samples else torch.tensor(0, device=device)
         ).to(device)
@@ -342,27 +352,37 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `trl_eopd/rollouts`): the
         # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
         sampler_logprobs = inputs.pop(SAMPLER_LOGPROBS, None)
-        target_log_probs = None
+        target_log_probs = importance = None
         if sampler_logprobs is not None:
             loss_mask = inputs["labels"][:, 1:] != IGNORE_INDEX
             target_log_probs = torch.empty(int(loss_mask.sum()), dtype=torch.float32, device=loss_mask.device)
+        # Rollouts sampled by older weights (server mode, `max_staleness >= 1`): see `trl_eopd/loss/importance.py`.
+        if inputs.pop(ROLLOUT_STALENESS, 0) > 0 and sampler_logprobs is not None:
+            sampler = torch.tensor(sampler_logprobs, dtype=torch.float32, device=target_log_probs.device)
+            importance = ImportanceCorrection(sampler, self.args.importance_ratio_cap)
 
         outputs = None
         if self._teacher_server is not None:
-            loss, stats, diagnose = self._served_teacher_loss(model, inputs, num_items_in_batch, target_log_probs)
+            loss, stats, diagnose = self._served_teacher_loss(
+                model, inputs, num_items_in_batch, target_log_probs, importance
+            )
         # Callers that want logits (compute_metrics) get them from the full-logits path.
         elif self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
-            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch, target_log_probs)
+            loss, stats, diagnose = self._memory_efficient_loss(
+                model, inputs, num_items_in_batch, target_log_probs, importance
+            )
         else:
             loss, stats, diagnose, outputs = self._full_logits_loss(
-                model, inputs, num_items_in_batch, target_log_probs
+                model, inputs, num_items_in_batch, target_log_probs, importance
             )
         self._record_metrics(mode, loss, stats, diagnose)
         if sampler_logprobs is not None:
             self._rollouts.record_mismatch(sampler_logprobs, target_log_probs)
+        if importance is not None and self.loss_options.reverse_kl_estimator == "sampled":
+            self._rollouts.record_importance_ratios(importance, target_log_probs)
         return (loss, outputs) if return_outputs else loss
 
-    def _full_logits_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _full_logits_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None, importance=None):
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
@@ -376,6 +396,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             self.loss_options,
             num_items_in_batch=num_items_in_batch,
             target_log_probs_out=target_log_probs_out,
+            importance=importance,
         )
 
         def diagnose():
@@ -386,7 +407,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose, student_outputs
 
-    def _served_teacher_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _served_teacher_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None, importance=None):
         if _SERVED_TEACHER not in inputs:  # evaluation batches, or a batch built outside the training loop
             self._fetch_served_teacher([inputs])
         if not self._memory_efficient_is_exact(model, inputs):
@@ -397,10 +418,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
             model, unwrapped_student, self._project_and_score_served, unwrapped_student, inputs, num_items_in_batch,
-            target_log_probs_out,
-        )
+            target_log_probs_out, importance,
+        )  # fmt: skip
 
-    def _project_and_score_served(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _project_and_score_served(self, student, inputs, num_items_in_batch, target_log_probs_out=None,
+                                  importance=None):  # fmt: skip
         from .loss.served import served_teacher_eopd_loss_and_stats
 
         shifted_labels = inputs["labels"][:, 1:]
@@ -424,6 +446,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,
+                importance=importance,
             )
 
         def diagnose():
@@ -434,16 +457,16 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose
 
-    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, target_log_probs_out=None, importance=None):
         # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
         # sharded parameters, lm_head included, available for the projection.
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
             model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch,
-            target_log_probs_out,
+            target_log_probs_out, importance,
         )  # fmt: skip
 
-    def _project_and_score(self, student, inputs, num_items_in_batch, target_log_probs_out=None):
+    def _project_and_score(self, student, inputs, num_items_in_batch, target_log_probs_out=None, importance=None):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         shifted_labels = inputs["labels"][:, 1:]
         loss_mask = shifted_labels != IGNORE_INDEX
@@ -480,6 +503,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,
+                importance=importance,
             )
 
         def diagnose():

@@ -1,13 +1,16 @@
 """Where the trainer's on-policy completions come from: one [`RolloutSource`] per trainer, called once per window.
 
 - `generate`: the trainer's own model and `generate` (`use_vllm=False`);
-- `colocate`: a vLLM engine inside every training process (`vllm_mode="colocate"`).
+- `colocate`: a vLLM engine inside every training process (`vllm_mode="colocate"`);
+- `server`: the student's own vLLM server (`vllm_mode="server"`), synchronous or, with `max_staleness >= 1`,
+  sampling the next windows while the current one trains.
 """
 
 from __future__ import annotations
 
 from .base import (
     MISMATCH_METRIC,
+    ROLLOUT_STALENESS,
     SAMPLER_LOGPROBS,
     RolloutSource,
     build_rollout_batch,
@@ -23,9 +26,11 @@ def build_rollout_source(trainer) -> RolloutSource:
         from .generate import GenerateRollouts
 
         return GenerateRollouts(trainer)
-    from .colocate import VLLMRollouts
-
-    return VLLMRollouts(
+    if args.vllm_mode == "server":
+        from .server import ServerRollouts as source_class
+    else:
+        from .colocate import VLLMRollouts as source_class
+    return source_class(
         model=trainer.model,
         accelerator=trainer.accelerator,
         processing_class=trainer.processing_class,
@@ -38,6 +43,7 @@ def build_rollout_source(trainer) -> RolloutSource:
 
 __all__ = [
     "MISMATCH_METRIC",
+    "ROLLOUT_STALENESS",
     "SAMPLER_LOGPROBS",
     "RolloutSource",
     "build_rollout_batch",

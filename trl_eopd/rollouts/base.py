@@ -19,6 +19,8 @@ MISMATCH_METRIC = "eopd/vllm_logprob_abs_diff"
 # (NaN where there is none). `EOPDTrainer.compute_loss` pops it. A list, not a tensor, so that the Trainer's input
 # preparation (which casts float tensors to bf16 under DeepSpeed) leaves it as is.
 SAMPLER_LOGPROBS = "eopd_sampler_logprobs"
+# Batch key (server mode): optimizer steps between the weights that sampled the batch and the step that trains on it.
+ROLLOUT_STALENESS = "eopd_rollout_staleness"
 
 
 class RolloutSource:
@@ -43,6 +45,19 @@ class RolloutSource:
         each sampled token under `SAMPLER_LOGPROBS`).
         """
         raise NotImplementedError
+
+    def next_window(
+        self, fetch, *, epoch_key, global_step: int, lmbda: float, measure_mismatch: bool
+    ) -> tuple[list[dict], list[dict]]:
+        """Read the Trainer's next window with `fetch()` and roll it out; the window's batches and the replaced ones.
+
+        `epoch_key` identifies the Trainer's epoch iterator. A source that reads windows ahead (the asynchronous
+        server source) overrides this; the others sample the window now.
+        """
+        batches = fetch()
+        return batches, self.roll_out_window(
+            batches, global_step=global_step, lmbda=lmbda, measure_mismatch=measure_mismatch
+        )
 
     def pop_metrics(self) -> dict[str, float]:
         """Metrics to log since the last call (the mismatch mean, and whatever a subclass adds)."""
@@ -85,6 +100,61 @@ class RolloutSource:
             broadcast_object_list(shared, from_process=0)
             decisions = shared[0]
         return decisions
+
+
+class PromptLengthChecks:
+    """Reject prompts that leave less than `max_new_tokens` of the sampler's context.
+
+    vLLM would not fail on them: it stops the completion at the context length, which the loss would then train on
+    as if the student had chosen to stop there. Users set `model`, `args`, `processing_class`, `max_new_tokens` and
+    `max_model_length` (None: the model's own context length).
+    """
+
+    def context_limit_name(self) -> str:
+        configured = self.args.vllm_max_model_length is not None
+        return "vllm_max_model_length" if configured else "the model's context length"
+
+    def _check_dataset_fits(self, dataset, collator_max_length) -> None:
+        """Before the engine starts, reject prompts that leave less than `max_new_tokens` of context.
+
+        vLLM would not fail on them: it stops the completion at the context length, which the loss would then train
+        on as if the student had chosen to stop there.
+        """
+        limit = self.max_model_length
+        if limit is None:
+            text_config = self.model.config.get_text_config()
+            limit = getattr(text_config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        budget = limit - self.max_new_tokens
+        if collator_max_length is not None and collator_max_length <= budget:
+            return  # the collator never keeps more prompt tokens than that
+        if dataset is None or not hasattr(dataset, "__len__") or "messages" not in (dataset.column_names or []):
+            return  # checked batch by batch in `_check_prompt_lengths`
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        for index, row in enumerate(dataset):
+            text = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
+            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if collator_max_length is not None:
+                length = min(length, collator_max_length)
+            if length > budget:
+                raise ValueError(self._too_long_message(length, limit, f"train_dataset row {index}"))
+
+    def _too_long_message(self, prompt_length: int, limit: int, where: str) -> str:
+        field = self.context_limit_name()
+        return (
+            f"{where} has a {prompt_length}-token prompt; with `max_new_tokens={self.max_new_tokens}` it needs "
+            f"{prompt_length + self.max_new_tokens} tokens of context, more than {field} ({limit}). Raise "
+            "`vllm_max_model_length`, lower `max_new_tokens`, or shorten prompts with `max_length` (the collator "
+            "keeps the last `max_length` tokens)."
+        )
+
+    def _check_prompt_lengths(self, prompts: list[list[int]]) -> None:
+        if self.max_model_length is None:
+            return
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + self.max_new_tokens > self.max_model_length:
+            raise ValueError(self._too_long_message(longest, self.max_model_length, "A training batch"))
 
 
 def build_rollout_batch(

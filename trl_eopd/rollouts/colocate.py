@@ -24,6 +24,7 @@ import warnings
 from .. import _compat
 from .base import (
     SAMPLER_LOGPROBS,
+    PromptLengthChecks,
     RolloutSource,
     build_rollout_batch,
     sampler_logprobs_per_loss_token,
@@ -32,7 +33,7 @@ from .base import (
 )
 
 
-class VLLMRollouts(RolloutSource):
+class VLLMRollouts(PromptLengthChecks, RolloutSource):
     """The student's on-policy completions for an accumulation window, from TRL's `VLLMGeneration`.
 
     Built by [`EOPDTrainer`] when `args.use_vllm` is set; the trainer calls [`roll_out_window`] with the prepared
@@ -76,54 +77,37 @@ class VLLMRollouts(RolloutSource):
             warnings.filterwarnings("ignore", message=".*TRL currently supports vLLM.*")
             from trl.generation.vllm_generation import VLLMGeneration
 
-        try:
-            self.generation = VLLMGeneration(
-                model=self.model,
-                accelerator=self.accelerator,
-                processing_class=processing_class,
-                mode=args.vllm_mode,
-                structured_outputs_regex=args.vllm_structured_outputs_regex,
-                server_base_url=args.vllm_server_base_url,
-                server_host=args.vllm_server_host,
-                server_port=args.vllm_server_port,
-                server_timeout=args.vllm_server_timeout,
-                group_port=args.vllm_group_port,
-                tensor_parallel_size=args.vllm_tensor_parallel_size,
-                gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                max_model_length=args.vllm_max_model_length,
-                # A whole accumulation window is one engine call.
-                max_num_seqs=args.per_device_train_batch_size
-                * args.vllm_tensor_parallel_size
-                * args.gradient_accumulation_steps,
-                enable_sleep_mode=args.vllm_enable_sleep_mode,
-                model_impl=args.vllm_model_impl,
-                trust_remote_code=getattr(args, "trust_remote_code", False),
-                # The `generate` path's sampling: GKDTrainer samples at `temperature` with top-k and top-p off.
-                temperature=args.temperature,
-                top_k=0,
-                top_p=1.0,
-                min_p=0.0,
-                repetition_penalty=1.0,
-                max_completion_length=args.max_new_tokens,
-                # The sampled token's log-probability (after temperature), for the mismatch metric; set per call,
-                # since only logged steps need it.
-                logprobs=None,
-                # Token ids are all the trainer reads: skipping the text saves engine time, and a vocabulary padded
-                # beyond the tokenizer (Qwen3's) can sample ids that have no text.
-                generation_kwargs={"stop_token_ids": self.stop_token_ids, "detokenize": False},
-            )
-        except OSError as error:  # the builtin ConnectionError and requests' both derive from it
-            if args.vllm_mode != "server":
-                raise
-            url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
-            raise ConnectionError(
-                f"No vLLM server answered at {url} within `vllm_server_timeout={args.vllm_server_timeout}` seconds. "
-                f"Start one with `trl vllm-serve --model {name_or_path}` on that host, point "
-                "`vllm_server_base_url` (or `vllm_server_host`/`vllm_server_port`) at it, or use "
-                "`vllm_mode='colocate'`."
-            ) from error
-        if args.vllm_mode == "colocate":
-            self.max_model_length = self.generation.llm.llm_engine.model_config.max_model_len
+        self.generation = VLLMGeneration(
+            model=self.model,
+            accelerator=self.accelerator,
+            processing_class=processing_class,
+            mode="colocate",  # the student's own server is `student_server.py`'s, reached over HTTP
+            structured_outputs_regex=args.vllm_structured_outputs_regex,
+            tensor_parallel_size=args.vllm_tensor_parallel_size,
+            gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+            max_model_length=args.vllm_max_model_length,
+            # A whole accumulation window is one engine call.
+            max_num_seqs=args.per_device_train_batch_size
+            * args.vllm_tensor_parallel_size
+            * args.gradient_accumulation_steps,
+            enable_sleep_mode=args.vllm_enable_sleep_mode,
+            model_impl=args.vllm_model_impl,
+            trust_remote_code=getattr(args, "trust_remote_code", False),
+            # The `generate` path's sampling: GKDTrainer samples at `temperature` with top-k and top-p off.
+            temperature=args.temperature,
+            top_k=0,
+            top_p=1.0,
+            min_p=0.0,
+            repetition_penalty=1.0,
+            max_completion_length=args.max_new_tokens,
+            # The sampled token's log-probability (after temperature), for the mismatch metric; set per call,
+            # since only logged steps need it.
+            logprobs=None,
+            # Token ids are all the trainer reads: skipping the text saves engine time, and a vocabulary padded
+            # beyond the tokenizer (Qwen3's) can sample ids that have no text.
+            generation_kwargs={"stop_token_ids": self.stop_token_ids, "detokenize": False},
+        )
+        self.max_model_length = self.generation.llm.llm_engine.model_config.max_model_len
         self._synced_at_step = None
 
     def close(self) -> None:
@@ -132,52 +116,6 @@ class VLLMRollouts(RolloutSource):
         if llm is not None:
             _compat.shut_down_vllm_engine(llm)
             self.generation.llm = None
-
-    # ----------------------------------------------------------------------------------------------------------------
-    # Checks
-
-    def _check_dataset_fits(self, dataset, collator_max_length) -> None:
-        """Before the engine starts, reject prompts that leave less than `max_new_tokens` of context.
-
-        vLLM would not fail on them: it stops the completion at the context length, which the loss would then train
-        on as if the student had chosen to stop there.
-        """
-        limit = self.max_model_length
-        if limit is None:
-            text_config = self.model.config.get_text_config()
-            limit = getattr(text_config, "max_position_embeddings", None)
-        if limit is None:
-            return
-        budget = limit - self.max_new_tokens
-        if collator_max_length is not None and collator_max_length <= budget:
-            return  # the collator never keeps more prompt tokens than that
-        if dataset is None or not hasattr(dataset, "__len__") or "messages" not in (dataset.column_names or []):
-            return  # checked batch by batch in `_check_prompt_lengths`
-        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-        for index, row in enumerate(dataset):
-            text = tokenizer.apply_chat_template(row["messages"][:-1], add_generation_prompt=True, tokenize=False)
-            length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-            if collator_max_length is not None:
-                length = min(length, collator_max_length)
-            if length > budget:
-                raise ValueError(self._too_long_message(length, limit, f"train_dataset row {index}"))
-
-    def _too_long_message(self, prompt_length: int, limit: int, where: str) -> str:
-        configured = self.args.vllm_max_model_length is not None
-        field = "vllm_max_model_length" if configured else "the model's context length"
-        return (
-            f"{where} has a {prompt_length}-token prompt; with `max_new_tokens={self.max_new_tokens}` it needs "
-            f"{prompt_length + self.max_new_tokens} tokens of context, more than {field} ({limit}). Raise "
-            "`vllm_max_model_length`, lower `max_new_tokens`, or shorten prompts with `max_length` (the collator "
-            "keeps the last `max_length` tokens)."
-        )
-
-    def _check_prompt_lengths(self, prompts: list[list[int]]) -> None:
-        if self.max_model_length is None:
-            return
-        longest = max((len(p) for p in prompts), default=0)
-        if longest + self.max_new_tokens > self.max_model_length:
-            raise ValueError(self._too_long_message(longest, self.max_model_length, "A training batch"))
 
     # ----------------------------------------------------------------------------------------------------------------
     # Rollouts
