@@ -632,6 +632,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             logs.update(self._rollouts.pop_metrics())
         super().log(logs, start_time)
 
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self._rollouts.finish_training(self.state.global_step)
+        return output
+
     def end(self):
         """Close the rollout source (a colocated vLLM engine), then finish as [`~transformers.Trainer.end`] does."""
         # A colocated engine made process groups inside the training world; torn down after `end()` destroyed that

@@ -21,11 +21,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TEACHER_FLAGS = ["--max-logprobs", "-1", "--logprobs-mode", "processed_logprobs"]
+
+
 class TeacherServerProcess:
     """One `vllm.entrypoints.openai.api_server` subprocess; `stop()` ends it by its PID, `start()` starts it again."""
 
     def __init__(self, model_dir: str, *, port: int | None = None, max_model_len: int = 256, log_dir: str | Path,
-                 python: str | None = None):  # fmt: skip
+                 python: str | None = None, flags: list[str] | None = None, env: dict | None = None):  # fmt: skip
+        # `flags` replace the served teacher's (a student's server needs others); `env` is added to the environment.
+        self.flags = TEACHER_FLAGS if flags is None else list(flags)
+        self.extra_env = dict(env or {})
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.max_model_len = max_model_len
@@ -42,10 +48,11 @@ class TeacherServerProcess:
         # 26 s on an idle 2-core machine; minutes when other jobs share the cores.
         command = [
             self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_dir,
-            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-logprobs", "-1",
-            "--logprobs-mode", "processed_logprobs", "--max-model-len", str(self.max_model_len), "--enforce-eager",
+            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", *self.flags,
+            "--max-model-len", str(self.max_model_len), "--enforce-eager",
         ]  # fmt: skip
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               **self.extra_env}  # fmt: skip
         # The server must not inherit the in-process engine switch the other tests set.
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,9 @@ class RolloutSource:
             self.mismatch_values.clear()
         return metrics
 
+    def finish_training(self, global_step: int) -> None:
+        """Called on every process when `train()` returns (a server source sends the final weights)."""
+
     def close(self) -> None:
         """Release what the source holds (an engine, a connection, a thread)."""
 

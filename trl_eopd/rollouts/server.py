@@ -124,11 +124,17 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
         self.accelerator.wait_for_everyone()
         is_main = self.accelerator.is_main_process
         unwrapped = self.accelerator.unwrap_model(self.model)
-        folder = os.path.join(self.weights_dir, "adapter" if self.lora else "weights") if is_main else ""
-        write = write_lora_adapter if self.lora else write_full_weights
-        write(unwrapped, folder, is_main_process=is_main)
-        if is_main:
-            self.server.load_weights(folder, global_step)
+        if self._pushed_version is None or not self.lora:
+            # A LoRA student's base weights go once, so that the server's base is the student's whatever it held.
+            folder = os.path.join(self.weights_dir, "weights") if is_main else ""
+            write_full_weights(unwrapped, folder, is_main_process=is_main, merge_adapter=False)
+            if is_main:
+                self.server.load_weights(folder, global_step, adapter=False)
+        if self.lora:
+            folder = os.path.join(self.weights_dir, "adapter") if is_main else ""
+            write_lora_adapter(unwrapped, folder, is_main_process=is_main)
+            if is_main:
+                self.server.load_weights(folder, global_step, adapter=True)
         self.accelerator.wait_for_everyone()
         self._pushed_version = global_step
 
@@ -242,6 +248,14 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
             metrics[RATIO_MEAN_METRIC] = (totals[2] / totals[4]).item()
             metrics[RATIO_CLIPPED_METRIC] = (totals[3] / totals[4]).item()
         return metrics
+
+    def finish_training(self, global_step: int) -> None:
+        # Rollouts read ahead are never trained on; the server ends with the trained weights, ready to evaluate.
+        self._drain()
+        self._queue.clear()
+        self._epoch_key = None
+        if self._pushed_version != global_step:
+            self.push_weights(global_step)
 
     def close(self) -> None:
         if self._executor is not None:

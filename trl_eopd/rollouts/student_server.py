@@ -84,9 +84,11 @@ class StudentServer(VLLMServerConnection):
 
     # -------------------------------------------------------------------------------------------------- weights
 
-    def load_weights(self, folder: str, global_step: int) -> None:
-        """Make the server sample with the weights in `folder` (see `weights.py`), then drop its prefix cache."""
-        if self.lora:
+    def load_weights(self, folder: str, global_step: int, *, adapter: bool) -> None:
+        """Make the server sample with the weights in `folder` (see `weights.py`), then drop its prefix cache.
+
+        `adapter`: `folder` holds a LoRA adapter, served under `LORA_ADAPTER_NAME`; else full checkpoint weights."""
+        if adapter:
             path, payload = "/v1/load_lora_adapter", {"lora_name": LORA_ADAPTER_NAME, "lora_path": folder,
                                                       "load_inplace": True}  # fmt: skip
             missing = (

@@ -50,8 +50,10 @@ def _to_cpu_tensors(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in named.items()}
 
 
-def write_full_weights(model, folder: str, *, is_main_process: bool) -> None:
-    """Write `model`'s current weights (adapters merged in) as `folder/model.safetensors`, under checkpoint names.
+def write_full_weights(model, folder: str, *, is_main_process: bool, merge_adapter: bool = True) -> None:
+    """Write `model`'s current weights as `folder/model.safetensors`, under checkpoint names.
+
+    A LoRA student's adapter is merged in, or with `merge_adapter=False` left out (the base weights alone).
 
     Every process must call this (a ZeRO-3 gather is a collective); only the main process writes. Tied weights are
     written under each of their names: vLLM's in-place reload leaves a tied head stale otherwise.
@@ -59,8 +61,9 @@ def write_full_weights(model, folder: str, *, is_main_process: bool) -> None:
     from safetensors.torch import save_file
 
     peft = is_lora_student(model)
+    merge = peft and merge_adapter
     with _gathered(list(model.parameters())):
-        if peft:
+        if merge:
             model.merge_adapter()
         try:
             if is_main_process:
@@ -72,7 +75,7 @@ def write_full_weights(model, folder: str, *, is_main_process: bool) -> None:
                 os.makedirs(folder, exist_ok=True)
                 save_file(_to_cpu_tensors(state), os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
         finally:
-            if peft:
+            if merge:
                 model.unmerge_adapter()
 
 
