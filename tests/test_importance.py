@@ -44,8 +44,8 @@ def sampler_log_probs(case, temperature):
 def reference(case, sampler, *, temperature, gate, forward_kl_top_k):
     """Weighted loss and its gradient w.r.t. the student's logits, in float64."""
     logits = (case["hidden"] @ case["weight"].t()).detach().requires_grad_(True)
-    options = dict(entropy_threshold=0.8, gate=gate, beta=1.0, temperature=temperature,
-                   forward_kl_top_k=forward_kl_top_k, reverse_kl_estimator="sampled")  # fmt: skip
+    options = {"entropy_threshold": 0.8, "gate": gate, "beta": 1.0, "temperature": temperature,
+               "forward_kl_top_k": forward_kl_top_k, "reverse_kl_estimator": "sampled"}  # fmt: skip
     value = torch.zeros((), dtype=torch.float64)
     forward_parts = torch.zeros((), dtype=torch.float64)
     sampled_gradient = torch.zeros(N, V, dtype=torch.float64)
@@ -99,7 +99,7 @@ def test_chunked_loss_weights_the_sampled_term(gate):
     hidden = case["hidden"].float().requires_grad_(True)
     weight = case["weight"].float().requires_grad_(True)
     # The teacher as hidden states: the identity projection gives back its logits.
-    loss, stats = chunked_eopd_loss_and_stats(
+    loss, _ = chunked_eopd_loss_and_stats(
         hidden, weight, case["teacher_logits"].float(), torch.eye(V), case["targets"], gate=gate,
         forward_kl_top_k=5, temperature=temperature, reverse_kl_estimator="sampled", chunk_size=8,
         importance=ImportanceCorrection(sampler, CAP),

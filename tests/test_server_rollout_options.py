@@ -14,7 +14,7 @@ from trl_eopd import EOPDConfig, EOPDTrainer
 from trl_eopd.rollouts.student_server import StudentServerError
 from trl_eopd.tiny import save_tiny_setup
 
-SERVER = dict(use_vllm=True, vllm_mode="server", vllm_server_base_url="http://127.0.0.1:9")
+SERVER = {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://127.0.0.1:9"}
 
 
 def _config(tmp_path, **kwargs):

@@ -82,8 +82,10 @@ class VLLMServerConnection:
             )
         return response.json()
 
-    def _post_with_retries(self, path: str, payload: dict, global_step: int) -> dict:
-        """POST with up to `retries` retries (exponential backoff); the parsed answer, or `error_class` naming the step."""
+    def _post_with_retries(self, path: str, payload: dict, global_step: int, final_statuses=(400,),
+                           parse_json: bool = True):  # fmt: skip
+        """POST with up to `retries` retries (exponential backoff); the answer (parsed, or its text), or `error_class`
+        naming the step. An answer with a status in `final_statuses` (a malformed request stays so) is not retried."""
         failures = []
         for attempt in range(self.retries + 1):
             if attempt:
@@ -94,9 +96,9 @@ class VLLMServerConnection:
                 failures.append(str(error.__cause__ or error))
                 continue
             if status == 200:
-                return json.loads(body)
+                return json.loads(body) if parse_json else body
             failures.append(f"HTTP {status}: {body[:200]}")
-            if status == 400:  # a malformed request stays malformed
+            if status in final_statuses:
                 break
         raise self.error_class(
             f"The {self.role} at {self.url} failed at global step {global_step} after {len(failures)} attempt(s) "

@@ -93,22 +93,31 @@ def _strip_after_stop(completions, stop_ids):
     return cut
 
 
-@pytest.mark.parametrize("max_staleness", [0, 1])
+@pytest.mark.parametrize("max_staleness, processes", [(0, 1), (1, 2)])
 def test_train_cli_tiny_cpu_with_server_rollouts_ends_with_the_trained_weights(server, tiny_assets, student, tmp_path,
-                                                                               max_staleness):  # fmt: skip
+                                                                               max_staleness, processes):  # fmt: skip
     import subprocess
+
+    from served_teacher import free_port
 
     root, _ = tiny_assets
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "trl_eopd.cli", "train", "--config", "tiny-cpu", "--use_vllm", "true",
+        "-m", "trl_eopd.cli", "train", "--config", "tiny-cpu", "--use_vllm", "true",
         "--vllm_mode", "server", "--vllm_server_base_url", server.url, "--max_staleness", str(max_staleness),
         "--max_steps", "3", "--learning_rate", "0.05", "--lr_scheduler_type", "constant", "--output_dir", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(command, capture_output=True, text=True, env=_env(TRL_EOPD_TINY_DIR=str(root)), timeout=400)
+    if processes > 1:
+        # torchrun plus `use_cpu` is accelerate's 2-process CPU (gloo) setup: each process asks the server for its
+        # rows, the main one pushes the weights.
+        command = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
+                   str(free_port()), *command, "--use_cpu", "true"]  # fmt: skip
+    proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=False,
+                          env=_env(TRL_EOPD_TINY_DIR=str(root)), timeout=400)  # fmt: skip
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
     assert STALENESS_METRIC in log and "eopd/vllm_logprob_abs_diff" in log, log[-3000:]
+    assert f"{processes} process(es)" in log, log[-3000:]
     if max_staleness:
         assert "eopd/importance_ratio_mean" in log, log[-3000:]
 
@@ -122,14 +131,13 @@ def test_train_cli_tiny_cpu_with_server_rollouts_ends_with_the_trained_weights(s
 
 
 def _trainer(student, teacher, url, tmp_path, *, dataset_rows=12, peft_config=None, **overrides):
-    options = dict(
-        output_dir=str(tmp_path), use_vllm=True, vllm_mode="server", vllm_server_base_url=url,
-        vllm_server_timeout=60, per_device_train_batch_size=2, gradient_accumulation_steps=2, num_train_epochs=2,
-        max_new_tokens=10, learning_rate=5e-2, lr_scheduler_type="constant", logging_steps=1, bf16=False,
-        report_to="none", save_strategy="no", teacher_eos_token=IM_END, reverse_kl_estimator="sampled",
-        forward_kl_top_k=16, seed=0,
-    )  # fmt: skip
-    options.update(overrides)
+    options = {
+        "output_dir": str(tmp_path), "use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": url,
+        "vllm_server_timeout": 60, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+        "num_train_epochs": 2, "max_new_tokens": 10, "learning_rate": 5e-2, "lr_scheduler_type": "constant",
+        "logging_steps": 1, "bf16": False, "report_to": "none", "save_strategy": "no", "teacher_eos_token": IM_END,
+        "reverse_kl_estimator": "sampled", "forward_kl_top_k": 16, "seed": 0, **overrides,
+    }  # fmt: skip
     return EOPDTrainer(
         model=AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32),
         teacher_model=teacher,
@@ -201,3 +209,55 @@ def test_a_server_hosting_another_model_is_refused_naming_both(server, tiny_asse
 def test_prompts_longer_than_the_server_context_are_refused_at_start(server, tiny_assets, student, tmp_path):
     with pytest.raises(ValueError, match=r"with `max_new_tokens=250`.*the student server's `--max-model-len`"):
         _trainer(student, tiny_assets[1]["teacher"], server.url, tmp_path, max_new_tokens=250)
+
+
+def test_a_server_killed_mid_run_stops_training_and_a_resumed_run_continues(server, tiny_assets, tmp_path):
+    """Last in the module: it stops the shared server and starts it again on the same port."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    root, _ = tiny_assets
+    output_dir = tmp_path / "out"
+    train = [
+        sys.executable, "-m", "trl_eopd.cli", "train", "--config", "tiny-cpu", "--use_vllm", "true",
+        "--vllm_mode", "server", "--vllm_server_base_url", server.url, "--max_staleness", "1",
+        "--vllm_server_retries", "1", "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "2",
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+    env = _env(TRL_EOPD_TINY_DIR=str(root))
+    proc = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (output_dir / "checkpoint-2" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-2 was written"
+            time.sleep(0.2)
+        server.stop()
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert f"The student's vLLM server at {server.url} failed at global step" in log, log[-4000:]
+    assert "after 2 attempt(s)" in log, log[-4000:]
+
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    last = checkpoints[-1]
+    assert json.loads((last / "trainer_state.json").read_text())["global_step"] == int(last.name.split("-")[1])
+    AutoModelForCausalLM.from_pretrained(last)  # intact: it loads
+
+    server.start()
+    resumed = subprocess.run([*train, "--resume_from_checkpoint", "true"], capture_output=True, text=True, env=env,
+                             timeout=400, check=False)  # fmt: skip
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-6000:]
+    final = max(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    assert json.loads((final / "trainer_state.json").read_text())["global_step"] == 8
+    # The restarted server was sent the resumed run's weights, and ends with the final ones.
+    prompts = _prompts(tiny_assets[1]["student"])
+    trained = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32).eval()
+    stop_ids = set(trained.generation_config.eos_token_id or []) | {trained.config.eos_token_id}
+    assert _strip_after_stop(_server_greedy(server, prompts), stop_ids) == _strip_after_stop(
+        _hf_greedy(trained, prompts), stop_ids
+    )

@@ -100,22 +100,19 @@ class StudentServer(VLLMServerConnection):
             missing = (
                 "`/collective_rpc` is off: start the server with the environment variable `VLLM_SERVER_DEV_MODE=1`"
             )
-        status, body = self._post(path, payload)
-        if status == 404:
-            raise StudentServerError(f"The student's vLLM server at {self.url} cannot receive weights: {missing}.")
-        if status != 200:
+        try:
+            self._post_with_retries(path, payload, global_step, final_statuses=(400, 404), parse_json=False)
+        except StudentServerError as error:
+            if "HTTP 404" in str(error):
+                raise StudentServerError(
+                    f"The student's vLLM server at {self.url} cannot receive weights: {missing}."
+                ) from error
             raise StudentServerError(
-                f"The student's vLLM server at {self.url} failed to load the weights of global step {global_step} "
-                f"from {folder} (HTTP {status}: {body[:300]}). The folder must be readable by the server "
+                f"{error} The weights were in {folder}, which the server must be able to read "
                 "(`vllm_server_weights_dir`)."
-            )
+            ) from error
         # KV computed with the previous weights must never serve a prompt again.
-        status, body = self._post("/reset_prefix_cache", {})
-        if status != 200:
-            raise StudentServerError(
-                f"The student's vLLM server at {self.url} did not reset its prefix cache (HTTP {status}: "
-                f"{body[:300]}); without it, cached prompts would keep the previous weights' KV."
-            )
+        self._post_with_retries("/reset_prefix_cache", {}, global_step, parse_json=False)
 
     # -------------------------------------------------------------------------------------------------- sampling
 
