@@ -220,6 +220,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             )
         # Where on-policy completions come from (`generate`, a colocated engine, or a server); see `trl_eopd/rollouts`.
         self._rollouts = build_rollout_source(self)
+        # A source that samples ahead finishes each window (end tokens, a served teacher's log-probs) in its
+        # background thread, so that the training loop only runs the student's forward and backward.
+        self._rollouts.finish_window = self._finish_rollouts
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -269,8 +272,13 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         )
         return self._finish_rollouts(batches, rolled_out)
 
-    def _finish_rollouts(self, batches: list[dict], rolled_out: list[dict]) -> list[dict]:
+    def _finish_rollouts(self, batches: list[dict], rolled_out: list[dict], global_step: int | None = None):
+        """Rewrite end tokens, mark the window rolled out and fetch a served teacher's log-probs; a source that samples
+        ahead calls this in its background thread (then `global_step` is the step the window will feed), and the
+        trainer again when the window trains, which then finds nothing left to do."""
         for batch in rolled_out:
+            if batch.get(_ROLLOUT_DONE):
+                continue
             sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
             self._replace_student_eos(batch["input_ids"], batch["labels"])
             if sampled_labels is not None:
@@ -278,15 +286,17 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                                                                    batch["labels"])  # fmt: skip
         for batch in batches:
             batch[_ROLLOUT_DONE] = True
-        if self._teacher_server is not None:
-            self._fetch_served_teacher(batches)
+        missing_teacher = [batch for batch in batches if _SERVED_TEACHER not in batch]
+        if self._teacher_server is not None and missing_teacher:
+            self._fetch_served_teacher(missing_teacher, global_step)
         return batches
 
-    def _fetch_served_teacher(self, batches: list[dict]) -> None:
+    def _fetch_served_teacher(self, batches: list[dict], global_step: int | None = None) -> None:
         # One request per process for its whole window: the server batches the processes' concurrent requests
         # itself, and nothing has to be gathered to one process and scattered back (two collectives, and a single
         # process's network link carrying every process's log-probs).
-        fetched = self._teacher_server.fetch(batches, self.state.global_step)
+        step = self.state.global_step if global_step is None else global_step
+        fetched = self._teacher_server.fetch(batches, step)
         for batch, teacher in zip(batches, fetched, strict=True):
             batch[_SERVED_TEACHER] = teacher.to(batch["input_ids"].device)
 
@@ -349,8 +359,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         # In eval mode a given count (from a caller summing a loss over batches) divides the summed loss as is, as in
         # GKD. The Trainer's own evaluation (TRL's `SFTTrainer.prediction_step`) passes none: per-batch token means.
 
-        # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `trl_eopd/rollouts`): the
-        # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
+        # vLLM's log-probs of the sampled tokens (a colocated engine's on logged steps, a server's always; see
+        # `trl_eopd/rollouts`): the loss hands back the student's log-probs of the same tokens, so the mismatch and the
+        # importance ratios of stale tokens cost no extra forward pass.
         sampler_logprobs = inputs.pop(SAMPLER_LOGPROBS, None)
         target_log_probs = importance = None
         if sampler_logprobs is not None:

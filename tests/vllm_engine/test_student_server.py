@@ -48,6 +48,15 @@ def server(student, tmp_path_factory):
     process.stop()
 
 
+@pytest.fixture(scope="module")
+def teacher_server(tiny_assets, tmp_path_factory):
+    process = TeacherServerProcess(tiny_assets[1]["teacher"], max_model_len=256,
+                                   log_dir=tmp_path_factory.mktemp("teacher-server"))  # fmt: skip
+    process.start()
+    yield process
+    process.stop()
+
+
 def _env(**extra) -> dict:
     return {
         **os.environ,
@@ -94,8 +103,11 @@ def _strip_after_stop(completions, stop_ids):
 
 
 @pytest.mark.parametrize("max_staleness, processes", [(0, 1), (1, 2)])
-def test_train_cli_tiny_cpu_with_server_rollouts_ends_with_the_trained_weights(server, tiny_assets, student, tmp_path,
-                                                                               max_staleness, processes):  # fmt: skip
+def test_train_cli_tiny_cpu_with_server_rollouts_ends_with_the_trained_weights(
+    server, tiny_assets, student, tmp_path, max_staleness, processes, request
+):
+    """One process, synchronous; and the three-process split: two trainers, the student's server sampling ahead, and
+    a served teacher whose log-probs are fetched in the background too."""
     import subprocess
 
     from served_teacher import free_port
@@ -112,6 +124,8 @@ def test_train_cli_tiny_cpu_with_server_rollouts_ends_with_the_trained_weights(s
         # rows, the main one pushes the weights.
         command = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port",
                    str(free_port()), *command, "--use_cpu", "true"]  # fmt: skip
+        teacher = request.getfixturevalue("teacher_server")
+        command += ["--teacher_model_server_url", teacher.url, "--teacher_model_server_timeout", "60"]
     proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, check=False,
                           env=_env(TRL_EOPD_TINY_DIR=str(root)), timeout=400)  # fmt: skip
     log = proc.stdout + proc.stderr
@@ -120,6 +134,8 @@ def test_train_cli_tiny_cpu_with_server_rollouts_ends_with_the_trained_weights(s
     assert f"{processes} process(es)" in log, log[-3000:]
     if max_staleness:
         assert "eopd/importance_ratio_mean" in log, log[-3000:]
+    if processes > 1:
+        assert "eopd/teacher_entropy_estimate" in log, log[-3000:]
 
     prompts = _prompts(student)
     trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -155,7 +171,8 @@ def _record_trained_prompts(trainer) -> list:
     compute_loss = trainer.compute_loss
 
     def recording(model, inputs, *args, **kwargs):
-        seen.append([row[mask.bool()].tolist() for row, mask in zip(inputs["prompts"], inputs["prompt_attention_mask"])])
+        rows = zip(inputs["prompts"], inputs["prompt_attention_mask"], strict=True)
+        seen.append([row[mask.bool()].tolist() for row, mask in rows])
         if inputs.get("eopd_rollout_staleness") == 0 and SAMPLER_LOGPROBS in inputs:
             # What the colocated engine hands the loss on an unlogged step: the same completions, no log-probs.
             with torch.no_grad():

@@ -30,6 +30,10 @@ class RolloutSource:
     trainer logs as `eopd/vllm_logprob_abs_diff`, and the extra metrics a source reports through [`pop_metrics`].
     """
 
+    # Set by the trainer: `finish_window(batches, rolled_out, global_step)` completes a rolled-out window (end tokens,
+    # a served teacher's log-probs). A source that samples ahead calls it in its background thread.
+    finish_window = None
+
     def __init__(self, accelerator):
         self.accelerator = accelerator
         # One value per measured micro-batch since the last log; the trainer logs their mean.

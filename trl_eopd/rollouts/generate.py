@@ -1,4 +1,4 @@
-"""Rollouts with the trainer's own model and `generate` (`use_vllm=False`): GKD's sampling, one micro-batch at a time."""
+"""Rollouts with the trainer's own model and `generate` (`use_vllm=False`): GKD's sampling, one micro-batch at once."""
 
 from __future__ import annotations
 

@@ -164,6 +164,11 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
             batch[SAMPLER_LOGPROBS] = [value for row in logprobs[start:end] for value in row]
             start = end
 
+    def _sample_and_finish(self, window: _Window, global_step: int) -> None:
+        self._sample(window, global_step)
+        if self.finish_window is not None:
+            self.finish_window(window.batches, window.on_policy, global_step)
+
     def _new_window(self, batches: list[dict], lmbda: float) -> _Window:
         decisions = self.on_policy_decisions(len(batches), lmbda)
         on_policy = [batch for batch, on in zip(batches, decisions, strict=True) if on]
@@ -210,7 +215,7 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
                 self._epoch_exhausted = True
                 break
             window = self._new_window(batches, lmbda)
-            window.result = self._executor.submit(self._sample, window, self._next_step)
+            window.result = self._executor.submit(self._sample_and_finish, window, self._next_step)
             self._queue.append(window)
             self._next_step += 1
         if not self._queue:
@@ -227,7 +232,7 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
     # ---------------------------------------------------------------------------------------------- metrics
 
     def record_importance_ratios(self, importance, student_log_probs: torch.Tensor) -> None:
-        """Add one stale micro-batch's truncated ratios (tokens with a sampler log-prob) to the logged mean and share."""
+        """Add a stale micro-batch's truncated ratios (tokens with a sampler log-prob) to the logged mean and share."""
         known = ~torch.isnan(importance.sampler_log_probs)
         ratios = importance.ratios(student_log_probs)[known]
         raw = torch.exp(student_log_probs.float() - importance.sampler_log_probs.to(student_log_probs.device))[known]
