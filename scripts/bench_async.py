@@ -31,12 +31,13 @@ import tempfile
 import time
 import urllib.request
 
-from bench_rollouts import add_workload_arguments, build_models, machine_name
-
 RUNS = ("colocate", "server", "async")
 
 
 def parse_args(argv=None):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_rollouts.py's models and workload
+    from bench_rollouts import add_workload_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_workload_arguments(parser)
     parser.add_argument("--repeats", type=int, default=4, help="Timed optimizer steps per run.")
@@ -122,10 +123,10 @@ def run(name, args, tokenizer, paths, dataset, workdir, url=None):
         server = source.server
         post = server._post_with_retries
 
-        def forced(path, payload, global_step):  # forced length, as `min_new_tokens` does for `generate`
+        def forced(path, payload, global_step, **kwargs):  # forced length, as `min_new_tokens` does for `generate`
             if payload.get("max_tokens", 0) > 1:
                 payload = {**payload, "min_tokens": args.new_tokens}
-            return post(path, payload, global_step)
+            return post(path, payload, global_step, **kwargs)
 
         server._post_with_retries = forced
         timed, attribute = source, "push_weights"
@@ -174,6 +175,7 @@ def main(argv=None):
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     import torch
+    from bench_rollouts import build_models, machine_name
     from datasets import Dataset
 
     from trl_eopd.tiny import toy_arithmetic_conversations
