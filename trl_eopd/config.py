@@ -284,8 +284,8 @@ class EOPDConfig(GKDConfig):
     vllm_mode: str = field(
         default="colocate",
         metadata={
-            "help": "`colocate`: an engine inside every training process; `server`: a separate `trl vllm-serve` "
-            "server.",
+            "help": "`colocate`: an engine inside every training process; `server`: the student's own vLLM server "
+            "(docs/vllm.md), reached over HTTP.",
             "choices": ["colocate", "server"],
         },
     )
@@ -316,7 +316,7 @@ class EOPDConfig(GKDConfig):
     )
     vllm_group_port: int = field(
         default=51216,
-        metadata={"help": "Server mode: port of the communicator that streams the student's weights to the server."},
+        metadata={"help": "TRL's NCCL weight-sync port; unused (server mode sends weights through a shared folder)."},
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3,
