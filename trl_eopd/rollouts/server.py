@@ -23,6 +23,7 @@ reverse-KL term of stale tokens by a truncated importance ratio (see `trl_eopd/l
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -101,9 +102,8 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
         )
         self.max_model_length = self.server.max_model_len
         self._check_dataset_fits(train_dataset, collator_max_length)
-        self.weights_dir = args.vllm_server_weights_dir or (
-            _default_weights_dir() if accelerator.is_main_process else None
-        )
+        self._made_weights_dir = args.vllm_server_weights_dir is None and accelerator.is_main_process
+        self.weights_dir = args.vllm_server_weights_dir or (_default_weights_dir() if self._made_weights_dir else None)
         self._pushed_version: int | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="eopd-rollouts") if self.lookahead > 0 else None
         self._queue: deque[_Window] = deque()
@@ -130,11 +130,13 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
             write_full_weights(unwrapped, folder, is_main_process=is_main, merge_adapter=False)
             if is_main:
                 self.server.load_weights(folder, global_step, adapter=False)
+                shutil.rmtree(folder, ignore_errors=True)  # loaded: a model-sized copy need not stay in memory
         if self.lora:
             folder = os.path.join(self.weights_dir, "adapter") if is_main else ""
             write_lora_adapter(unwrapped, folder, is_main_process=is_main)
             if is_main:
                 self.server.load_weights(folder, global_step, adapter=True)
+                shutil.rmtree(folder, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._pushed_version = global_step
 
@@ -267,3 +269,5 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         self.server.close()
+        if self._made_weights_dir:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
