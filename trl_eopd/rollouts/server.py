@@ -135,8 +135,8 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
             folder = os.path.join(self.weights_dir, "adapter") if is_main else ""
             write_lora_adapter(unwrapped, folder, is_main_process=is_main)
             if is_main:
+                # Kept until the next push: the server may read an adapter again after loading it (it did, on CPU).
                 self.server.load_weights(folder, global_step, adapter=True)
-                shutil.rmtree(folder, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         self._pushed_version = global_step
 
