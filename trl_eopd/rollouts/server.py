@@ -102,8 +102,10 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
         )
         self.max_model_length = self.server.max_model_len
         self._check_dataset_fits(train_dataset, collator_max_length)
+        # Without `vllm_server_weights_dir`, the main process makes a folder at the first push and removes it when
+        # training ends (a LoRA adapter's stays: the server reads it when a request first needs it).
         self._made_weights_dir = args.vllm_server_weights_dir is None and accelerator.is_main_process
-        self.weights_dir = args.vllm_server_weights_dir or (_default_weights_dir() if self._made_weights_dir else None)
+        self.weights_dir = args.vllm_server_weights_dir
         self._pushed_version: int | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="eopd-rollouts") if self.lookahead > 0 else None
         self._queue: deque[_Window] = deque()
@@ -123,6 +125,8 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
         """Send the current weights to the server; every process calls this, with no request in flight."""
         self.accelerator.wait_for_everyone()
         is_main = self.accelerator.is_main_process
+        if is_main and self.weights_dir is None:
+            self.weights_dir = _default_weights_dir()
         unwrapped = self.accelerator.unwrap_model(self.model)
         if self._pushed_version is None or not self.lora:
             # A LoRA student's base weights go once, so that the server's base is the student's whatever it held.
@@ -263,11 +267,14 @@ class ServerRollouts(PromptLengthChecks, RolloutSource):
         self._epoch_key = None
         if self._pushed_version != global_step:
             self.push_weights(global_step)
+        if self._made_weights_dir and not self.lora and self.weights_dir is not None:
+            shutil.rmtree(self.weights_dir, ignore_errors=True)
+            self.weights_dir = None
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
         self.server.close()
-        if self._made_weights_dir:
+        if self._made_weights_dir and self.weights_dir is not None:
             shutil.rmtree(self.weights_dir, ignore_errors=True)
