@@ -119,7 +119,7 @@ def build_trainer(name, args, workdir, window_starts):
             args=EOPDConfig(max_new_tokens=args.new_tokens, lmbda=1.0, max_length=256, **common),
             train_dataset=Dataset.from_list([{"messages": r["messages"]} for r in rows]),
         )  # fmt: skip
-        generation = trainer._vllm_rollouts.generation
+        generation = trainer._rollouts.generation
         # The whole window's rollout happens here, in `get_batch_samples`, before `on_step_begin`.
         trainer._roll_out_window = mark_window_start(trainer._roll_out_window)
     else:

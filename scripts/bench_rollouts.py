@@ -127,11 +127,11 @@ def build_trainer(name, args, tokenizer, paths, dataset, workdir):
 
     timer = Timer()
     if name == "eopd_vllm":
-        generation = trainer._vllm_rollouts.generation
+        generation = trainer._rollouts.generation
         # Forced length: the end tokens stay banned until `--new-tokens` tokens are out.
         generation.generation_kwargs["min_tokens"] = args.new_tokens
         generation.generate = _checked_vllm(generation.generate, args.new_tokens)
-        trainer._vllm_rollouts.roll_out = timer.wrap(trainer._vllm_rollouts.roll_out)
+        trainer._rollouts.roll_out_window = timer.wrap(trainer._rollouts.roll_out_window)
     else:
         trainer.generation_config.min_new_tokens = args.new_tokens
         trainer.generate_on_policy_outputs = timer.wrap(

@@ -10,9 +10,20 @@ import torch
 from trl_eopd.teacher_server import TeacherServer, TeacherServerError
 
 
+
+def _as_post(fake):
+    """A fake of `_post_completion(prompts, prompt_logprobs)` as the client's one HTTP seam, `_post(path, payload)`."""
+
+    def post(path, payload):
+        assert path == "/v1/completions", path
+        return fake(payload["prompt"], payload.get("prompt_logprobs"))
+
+    return post
+
 def _client(top_logprobs=2, vocab_size=10):
     client = TeacherServer.__new__(TeacherServer)  # no start-up checks: nothing to connect to here
     client.url, client.top_logprobs, client.vocab_size = "http://127.0.0.1:1", top_logprobs, vocab_size
+    client.model_name, client.timeout, client.retries = "teacher", 1.0, 0
     return client
 
 
@@ -109,7 +120,7 @@ def test_the_start_up_probe_finds_the_entropy_and_says_so_once_when_it_is_missin
     if plugin:
         position.update(_entropy_entry(0.7, 3))
     body = json.dumps({"choices": [{"index": 0, "prompt_logprobs": [None, position]}]})
-    client._post_completion = lambda prompts, prompt_logprobs: (200, body)
+    client._post = _as_post(lambda prompts, prompt_logprobs: (200, body))
     with caplog.at_level("INFO", logger="trl_eopd.teacher_server"):
         assert client._probe_logprobs() is plugin
     warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
@@ -149,7 +160,7 @@ def test_fetch_gives_each_batch_its_loss_tokens_in_row_major_order(monkeypatch):
 
     client = _client(top_logprobs=1, vocab_size=100)
     client.max_model_len, client.model_name, client.retries, client.exact_entropy = 64, "teacher", 0, False
-    monkeypatch.setattr(client, "_post_completion", post)
+    monkeypatch.setattr(client, "_post", _as_post(post))
     fetched = client.fetch(batches, global_step=0)
     assert requests == [[[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35]]]  # one request, padding trimmed
     assert len(fetched) == len(batches)
@@ -179,7 +190,7 @@ class _FakeVocabularyServer:
 def test_the_vocabulary_probe_accepts_exactly_the_students_size(monkeypatch, served_size):
     client = _client(vocab_size=1000)
     server = _FakeVocabularyServer(served_size)
-    monkeypatch.setattr(client, "_post_completion", server)
+    monkeypatch.setattr(client, "_post", _as_post(server))
     if served_size == 1000:
         client._check_vocabulary()
         assert server.probed == [999, 1000]  # the student's last id passes, the next one is refused
@@ -191,7 +202,7 @@ def test_the_vocabulary_probe_accepts_exactly_the_students_size(monkeypatch, ser
 
 def test_a_probe_answered_otherwise_is_an_error(monkeypatch):
     client = _client(vocab_size=1000)
-    monkeypatch.setattr(client, "_post_completion", lambda prompts, prompt_logprobs: (500, "engine dead"))
+    monkeypatch.setattr(client, "_post", _as_post(lambda prompts, prompt_logprobs: (500, "engine dead")))
     with pytest.raises(TeacherServerError, match=r"answered HTTP 500 to a probe: engine dead"):
         client._check_vocabulary()
 
@@ -215,17 +226,17 @@ class _FlakyServer:
 @pytest.mark.parametrize("status", [503, None])
 def test_a_failed_request_is_retried_exactly_retries_times(monkeypatch, retries, status):
     pauses = []
-    monkeypatch.setattr("trl_eopd.teacher_server.time.sleep", pauses.append)
+    monkeypatch.setattr("trl_eopd.server_http.time.sleep", pauses.append)
     client = _client()
     client.retries = retries
     server = _FlakyServer(failures=retries, status=status)  # the last allowed attempt succeeds
-    monkeypatch.setattr(client, "_post_completion", server)
+    monkeypatch.setattr(client, "_post", _as_post(server))
     choices = client._completions_with_retries([[1, 2]], global_step=7)
     assert [choice["text"] for choice in choices] == ["a", "b"] and server.calls == retries + 1
     assert pauses == [min(2.0 ** attempt, 30.0) for attempt in range(retries)]
 
     server = _FlakyServer(failures=retries + 1, status=status)  # one failure too many
-    monkeypatch.setattr(client, "_post_completion", server)
+    monkeypatch.setattr(client, "_post", _as_post(server))
     with pytest.raises(TeacherServerError, match=rf"failed at global step 7 after {retries + 1} attempt\(s\) "
                                                  rf"\(`teacher_model_server_retries={retries}`\)"):  # fmt: skip
         client._completions_with_retries([[1, 2]], global_step=7)
@@ -233,11 +244,11 @@ def test_a_failed_request_is_retried_exactly_retries_times(monkeypatch, retries,
 
 
 def test_a_malformed_request_is_not_retried(monkeypatch):
-    monkeypatch.setattr("trl_eopd.teacher_server.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("trl_eopd.server_http.time.sleep", lambda seconds: None)
     client = _client()
     client.retries = 3
     server = _FlakyServer(failures=5, status=400)
-    monkeypatch.setattr(client, "_post_completion", server)
+    monkeypatch.setattr(client, "_post", _as_post(server))
     with pytest.raises(TeacherServerError, match=r"after 1 attempt\(s\)"):
         client._completions_with_retries([[1, 2]], global_step=0)
     assert server.calls == 1

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from trl_eopd import EOPDConfig
-from trl_eopd.vllm_rollouts import IGNORE_INDEX, build_rollout_batch
+from trl_eopd.loss import IGNORE_INDEX
+from trl_eopd.rollouts import build_rollout_batch
 
 VLLM_FIELDS = (
     "use_vllm", "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode", "vllm_structured_outputs_regex",

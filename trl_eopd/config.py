@@ -137,8 +137,9 @@ class EOPDConfig(GKDConfig):
             engine call serves the whole gradient-accumulation window. Not combinable with `seq_kd=True` (the
             teacher's completions would still need `generate`).
         vllm_mode (`str`, *optional*, defaults to `"colocate"`):
-            `"colocate"`: an engine inside every training process, sharing its accelerator. `"server"`: a separate
-            `trl vllm-serve` server, reached at `vllm_server_base_url` or `vllm_server_host`:`vllm_server_port`.
+            `"colocate"`: an engine inside every training process, sharing its accelerator. `"server"`: the student
+            on its own vLLM OpenAI-compatible server (started as docs/vllm.md shows), reached at
+            `vllm_server_base_url` or `vllm_server_host`:`vllm_server_port`; the trainer then needs no vLLM install.
         vllm_model_impl (`str`, *optional*, defaults to `"vllm"`):
             Model implementation inside the engine: `"vllm"`, `"transformers"`, `"auto"` or `"terratorch"`.
         vllm_enable_sleep_mode (`bool`, *optional*, defaults to `False`):
@@ -155,7 +156,8 @@ class EOPDConfig(GKDConfig):
         vllm_server_timeout (`float`, *optional*, defaults to `240.0`):
             Server mode: seconds to wait for the server to answer before failing with an error naming the URL.
         vllm_group_port (`int`, *optional*, defaults to `51216`):
-            Server mode: port of the communicator that streams the student's weights to the server.
+            TRL's port for streaming weights over NCCL; unused here (server mode writes the weights to
+            `vllm_server_weights_dir`, which works without CUDA).
         vllm_gpu_memory_utilization (`float`, *optional*, defaults to `0.3`):
             Colocate mode: share of each accelerator's memory the engine may take (weights, activations, KV cache).
         vllm_max_model_length (`int` or `None`, *optional*, defaults to `None`):
@@ -165,6 +167,25 @@ class EOPDConfig(GKDConfig):
         vllm_tensor_parallel_size (`int`, *optional*, defaults to `1`):
             Colocate mode: processes that share one engine by tensor parallelism; must divide the number of
             processes.
+        vllm_server_retries (`int`, *optional*, defaults to `3`):
+            Server mode: how many times a failed request is retried (with a growing pause) before training stops with
+            an error naming the URL and the global step.
+        vllm_server_weights_dir (`str` or `None`, *optional*, defaults to `None`):
+            Server mode: a folder both the trainer and the student's server can read, where the trainer writes the
+            student's weights (or its LoRA adapter) for the server to load. `None` makes a fresh folder in `/dev/shm`
+            (or the system's temporary folder), which works when the server runs on the same node.
+        max_staleness (`int`, *optional*, defaults to `0`):
+            Server mode: how many optimizer steps a rollout may lag behind the weights that produced it. 0 is
+            synchronous (each window is sampled with the current weights, as in the paper). With k >= 1 the next
+            windows' rollouts are requested while the current window trains, and the sampled reverse-KL term of each
+            stale token is weighted by a truncated importance ratio (see `importance_ratio_cap`).
+        weight_sync_steps (`int`, *optional*, defaults to `1`):
+            Server mode: optimizer steps between two pushes of the student's weights to its server. At most
+            `max_staleness + 1`, so that no sample is more than `max_staleness` steps old.
+        importance_ratio_cap (`float`, *optional*, defaults to `3.0`):
+            Server mode with `max_staleness >= 1`: a stale token's sampled reverse-KL term is weighted by
+            `min(q(y) / q_sampler(y), importance_ratio_cap)`, with q the current student and q_sampler the weights
+            that sampled it (truncated importance sampling; 3.0 is the cap TRL's GRPO uses by default).
     """
 
     lmbda: float = field(
@@ -291,7 +312,7 @@ class EOPDConfig(GKDConfig):
     )
 
     # Parameters that control generation with vLLM. Names, defaults and meanings are TRL's `DistillationConfig`'s, so a
-    # TRL user already knows them; see `trl_eopd/vllm_rollouts.py`.
+    # TRL user already knows them; see `trl_eopd/rollouts/colocate.py`.
     use_vllm: bool = field(
         default=False,
         metadata={
@@ -303,8 +324,8 @@ class EOPDConfig(GKDConfig):
     vllm_mode: str = field(
         default="colocate",
         metadata={
-            "help": "`colocate`: an engine inside every training process; `server`: a separate `trl vllm-serve` "
-            "server.",
+            "help": "`colocate`: an engine inside every training process; `server`: the student's own vLLM server "
+            "(docs/vllm.md), reached over HTTP.",
             "choices": ["colocate", "server"],
         },
     )
@@ -335,7 +356,7 @@ class EOPDConfig(GKDConfig):
     )
     vllm_group_port: int = field(
         default=51216,
-        metadata={"help": "Server mode: port of the communicator that streams the student's weights to the server."},
+        metadata={"help": "TRL's NCCL weight-sync port; unused (server mode sends weights through a shared folder)."},
     )
     vllm_gpu_memory_utilization: float = field(
         default=0.3,
@@ -350,6 +371,32 @@ class EOPDConfig(GKDConfig):
     vllm_tensor_parallel_size: int = field(
         default=1,
         metadata={"help": "Colocate mode: processes sharing one engine by tensor parallelism."},
+    )
+    vllm_server_retries: int = field(
+        default=3,
+        metadata={"help": "Server mode: retries of a failed request before training stops with an error."},
+    )
+    vllm_server_weights_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Server mode: a folder the trainer and the student's server share, for the weights the trainer "
+            "pushes. Defaults to a fresh folder in /dev/shm (same node)."
+        },
+    )
+    max_staleness: int = field(
+        default=0,
+        metadata={
+            "help": "Server mode: optimizer steps a rollout may lag behind the weights that produced it; 0 is "
+            "synchronous, >= 1 overlaps the next windows' rollouts with training."
+        },
+    )
+    weight_sync_steps: int = field(
+        default=1,
+        metadata={"help": "Server mode: optimizer steps between weight pushes to the server (<= max_staleness + 1)."},
+    )
+    importance_ratio_cap: float = field(
+        default=3.0,
+        metadata={"help": "Server mode, max_staleness >= 1: cap of a stale token's importance ratio q / q_sampler."},
     )
 
     def __post_init__(self):
@@ -449,6 +496,7 @@ class EOPDConfig(GKDConfig):
                     f"`vllm_max_model_length={max_len}` leaves no room for a prompt: it must exceed "
                     f"`max_new_tokens={self.max_new_tokens}` by at least the longest prompt's length."
                 )
+        self._validate_server_rollout_options()
         if not self.use_vllm:
             return
         if self.seq_kd:
@@ -457,8 +505,35 @@ class EOPDConfig(GKDConfig):
                 "sequence-level completions would still need `model.generate`. Set `seq_kd=False`, or "
                 "`use_vllm=False`."
             )
-        if not is_vllm_installed():
+        # A server is reached over HTTP: only an engine in this process needs vLLM here.
+        if self.vllm_mode == "colocate" and not is_vllm_installed():
             raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: {vllm_install_hint()}.")
+
+    def _validate_server_rollout_options(self) -> None:
+        if isinstance(self.vllm_server_retries, bool) or not isinstance(self.vllm_server_retries, Integral) or (
+            self.vllm_server_retries < 0
+        ):
+            raise ValueError(f"`vllm_server_retries` must be an integer >= 0; got {self.vllm_server_retries!r}.")
+        staleness = self.max_staleness
+        if isinstance(staleness, bool) or not isinstance(staleness, Integral) or staleness < 0:
+            raise ValueError(f"`max_staleness` must be an integer >= 0; got {staleness!r}.")
+        if not _is_positive_int(self.weight_sync_steps):
+            raise ValueError(f"`weight_sync_steps` must be an integer >= 1; got {self.weight_sync_steps!r}.")
+        cap = self.importance_ratio_cap
+        if isinstance(cap, bool) or not isinstance(cap, Real) or not (cap >= 1.0 and math.isfinite(cap)):
+            raise ValueError(f"`importance_ratio_cap` must be a finite number >= 1; got {cap!r}.")
+        server_mode = self.use_vllm and self.vllm_mode == "server"
+        if not server_mode and (staleness != 0 or self.weight_sync_steps != 1):
+            raise ValueError(
+                f"`max_staleness={staleness}` and `weight_sync_steps={self.weight_sync_steps}` only apply to "
+                "rollouts on the student's own server (`use_vllm=True, vllm_mode='server'`); elsewhere every window "
+                "is sampled with the current weights. Set them to 0 and 1, or switch to server mode."
+            )
+        if self.weight_sync_steps > staleness + 1:
+            raise ValueError(
+                f"`weight_sync_steps={self.weight_sync_steps}` lets samples lag more than `max_staleness={staleness}` "
+                f"steps behind the weights: it must be at most `max_staleness + 1` ({staleness + 1})."
+            )
 
 
 def is_vllm_installed() -> bool:

@@ -10,6 +10,7 @@ with the window's shared divisor: exactly the loss each row would get from a sin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -166,6 +167,7 @@ def routed_teacher_eopd_loss_and_stats(
     entropy_thresholds: dict[str, float] | None = None,
     num_items_in_batch=None,
     target_log_probs_out: Tensor | None = None,
+    importance=None,
     **loss_kwargs,
 ) -> tuple[Tensor, RoutedTeacherStats]:
     """[`served_teacher_eopd_loss_and_stats`] of each teacher's tokens, with its threshold, summed over teachers.
@@ -173,7 +175,8 @@ def routed_teacher_eopd_loss_and_stats(
     Every group is divided by the same divisor (the window's token count, or this batch's when none is given), so the
     sum is the loss a single call would give if every token's teacher and gate threshold were its own.
     `loss_kwargs` go to each call unchanged (the student's bias, scale and softcap, the vocabulary size, the entropy
-    estimate, the chunk size).
+    estimate, the chunk size). `importance` (stale rollouts' sampler log-probs, one per loss token) and
+    `target_log_probs_out` are split by the same token index as the teacher groups.
     """
     thresholds = entropy_thresholds or {}
     divisor = num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1)
@@ -182,6 +185,9 @@ def routed_teacher_eopd_loss_and_stats(
         index = index.to(student_hidden.device)
         out = None if target_log_probs_out is None else target_log_probs_out.new_empty(index.numel())
         threshold = thresholds.get(teacher_id, options.entropy_threshold)
+        group_importance = None if importance is None else dataclasses.replace(
+            importance, sampler_log_probs=importance.sampler_log_probs[index.to(importance.sampler_log_probs.device)]
+        )
         part, stats = served_teacher_eopd_loss_and_stats(
             student_hidden[index],
             student_weight,
@@ -193,6 +199,7 @@ def routed_teacher_eopd_loss_and_stats(
             options=options.replace(entropy_threshold=threshold),
             num_items_in_batch=divisor,
             target_log_probs_out=out,
+            importance=group_importance,
             **loss_kwargs,
         )
         if out is not None:

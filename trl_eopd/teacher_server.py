@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -28,6 +27,7 @@ import torch
 
 from . import _compat
 from .loss.served import ENTROPY_ESTIMATES
+from .server_http import VLLMServerConnection
 from .vllm_plugin import ENTROPY_TOKEN_ID
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class ServedTeacherLogProbs:
         return ServedTeacherLogProbs(*(t.to(device) for t in self._tensors()))
 
 
-class TeacherServer:
+class TeacherServer(VLLMServerConnection):
     """A vLLM server hosting the teacher, checked at construction.
 
     `exact_entropy` says whether the server returns the teacher's exact entropy (its vLLM plugin is active); found by
@@ -153,6 +153,11 @@ class TeacherServer:
     """
 
     exact_entropy: bool = False
+    error_class = TeacherServerError
+    role = "teacher server"
+    timeout_field = "teacher_model_server_timeout"
+    retries_field = "teacher_model_server_retries"
+    start_hint = f"Start it with `vllm serve TEACHER {_SERVER_FLAGS}`, or fix `teacher_model_server_url`"
 
     def __init__(
         self,
@@ -164,14 +169,9 @@ class TeacherServer:
         student_vocab_size: int,
         teacher_name: str | None = None,
     ):
-        import requests
-
-        self.url = url.strip().rstrip("/")
-        self.timeout = float(timeout)
-        self.retries = int(retries)
+        super().__init__(url, timeout=timeout, retries=retries)
         self.vocab_size = int(student_vocab_size)
         self.top_logprobs = min(int(top_logprobs), self.vocab_size)
-        self._session = requests.Session()
         self._wait_until_healthy()
         self.model_name, self.max_model_len = self._served_model(teacher_name)
         self._check_vocabulary()
@@ -179,30 +179,8 @@ class TeacherServer:
 
     # ------------------------------------------------------------------------------------------------ start-up checks
 
-    def _wait_until_healthy(self) -> None:
-        import requests
-
-        deadline = time.monotonic() + self.timeout
-        last_error = "no answer"
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TeacherServerError(
-                    f"The teacher server at {self.url} did not answer GET /health within "
-                    f"`teacher_model_server_timeout={self.timeout:g}` seconds ({last_error}). Start it with "
-                    f"`vllm serve TEACHER {_SERVER_FLAGS}`, or fix `teacher_model_server_url`."
-                )
-            try:
-                response = self._session.get(f"{self.url}/health", timeout=min(remaining, 5.0))
-                if response.status_code == 200:
-                    return
-                last_error = f"HTTP {response.status_code}"
-            except requests.RequestException as error:
-                last_error = type(error).__name__
-            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
-
     def _served_model(self, teacher_name: str | None) -> tuple[str, int]:
-        models = self._request("GET", "/v1/models", what="GET /v1/models").get("data") or []
+        models = self._served_models()
         if len(models) != 1:
             raise TeacherServerError(
                 f"The teacher server at {self.url} serves {len(models)} models; it must serve exactly the teacher."
@@ -216,28 +194,12 @@ class TeacherServer:
             )
         return model["id"], int(model["max_model_len"])
 
-    def _accepts_token(self, token_id: int) -> bool:
-        """Whether the server accepts `token_id` in a prompt: vLLM rejects ids beyond its vocabulary with HTTP 400."""
-        status, body = self._post_completion([[token_id]], prompt_logprobs=None)
-        if status == 200:
-            return True
-        if status == 400 and "out of vocabulary" in body:
-            return False
-        raise TeacherServerError(f"The teacher server at {self.url} answered HTTP {status} to a probe: {body[:300]}")
-
     def _check_vocabulary(self) -> None:
-        # An unpatched server reports no vocabulary size, but it rejects token ids beyond
-        # max(tokenizer ids, model vocabulary): the student's last id must pass and the next one must not.
-        if self._accepts_token(self.vocab_size - 1) and not self._accepts_token(self.vocab_size):
+        served = self._served_vocab_size(self.vocab_size)
+        if served == self.vocab_size:
             return
-        low, high = 0, 1  # the served size is the first id the server rejects; find it for the message
-        while self._accepts_token(high) and high < 2**26:
-            low, high = high, 2 * high
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if self._accepts_token(middle) else (low, middle)
         raise TeacherServerError(
-            f"The teacher served at {self.url} has a vocabulary of {high} token ids but the student has "
+            f"The teacher served at {self.url} has a vocabulary of {served} token ids but the student has "
             f"{self.vocab_size}. EOPD compares the two distributions id by id, so both need the same vocabulary."
         )
 
@@ -271,36 +233,15 @@ class TeacherServer:
 
     # --------------------------------------------------------------------------------------------------- requests
 
-    def _post_completion(self, prompts: list[list[int]], prompt_logprobs: int | None) -> tuple[int, str]:
-        import requests
-
+    def _completion_payload(self, prompts: list[list[int]], prompt_logprobs: int | None) -> dict:
         # One generated token is the least a completion request may ask for; the prompt's log-probs are the answer.
         payload = {"model": self.model_name, "prompt": prompts, "max_tokens": 1, "temperature": 1.0}
         if prompt_logprobs is not None:
             payload["prompt_logprobs"] = prompt_logprobs
-        try:
-            response = self._session.post(f"{self.url}/v1/completions", json=payload, timeout=self.timeout)
-        except requests.RequestException as error:
-            raise TeacherServerError(
-                f"The teacher server at {self.url} did not answer within {self.timeout:g} s: {error}"
-            ) from error
-        return response.status_code, response.text
+        return payload
 
-    def _request(self, method: str, path: str, *, what: str, **kwargs) -> dict:
-        import requests
-
-        try:
-            response = self._session.request(method, f"{self.url}{path}", timeout=self.timeout, **kwargs)
-        except requests.RequestException as error:
-            raise TeacherServerError(
-                f"The teacher server at {self.url} did not answer {what} within {self.timeout:g} s: {error}"
-            ) from error
-        if response.status_code != 200:
-            raise TeacherServerError(
-                f"The teacher server at {self.url} answered HTTP {response.status_code} to {what}: "
-                f"{response.text[:300]}"
-            )
-        return response.json()
+    def _post_completion(self, prompts: list[list[int]], prompt_logprobs: int | None) -> tuple[int, str]:
+        return self._post("/v1/completions", self._completion_payload(prompts, prompt_logprobs))
 
     def check_context(self, sequences: list[list[int]]) -> None:
         """Every sequence must leave room for the one token a completion request generates."""
@@ -344,27 +285,9 @@ class TeacherServer:
         return fetched.split(rows_per_batch)
 
     def _completions_with_retries(self, sequences: list[list[int]], global_step: int) -> list[dict]:
-        import json
-
-        failures = []
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(min(2.0 ** (attempt - 1), 30.0))
-            try:
-                status, body = self._post_completion(sequences, prompt_logprobs=self.top_logprobs)
-            except TeacherServerError as error:
-                failures.append(str(error.__cause__ or error))
-                continue
-            if status == 200:
-                return sorted(json.loads(body)["choices"], key=lambda choice: choice["index"])
-            failures.append(f"HTTP {status}: {body[:200]}")
-            if status == 400:  # a malformed request stays malformed
-                break
-        raise TeacherServerError(
-            f"The teacher server at {self.url} failed at global step {global_step} after {len(failures)} attempt(s) "
-            f"(`teacher_model_server_retries={self.retries}`); last error: {failures[-1]}. Training stopped; "
-            "checkpoints already saved are intact: restart the server and resume with `--resume_from_checkpoint`."
-        )
+        payload = self._completion_payload(sequences, self.top_logprobs)
+        answer = self._post_with_retries("/v1/completions", payload, global_step)
+        return sorted(answer["choices"], key=lambda choice: choice["index"])
 
     def _entropies(self, choice: dict, prompt_length: int) -> list[float]:
         """Take the plugin's entropy entries out of a choice's completion positions (they are no tokens)."""
@@ -403,6 +326,3 @@ class TeacherServer:
                 f"vLLM plugin? Restart it with `{_PLUGIN_SERVER}`, then resume with `--resume_from_checkpoint`."
             )
         return ServedTeacherLogProbs(top, ids, target, torch.tensor(entropies, dtype=torch.float32))
-
-    def close(self) -> None:
-        self._session.close()

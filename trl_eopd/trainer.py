@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import functools
-import random
 import textwrap
 import warnings
 from collections.abc import Callable
@@ -21,11 +19,25 @@ from ._paths import check_model_path
 from .collator import PromptKeepingChatMLCollator, check_dataset_columns, check_not_empty
 from .config import EOPDConfig
 from .launch_check import launch_problem
-from .loss import IGNORE_INDEX, EOPDLossOptions, EOPDStats, chunked_eopd_loss_and_stats, eopd_loss_and_stats
+from .loss import (
+    IGNORE_INDEX,
+    EOPDLossOptions,
+    EOPDStats,
+    ImportanceCorrection,
+    chunked_eopd_loss_and_stats,
+    eopd_loss_and_stats,
+)
 from .loss.full import safe_divisor
-from .loss.projection import OutputProjection, find_output_projection, gathered, last_hidden_state, project
+from .loss.projection import (
+    OutputProjection,
+    find_output_projection,
+    gathered,
+    is_fsdp2_sharded,
+    last_hidden_state,
+    project,
+)
 from .loss.stats import evaluation_loss_sum, evaluation_means
-from .vllm_rollouts import SAMPLER_LOGPROBS, without_rewritten_tokens
+from .rollouts import ROLLOUT_STALENESS, SAMPLER_LOGPROBS, build_rollout_source, without_rewritten_tokens
 
 if is_peft_available():
     from peft import PeftConfig
@@ -42,39 +54,6 @@ def _distributed_state(args):
 
     _ = args.device  # the training arguments set up the process group (with their `ddp_backend`) on first use
     return PartialState()
-
-
-def _is_fsdp2(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(module, FSDPModule) for module in model.modules())
-
-
-def _generation_is_synced(model: nn.Module) -> bool:
-    """Whether transformers' `generate` steps every process together (`synced_gpus`), as it does by itself for a
-    ZeRO-3 or FSDP-sharded model in a group of several processes: a process whose completions have all ended keeps
-    running forward passes until every process's have."""
-    import torch.distributed as dist
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return False
-    return is_deepspeed_zero3_enabled() or _is_fsdp2(model)
-
-
-def _with_cache(generation_config):
-    """A copy of `generation_config` that uses the KV cache.
-
-    GKD turns the cache off when activation checkpointing is on, but TRL's `unwrap_model_for_generation` switches
-    checkpointing off while generating anyway. Without the cache, transformers 5's synchronised generation breaks on a
-    process whose completions have all ended: it stops extending that process's token ids but keeps extending its
-    attention mask, and the next forward fails on their shape mismatch.
-    """
-    if generation_config.use_cache:
-        return generation_config
-    generation_config = copy.deepcopy(generation_config)
-    generation_config.use_cache = True
-    return generation_config
 
 
 def _tokenizer_of(processing_class):
@@ -116,7 +95,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
     - keeps prompts longer than the room `max_length` leaves whole (cutting the reference completion instead, with a
       warning), and names the model when sampling hits non-finite probabilities;
     - with `args.use_vllm`, samples the on-policy completions with vLLM through TRL's `VLLMGeneration`, one engine call
-      per accumulation window (see `trl_eopd/vllm_rollouts.py`).
+      per accumulation window (see `trl_eopd/rollouts/`).
 
     Args:
         model ([`~transformers.PreTrainedModel`] or `torch.nn.Module` or `str`, *optional*):
@@ -284,19 +263,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 self._stats_class = RoutedStatsLayout(self._teacher_server.teacher_ids)
             else:
                 self._teacher_server = TeacherServer(served_teacher_url, **server_kwargs)
-        self._vllm_rollouts = None
-        if args.use_vllm:
-            from .vllm_rollouts import VLLMRollouts
-
-            self._vllm_rollouts = VLLMRollouts(
-                model=self.model,
-                accelerator=self.accelerator,
-                processing_class=self.processing_class,
-                args=args,
-                eos_token_id=self.generation_config.eos_token_id,
-                train_dataset=self.train_dataset,
-                collator_max_length=getattr(self.data_collator, "max_length", None),
-            )
+        # Where on-policy completions come from (`generate`, a colocated engine, or a server); see `trl_eopd/rollouts`.
+        self._rollouts = build_rollout_source(self)
+        # A source that samples ahead finishes each window (end tokens, a served teacher's log-probs) in its
+        # background thread, so that the training loop only runs the student's forward and backward.
+        self._rollouts.finish_window = self._finish_rollouts
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -340,70 +311,37 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         input_ids[at_student_eos] = self._teacher_eos_id
         labels[at_student_eos] = self._teacher_eos_id
 
-    def _roll_out(self, inputs: dict) -> dict:
-        """Replace the batch's completions by the student's own (with probability lmbda) or the teacher's (seq_kd)."""
-        if random.random() <= self.lmbda:
-            generator, gradient_checkpointing_kwargs = self.model_wrapped, self.args.gradient_checkpointing_kwargs
-            role = "student (on-policy sampling)"
-        elif self.seq_kd:
-            generator, gradient_checkpointing_kwargs = self.teacher_model, None
-            role = "teacher (sampling because seq_kd=True)"
-        else:
-            inputs[_ROLLOUT_DONE] = True
-            return inputs
-        with _compat.unwrap_model_for_generation(
-            generator,
-            self.accelerator,
-            generation_kwargs=self.generation_kwargs,
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs,
-        ) as unwrapped_model:
-            try:
-                synced = _generation_is_synced(unwrapped_model)
-                # GKD's static method, unchanged, so code calling it on the class keeps working.
-                input_ids, attention_mask, labels = self.generate_on_policy_outputs(
-                    _compat.GenerationConfigOnly(unwrapped_model),
-                    inputs,
-                    _with_cache(self.generation_config) if synced else self.generation_config,
-                )
-            except RuntimeError as error:
-                # torch's sampler reports non-finite probabilities without naming the model; the loss's own check
-                # names it, and sampling (the student's, or the teacher's with seq_kd) does too.
-                if "probability tensor contains" not in str(error):
-                    raise
-                raise FloatingPointError(_non_finite_sampling_report(self, unwrapped_model, role)) from error
-        self._replace_student_eos(input_ids, labels)
-        inputs.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        inputs[_ROLLOUT_DONE] = True
-        return inputs
-
     def _roll_out_window(self, batches: list[dict]) -> list[dict]:
-        if self._vllm_rollouts is None:
-            batches = [self._roll_out(batch) for batch in batches]
-        else:
-            # One engine call for the whole window, after one weight push per optimizer step.
-            rolled_out = self._vllm_rollouts.roll_out(
-                batches,
-                global_step=self.state.global_step,
-                lmbda=self.lmbda,
-                measure_mismatch=self._logs_next_step(),
-            )
-            for batch in rolled_out:
-                sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
-                self._replace_student_eos(batch["input_ids"], batch["labels"])
-                if sampled_labels is not None:
-                    batch[SAMPLER_LOGPROBS] = without_rewritten_tokens(batch[SAMPLER_LOGPROBS], sampled_labels,
-                                                                       batch["labels"])  # fmt: skip
-            for batch in batches:
-                batch[_ROLLOUT_DONE] = True
-        if self._teacher_server is not None:
-            self._fetch_served_teacher(batches)
+        rolled_out = self._rollouts.roll_out_window(
+            batches, global_step=self.state.global_step, lmbda=self.lmbda, measure_mismatch=self._logs_next_step()
+        )
+        return self._finish_rollouts(batches, rolled_out)
+
+    def _finish_rollouts(self, batches: list[dict], rolled_out: list[dict], global_step: int | None = None):
+        """Rewrite end tokens, mark the window rolled out and fetch a served teacher's log-probs; a source that samples
+        ahead calls this in its background thread (then `global_step` is the step the window will feed), and the
+        trainer again when the window trains, which then finds nothing left to do."""
+        for batch in rolled_out:
+            if batch.get(_ROLLOUT_DONE):
+                continue
+            sampled_labels = batch["labels"].clone() if SAMPLER_LOGPROBS in batch else None
+            self._replace_student_eos(batch["input_ids"], batch["labels"])
+            if sampled_labels is not None:
+                batch[SAMPLER_LOGPROBS] = without_rewritten_tokens(batch[SAMPLER_LOGPROBS], sampled_labels,
+                                                                   batch["labels"])  # fmt: skip
+        for batch in batches:
+            batch[_ROLLOUT_DONE] = True
+        missing_teacher = [batch for batch in batches if _SERVED_TEACHER not in batch]
+        if self._teacher_server is not None and missing_teacher:
+            self._fetch_served_teacher(missing_teacher, global_step)
         return batches
 
-    def _fetch_served_teacher(self, batches: list[dict]) -> None:
+    def _fetch_served_teacher(self, batches: list[dict], global_step: int | None = None) -> None:
         # One request per process for its whole window: the server batches the processes' concurrent requests
         # itself, and nothing has to be gathered to one process and scattered back (two collectives, and a single
         # process's network link carrying every process's log-probs).
-        fetched = self._teacher_server.fetch(batches, self.state.global_step)
+        step = self.state.global_step if global_step is None else global_step
+        fetched = self._teacher_server.fetch(batches, step)
         for batch, teacher in zip(batches, fetched, strict=True):
             batch[_SERVED_TEACHER] = teacher.to(batch["input_ids"].device)
 
@@ -425,11 +363,18 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         transformers counts `num_items_in_batch` on the dataset's labels, before on-policy generation replaces them;
         generating here, for the whole window at once, lets the count cover the completions actually trained on.
         """
-        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        # A resumed run must sample what an uninterrupted one would: the rollouts below are the first random draws.
-        self._restore_rng_before_rollouts()
-        on_device = [send_to_device(batch, self.accelerator.device) for batch in batch_samples]
-        batch_samples = self._roll_out_window(on_device)
+        def fetch() -> list[dict]:
+            batch_samples, _ = super(EOPDTrainer, self).get_batch_samples(epoch_iterator, num_batches, device)
+            # A resumed run must sample what an uninterrupted one would: the rollouts are the first random draws.
+            self._restore_rng_before_rollouts()
+            return [send_to_device(batch, self.accelerator.device) for batch in batch_samples]
+
+        # The rollout source reads the window itself: an asynchronous one reads the next windows ahead.
+        batch_samples, rolled_out = self._rollouts.next_window(
+            fetch, epoch_key=epoch_iterator, global_step=self.state.global_step, lmbda=self.lmbda,
+            measure_mismatch=self._logs_next_step(),
+        )  # fmt: skip
+        batch_samples = self._finish_rollouts(batch_samples, rolled_out)
         local_count = (
             self._count_loss_tokens(batch_samples) if batch_samples else torch.tensor(0, device=device)
         ).to(device)
@@ -461,32 +406,41 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         # which `evaluation_loop` replaces by the mean over every token of the evaluation.
         options = self._loss_options_for(mode)
 
-        # vLLM's log-probs of the sampled tokens, attached only to rollouts of logged steps (see `vllm_rollouts`): the
-        # loss hands back the student's log-probs of the same tokens, so the mismatch costs no extra forward pass.
+        # vLLM's log-probs of the sampled tokens (a colocated engine's on logged steps, a server's always; see
+        # `trl_eopd/rollouts`): the loss hands back the student's log-probs of the same tokens, so the mismatch and the
+        # importance ratios of stale tokens cost no extra forward pass.
         sampler_logprobs = inputs.pop(SAMPLER_LOGPROBS, None)
-        target_log_probs = None
+        target_log_probs = importance = None
         if sampler_logprobs is not None:
             loss_mask = inputs["labels"][:, 1:] != IGNORE_INDEX
             target_log_probs = torch.empty(int(loss_mask.sum()), dtype=torch.float32, device=loss_mask.device)
+        # Rollouts sampled by older weights (server mode, `max_staleness >= 1`): see `trl_eopd/loss/importance.py`.
+        if inputs.pop(ROLLOUT_STALENESS, 0) > 0 and sampler_logprobs is not None:
+            sampler = torch.tensor(sampler_logprobs, dtype=torch.float32, device=target_log_probs.device)
+            importance = ImportanceCorrection(sampler, self.args.importance_ratio_cap)
 
         outputs = None
         if self._teacher_server is not None:
-            loss, stats, diagnose = self._served_teacher_loss(model, inputs, num_items_in_batch, options,
-                                                              target_log_probs)  # fmt: skip
+            loss, stats, diagnose = self._served_teacher_loss(
+                model, inputs, num_items_in_batch, options, target_log_probs, importance
+            )
             if mode == "eval":
                 divisor = stats.num_tokens if num_items_in_batch is None else num_items_in_batch
                 loss = evaluation_loss_sum(stats, options.forward_kl_coef) / safe_divisor(divisor, loss.device)
         # Callers that want logits (compute_metrics) get them from the full-logits path.
         elif self._memory_efficient and not return_outputs and self._memory_efficient_is_exact(model, inputs):
-            loss, stats, diagnose = self._memory_efficient_loss(model, inputs, num_items_in_batch, options,
-                                                                target_log_probs)  # fmt: skip
+            loss, stats, diagnose = self._memory_efficient_loss(
+                model, inputs, num_items_in_batch, options, target_log_probs, importance
+            )
         else:
             loss, stats, diagnose, outputs = self._full_logits_loss(
-                model, inputs, num_items_in_batch, options, target_log_probs
+                model, inputs, num_items_in_batch, options, target_log_probs, importance
             )
         self._record_metrics(mode, loss, stats, diagnose)
         if sampler_logprobs is not None:
-            self._vllm_rollouts.record_mismatch(sampler_logprobs, target_log_probs)
+            self._rollouts.record_mismatch(sampler_logprobs, target_log_probs)
+        if importance is not None and self.loss_options.reverse_kl_estimator == "sampled":
+            self._rollouts.record_importance_ratios(importance, target_log_probs)
         return (loss, outputs) if return_outputs else loss
 
     def _loss_options_for(self, mode: str) -> EOPDLossOptions:
@@ -502,7 +456,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             return self.loss_options.replace(reverse_kl_estimator="analytic")
         return self.loss_options
 
-    def _full_logits_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None):
+    def _full_logits_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None,
+                          importance=None):  # fmt: skip
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
@@ -516,6 +471,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             options,
             num_items_in_batch=num_items_in_batch,
             target_log_probs_out=target_log_probs_out,
+            importance=importance,
         )
 
         def diagnose():
@@ -526,7 +482,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose, student_outputs
 
-    def _served_teacher_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None):
+    def _served_teacher_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None,
+                             importance=None):  # fmt: skip
         if _SERVED_TEACHER not in inputs:  # evaluation batches, or a batch built outside the training loop
             self._fetch_served_teacher([inputs])
         if not self._memory_efficient_is_exact(model, inputs):
@@ -537,10 +494,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
             model, unwrapped_student, self._project_and_score_served, unwrapped_student, inputs, num_items_in_batch,
-            options, target_log_probs_out,
-        )
+            options, target_log_probs_out, importance,
+        )  # fmt: skip
 
-    def _project_and_score_served(self, student, inputs, num_items_in_batch, options, target_log_probs_out=None):
+    def _project_and_score_served(self, student, inputs, num_items_in_batch, options, target_log_probs_out=None,
+                                  importance=None):  # fmt: skip
         from .loss.served import served_teacher_eopd_loss_and_stats
         from .teacher_routing import RoutedTeacherLogProbs, routed_teacher_eopd_loss_and_stats
 
@@ -574,6 +532,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,
+                importance=importance,
             )
 
         def diagnose():
@@ -584,16 +543,18 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
 
         return loss, stats, diagnose
 
-    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None):
+    def _memory_efficient_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None,
+                               importance=None):  # fmt: skip
         # Run inside the student wrapper's forward, so DDP arms its gradient hooks and ZeRO-3 keeps the student's
         # sharded parameters, lm_head included, available for the projection.
         unwrapped_student = self.accelerator.unwrap_model(model)
         return self._forward_redirection(
             model, unwrapped_student, self._project_and_score, unwrapped_student, inputs, num_items_in_batch, options,
-            target_log_probs_out,
+            target_log_probs_out, importance,
         )  # fmt: skip
 
-    def _project_and_score(self, student, inputs, num_items_in_batch, options, target_log_probs_out=None):
+    def _project_and_score(self, student, inputs, num_items_in_batch, options, target_log_probs_out=None,
+                           importance=None):  # fmt: skip
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         shifted_labels = inputs["labels"][:, 1:]
         loss_mask = shifted_labels != IGNORE_INDEX
@@ -631,6 +592,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
                 num_items_in_batch=num_items_in_batch,
                 chunk_size=self.args.loss_chunk_size,
                 target_log_probs_out=target_log_probs_out,
+                importance=importance,
             )
 
         def diagnose():
@@ -706,7 +668,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         input_ids, attention_mask = inputs["input_ids"][:1], inputs["attention_mask"][:1]
         with torch.no_grad():
             reference = wrapped(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-            if _is_fsdp2(unwrapped):
+            if is_fsdp2_sharded(unwrapped):
                 # Inside the model's forward, as the loss runs: FSDP2 gathers the embedding only there.
                 hidden = self._forward_redirection(wrapped, unwrapped, last_hidden_state, unwrapped, input_ids,
                                                    attention_mask)  # fmt: skip
@@ -765,20 +727,20 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             else:
                 prefix, means = "", stats.means()
             logs.update({prefix + name: value for name, value in means.items()})
-        if mode == "train" and self._vllm_rollouts is not None and self._vllm_rollouts.mismatch_values:
-            from .vllm_rollouts import MISMATCH_METRIC
-
-            values = self._vllm_rollouts.mismatch_values
-            logs[MISMATCH_METRIC] = sum(values) / len(values)
-            values.clear()
+        if mode == "train":
+            logs.update(self._rollouts.pop_metrics())
         super().log(logs, start_time)
 
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self._rollouts.finish_training(self.state.global_step)
+        return output
+
     def end(self):
-        """Shut a colocated vLLM engine down, then finish as [`~transformers.Trainer.end`] does."""
-        # The engine made process groups inside the training world; torn down after `end()` destroyed that world, at
-        # interpreter exit, vLLM would print an "Invalid process group" traceback.
-        if self._vllm_rollouts is not None:
-            self._vllm_rollouts.close()
+        """Close the rollout source (a colocated vLLM engine), then finish as [`~transformers.Trainer.end`] does."""
+        # A colocated engine made process groups inside the training world; torn down after `end()` destroyed that
+        # world, at interpreter exit, vLLM would print an "Invalid process group" traceback.
+        self._rollouts.close()
         super().end()
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -844,21 +806,6 @@ def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, c
             logits = project(hidden[start : start + chunk_size].float(), projection)
             count += (~torch.isfinite(logits)).any(-1).sum().item()
     return count
-
-
-def _non_finite_sampling_report(trainer, model, role: str) -> str:
-    with torch.no_grad():
-        bad = [name for name, parameter in model.named_parameters() if not torch.isfinite(parameter).all()]
-    if bad:
-        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-        cause = f"{len(bad)} of its weight tensors contain NaN or inf ({listed})"
-    else:
-        cause = "its weights are finite, so its logits overflowed (fp16 overflows easily; prefer bf16 or fp32)"
-    return (
-        f"Sampling from the {role} failed at global step {trainer.state.global_step}: its next-token probabilities "
-        f"are NaN or inf because {cause}. A NaN loss or a too-high learning rate in an earlier step is the usual "
-        "cause; lower the learning rate, or restart from a healthy checkpoint."
-    )
 
 
 def _non_finite_report(student: Callable[[], int], teacher: Callable[[], int]) -> str:

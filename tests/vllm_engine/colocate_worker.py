@@ -56,15 +56,15 @@ if __name__ == "__main__":
     )
     rank = trainer.accelerator.process_index
     seen = {"decisions": [], "generate": 0, "sync_weights": 0}
-    rollouts = trainer._vllm_rollouts
-    decide = rollouts._on_policy_decisions
+    rollouts = trainer._rollouts
+    decide = rollouts.on_policy_decisions
 
     def recorded_decisions(*a, **k):
         decisions = decide(*a, **k)
         seen["decisions"].append(decisions)
         return decisions
 
-    rollouts._on_policy_decisions = recorded_decisions
+    rollouts.on_policy_decisions = recorded_decisions
     for name in ("generate", "sync_weights"):
         original = getattr(rollouts.generation, name)
 

@@ -24,12 +24,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TEACHER_FLAGS = ["--max-logprobs", "-1", "--logprobs-mode", "processed_logprobs"]
+
+
 class TeacherServerProcess:
     """One `vllm.entrypoints.openai.api_server` subprocess; `stop()` ends it by its PID, `start()` starts it again."""
 
     def __init__(self, model_dir: str, *, port: int | None = None, max_model_len: int = 256, log_dir: str | Path,
-                 python: str | None = None, entropy_plugin: bool = False,
-                 extra_args: tuple[str, ...] = ()):  # fmt: skip
+                 python: str | None = None, entropy_plugin: bool = False, extra_args: tuple[str, ...] = (),
+                 flags: list[str] | None = None, env: dict | None = None):  # fmt: skip
+        # `flags` replace the served teacher's (a student's server needs others); `env` is added to the environment.
+        self.flags = TEACHER_FLAGS if flags is None else list(flags)
+        self.extra_env = dict(env or {})
         self.model_dir = str(model_dir)
         self.port = port or free_port()
         self.max_model_len = max_model_len
@@ -49,11 +55,11 @@ class TeacherServerProcess:
         module = "trl_eopd.vllm_plugin.serve" if self.entropy_plugin else "vllm.entrypoints.openai.api_server"
         command = [
             self.python, "-m", module, "--model", self.model_dir,
-            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-logprobs", "-1",
-            "--logprobs-mode", "processed_logprobs", "--max-model-len", str(self.max_model_len), "--enforce-eager",
-            *self.extra_args,
+            "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", *self.flags,
+            "--max-model-len", str(self.max_model_len), "--enforce-eager", *self.extra_args,
         ]  # fmt: skip
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+               **self.extra_env}  # fmt: skip
         # The server must not inherit the in-process engine switch the other tests set.
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
         if self.entropy_plugin:  # the repository is only on PYTHONPATH in the test environments, installed nowhere

@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_eopd import EOPDConfig, EOPDTrainer
 from trl_eopd.tiny import build_tiny_model, build_tiny_tokenizer, toy_arithmetic_conversations
-from trl_eopd.vllm_rollouts import MISMATCH_METRIC
+from trl_eopd.rollouts import MISMATCH_METRIC
+from trl_eopd.rollouts.student_server import StudentServerError
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +131,7 @@ def _trainer(models, tmp_path, **overrides):
 def test_server_mode_unreachable_names_the_url_and_timeout(models, tmp_path):
     url = f"http://127.0.0.1:{_free_port()}"
     start = time.monotonic()
-    with pytest.raises(ConnectionError, match=rf"{url}.*vllm_server_timeout=1\.5"):
+    with pytest.raises(StudentServerError, match=rf"{url}.*vllm_server_timeout=1\.5"):
         _trainer(models, tmp_path, vllm_mode="server", vllm_server_base_url=url, vllm_server_timeout=1.5)
     assert time.monotonic() - start < 60  # an error, not a hang
 

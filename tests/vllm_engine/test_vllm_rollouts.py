@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_eopd import EOPDConfig, EOPDTrainer
 from trl_eopd.tiny import IM_END, build_tiny_model, build_tiny_tokenizer, toy_arithmetic_conversations
-from trl_eopd.vllm_rollouts import MISMATCH_METRIC, build_rollout_batch
+from trl_eopd.rollouts import MISMATCH_METRIC, build_rollout_batch
 
 TOLERANCE = 1e-4
 STEPS = 3
@@ -81,7 +81,7 @@ def _trainer(assets, student: str, *, gradient_accumulation_steps: int, peft: bo
 
 def _count_calls(trainer, monkeypatch) -> dict:
     calls = {"generate": 0, "sync_weights": 0}
-    generation = trainer._vllm_rollouts.generation
+    generation = trainer._rollouts.generation
     for name in calls:
         original = getattr(generation, name)
 
@@ -119,7 +119,7 @@ def test_engine_samples_from_the_updated_student_every_step(
     assert max(logged) < TOLERANCE, logged
 
     # The same measurement sees a stale engine: change the student without a new step (so no sync) and sample again.
-    rollouts = trainer._vllm_rollouts
+    rollouts = trainer._rollouts
     with torch.no_grad():
         for parameter in trainer.model.parameters():
             if parameter.requires_grad:
@@ -146,7 +146,7 @@ def test_log_probs_only_on_logged_steps_and_no_extra_forward_pass(assets, float3
     import trl_eopd.trainer as trainer_module
 
     trainer = _trainer(assets, "untied", gradient_accumulation_steps=1, max_steps=4, logging_steps=2)
-    generation = trainer._vllm_rollouts.generation
+    generation = trainer._rollouts.generation
     requested, forwards = [], Counter()
     original_generate, original_hidden = generation.generate, trainer_module.last_hidden_state
 
@@ -178,7 +178,7 @@ def test_rollout_batch_matches_the_generate_path_layout(assets, float32_engine, 
     """
     trainer = _trainer(assets, "untied", gradient_accumulation_steps=1, max_steps=1, max_new_tokens=48)
     recorded = []
-    generation = trainer._vllm_rollouts.generation
+    generation = trainer._rollouts.generation
     original = generation.generate
 
     def recording(*args, **kwargs):

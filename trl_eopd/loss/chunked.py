@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .importance import ImportanceCorrection
 from .options import EOPDLossOptions
 from .stats import EOPDStats
 
@@ -439,6 +440,7 @@ def _eopd_chunks(
     chunk_size: int,
     needs_grad: tuple[bool, bool, bool],
     target_log_probs_out: Tensor | None = None,
+    importance: ImportanceCorrection | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Loss, per-token statistic sums and (optionally) the loss's gradients w.r.t. the student's hidden, weight, bias.
 
@@ -484,6 +486,9 @@ def _eopd_chunks(
             softcap_derivative,
         )
         terms = _per_token_terms(probs, log_probs, targets[start:end], opts, top_k)
+        if importance is not None and opts.reverse_kl_estimator == "sampled":
+            # Only the sampled estimate depends on which token was drawn (see `importance.py`).
+            terms.base_weight = terms.base_weight * importance.ratios(terms.target_log_probs, start, end)
         _record_stats(per_token[start:end], terms, opts)
         if target_log_probs_out is not None:
             target_log_probs_out[start:end] = terms.target_log_probs
@@ -510,7 +515,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                targets, opts, divisor, chunk_size, target_log_probs_out):  # fmt: skip
+                targets, opts, divisor, chunk_size, target_log_probs_out, importance):  # fmt: skip
         needs_grad = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -518,7 +523,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
         )
         loss, sums, grad_hidden, grad_weight, grad_bias = _eopd_chunks(
             student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, targets,
-            opts, divisor, chunk_size, needs_grad, target_log_probs_out,
+            opts, divisor, chunk_size, needs_grad, target_log_probs_out, importance,
         )  # fmt: skip
         # Kept in the parameters' dtype until backward: for a bf16 model this halves the (vocab, hidden) gradient held
         # between the two passes, and it is the dtype autograd would have produced anyway.
@@ -538,7 +543,7 @@ class _ChunkedEOPDFunction(torch.autograd.Function):
         # The usual caller back-propagates the loss itself (grad_loss == 1): skip a vocabulary-sized multiply then.
         if grad_loss.device.type != "cpu" or float(grad_loss) != 1.0:
             grads = [None if grad is None else grad * grad_loss.to(grad.dtype) for grad in grads]
-        return (*grads, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 def chunked_eopd_loss_and_stats(
@@ -558,6 +563,7 @@ def chunked_eopd_loss_and_stats(
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
     target_log_probs_out: Tensor | None = None,
+    importance: ImportanceCorrection | None = None,
     **option_overrides,
 ) -> tuple[Tensor, EOPDStats]:
     """EOPD loss and statistics computed from hidden states, a chunk of tokens at a time.
@@ -601,6 +607,9 @@ def chunked_eopd_loss_and_stats(
         target_log_probs_out (`torch.Tensor`, *optional*):
             As in [`eopd_loss_and_stats`]: a float32 tensor of shape `(N,)` that receives the student's tempered
             log-probability of each target, detached.
+        importance ([`ImportanceCorrection`], *optional*):
+            As in [`eopd_loss_and_stats`]: for tokens sampled by older weights, the sampled reverse-KL term of each
+            token is weighted by its truncated importance ratio.
         **option_overrides:
             Any field of [`EOPDLossOptions`] by name, replacing its value in `options`.
 
@@ -659,13 +668,13 @@ def chunked_eopd_loss_and_stats(
     if torch.is_grad_enabled() and any(t.requires_grad for t in student_tensors):
         loss, sums = _ChunkedEOPDFunction.apply(
             student_hidden, student_weight, student_bias, *teacher_args, targets, opts, divisor, chunk_size,
-            target_log_probs_out,
+            target_log_probs_out, importance,
         )  # fmt: skip
     else:
         with torch.no_grad():
             loss, sums, *_ = _eopd_chunks(
                 student_hidden, student_weight, student_bias, *teacher_args, targets, opts, divisor, chunk_size,
-                (False, False, False), target_log_probs_out,
+                (False, False, False), target_log_probs_out, importance,
             )  # fmt: skip
 
     stats = EOPDStats(

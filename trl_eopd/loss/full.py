@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .importance import ImportanceCorrection
 from .options import IGNORE_INDEX, EOPDLossOptions
 from .stats import EOPDStats
 
@@ -95,6 +96,7 @@ def eopd_loss_and_stats(
     *,
     num_items_in_batch: torch.Tensor | int | None = None,
     target_log_probs_out: torch.Tensor | None = None,
+    importance: ImportanceCorrection | None = None,
     **option_overrides,
 ) -> tuple[torch.Tensor, EOPDStats]:
     """Like [`eopd_loss`], and also returns the detached [`EOPDStats`] of the batch, computed from the same logits.
@@ -103,6 +105,8 @@ def eopd_loss_and_stats(
     whose entropy is above it, whatever the gate. `target_log_probs_out`, if given, is a float32 tensor of shape
     `(num_loss_tokens,)` that receives the student's tempered log-probability of each label, detached, in the order of
     `labels[labels != -100]` (a sampler's log-probabilities can be compared with it at no extra forward pass).
+    `importance`, for tokens sampled by older weights, weights the sampled reverse-KL term of each token by its
+    truncated importance ratio (see `trl_eopd/loss/importance.py`); other base terms need none and ignore it.
     """
     opts = EOPDLossOptions.resolve(options, option_overrides)
     entropy_threshold, forward_kl_coef, gate = opts.entropy_threshold, opts.forward_kl_coef, opts.gate
@@ -127,10 +131,12 @@ def eopd_loss_and_stats(
         high_entropy = teacher_entropy > entropy_threshold
 
     if reverse_kl_estimator == "sampled":
+        student_target_log_probs = student_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         base = sampled_reverse_kl_per_token(
-            student_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
-            teacher_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1),
+            student_target_log_probs, teacher_log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         )
+        if importance is not None:
+            base = base * importance.ratios(student_target_log_probs)
     else:
         base = generalized_jsd_per_token(student_log_probs, teacher_log_probs, beta)
 

@@ -76,6 +76,13 @@ def find_output_projection(causal_lm: nn.Module) -> tuple[OutputProjection | Non
     )
 
 
+def is_fsdp2_sharded(model: torch.nn.Module) -> bool:
+    """Whether any part of `model` is sharded by FSDP2 (`fully_shard`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def gathered(projection: OutputProjection) -> OutputProjection:
     """The projection with FSDP2-sharded (`DTensor`) weight and bias turned into full tensors; others pass as they are.
 

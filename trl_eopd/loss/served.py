@@ -48,6 +48,7 @@ from .chunked import (
     _zero_student_gradients,
     log_softmax_into,
 )
+from .importance import ImportanceCorrection
 from .options import EOPDLossOptions
 
 # The gate's teacher-entropy estimates with a served teacher, the default first (see `estimate_teacher_entropy`).
@@ -298,7 +299,8 @@ def _renormalised_top_k(top_log_probs: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _served_chunks(student_hidden, student_weight, student_bias, served: _Served, targets, opts: _Options,
-                   divisor: float, chunk_size: int, needs_grad, target_log_probs_out=None):  # fmt: skip
+                   divisor: float, chunk_size: int, needs_grad, target_log_probs_out=None,
+                   importance: ImportanceCorrection | None = None):  # fmt: skip
     """Loss, statistic sums and (optionally) the student's gradients, a chunk of tokens at a time."""
     device = student_hidden.device
     num_tokens, vocab_size = targets.numel(), student_weight.size(0)
@@ -341,6 +343,8 @@ def _served_chunks(student_hidden, student_weight, student_bias, served: _Served
         student_entropy = -_row_dots(probs, log_probs)
         gate = served.gate[start:end]
         base_weight = torch.ones_like(gate) if opts.gate == "augment" else 1.0 - gate
+        if importance is not None:
+            base_weight = base_weight * importance.ratios(target_log_probs, start, end)
 
         stats = per_token[start:end]
         stats[:, _TEACHER_ENTROPY_ESTIMATE] = served.entropy[start:end]
@@ -393,7 +397,7 @@ class _ServedTeacherEOPDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
-                target_log_probs_out):  # fmt: skip
+                target_log_probs_out, importance):  # fmt: skip
         needs_grad = (
             ctx.needs_input_grad[0],
             ctx.needs_input_grad[1],
@@ -401,7 +405,7 @@ class _ServedTeacherEOPDFunction(torch.autograd.Function):
         )
         loss, sums, *grads = _served_chunks(
             student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size, needs_grad,
-            target_log_probs_out,
+            target_log_probs_out, importance,
         )  # fmt: skip
         grads = [
             None if grad is None else grad.to(like.dtype)
@@ -415,7 +419,7 @@ class _ServedTeacherEOPDFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_sums):
         # The chunked loss's rescaling of the saved gradients, then no gradient for the six other inputs.
         student_grads = _ChunkedEOPDFunction.backward(ctx, grad_loss, grad_sums)[:3]
-        return (*student_grads, None, None, None, None, None, None)
+        return (*student_grads, None, None, None, None, None, None, None)
 
 
 def served_teacher_eopd_loss_and_stats(
@@ -436,6 +440,7 @@ def served_teacher_eopd_loss_and_stats(
     num_items_in_batch: Tensor | int | None = None,
     chunk_size: int = 256,
     target_log_probs_out: Tensor | None = None,
+    importance: ImportanceCorrection | None = None,
     **option_overrides,
 ) -> tuple[Tensor, ServedTeacherStats]:
     """EOPD loss and statistics from the student's hidden states and a served teacher's top log-probabilities.
@@ -485,6 +490,9 @@ def served_teacher_eopd_loss_and_stats(
         target_log_probs_out (`torch.Tensor`, *optional*):
             A float32 `(N,)` tensor that receives the student's log-probability of each target token (detached), as
             with [`chunked_eopd_loss_and_stats`].
+        importance ([`ImportanceCorrection`], *optional*):
+            For tokens sampled by older weights: each token's sampled reverse-KL term is weighted by its truncated
+            importance ratio (see `trl_eopd/loss/importance.py`).
         **option_overrides:
             Any field of [`EOPDLossOptions`] by name, replacing its value in `options`.
 
@@ -568,13 +576,13 @@ def served_teacher_eopd_loss_and_stats(
     if torch.is_grad_enabled() and any(t.requires_grad for t in student_tensors):
         loss, sums = _ServedTeacherEOPDFunction.apply(
             student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
-            target_log_probs_out,
+            target_log_probs_out, importance,
         )
     else:
         with torch.no_grad():
             loss, sums, *_ = _served_chunks(
                 student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
-                (False, False, False), target_log_probs_out,
+                (False, False, False), target_log_probs_out, importance,
             )  # fmt: skip
 
     def count(column):
