@@ -171,18 +171,18 @@ def make_inputs(args):
 
     dtype = getattr(torch, args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
-    b, l, v = args.batch_size, args.seq_len, args.vocab_size
+    b, length, v = args.batch_size, args.seq_len, args.vocab_size
 
     def randn(*shape, scale):
         # Built on the CPU from one seeded generator so that every variant and device sees the same numbers.
         return (torch.randn(*shape, generator=generator) * scale).to(device=args.device, dtype=dtype)
 
-    student_hidden = randn(b, l, args.hidden_size, scale=1.0).requires_grad_(True)
+    student_hidden = randn(b, length, args.hidden_size, scale=1.0).requires_grad_(True)
     student_weight = randn(v, args.hidden_size, scale=args.hidden_size**-0.5).requires_grad_(True)
-    teacher_hidden = randn(b, l, args.teacher_hidden_size, scale=1.0)
+    teacher_hidden = randn(b, length, args.teacher_hidden_size, scale=1.0)
     teacher_weight = randn(v, args.teacher_hidden_size, scale=2.0 * args.teacher_hidden_size**-0.5)
-    labels = torch.randint(0, v, (b, l), generator=generator)
-    labels[:, : round(args.prompt_fraction * l)] = -100
+    labels = torch.randint(0, v, (b, length), generator=generator)
+    labels[:, : round(args.prompt_fraction * length)] = -100
     return student_hidden, student_weight, teacher_hidden, teacher_weight, labels.to(args.device)
 
 

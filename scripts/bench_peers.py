@@ -148,9 +148,8 @@ def worker(args):
 
     import torch
     import trl.generation.vllm_generation as vllm_generation
-    from transformers import TrainerCallback
-
     from bench_loss import CpuPeak
+    from transformers import TrainerCallback
 
     torch.set_num_threads(args.threads)
     # The same engine for both trainers: float32, eager (see the module docstring).
@@ -194,12 +193,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    from bench_rollouts import build_models, machine_name
-
     import torch
     import transformers
     import trl
     import vllm
+    from bench_rollouts import build_models, machine_name
 
     runs = {name: [] for name in TRAINERS}
     with tempfile.TemporaryDirectory() as workdir:
@@ -219,7 +217,7 @@ def main(argv=None):
                 with open(result_path) as f:
                     run = json.load(f)
                 runs[name].append(run)
-                print(f"[round {round_index}] {name:18s} steps {['%.2f' % s for s in run['steps_s']]} s, "
+                print(f"[round {round_index}] {name:18s} steps {[f'{s:.2f}' for s in run['steps_s']]} s, "
                       f"process peak {run['process_peak_mib']:.0f} MiB, training added {run['train_added_mib']:.0f} "
                       f"MiB ({time.perf_counter() - start:.0f} s with start-up)", flush=True)  # fmt: skip
 
@@ -239,9 +237,11 @@ def main(argv=None):
     versions = {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                 "vllm": vllm.__version__}  # fmt: skip
     print(f"\nMachine: {machine_name()}; {versions}; {args.threads} thread(s)")
-    print(f"Models: {args.num_layers} layers, hidden {args.hidden_size}, head size {args.head_dim}, vocabulary "
-          f"{args.vocab_size}; batch {args.batch_size}, {args.new_tokens} new tokens forced; median of "
-          f"{args.steps} steps x {args.rounds} alternated processes per trainer after {args.warmup} warm-up step(s)")
+    print(
+        f"Models: {args.num_layers} layers, hidden {args.hidden_size}, head size {args.head_dim}, vocabulary "
+        f"{args.vocab_size}; batch {args.batch_size}, {args.new_tokens} new tokens forced; median of "
+        f"{args.steps} steps x {args.rounds} alternated processes per trainer after {args.warmup} warm-up step(s)"
+    )
     print("\n| trainer | step (s) | rollout (s) | tokens/s | process peak RSS (MiB) | training added (MiB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():

@@ -235,7 +235,7 @@ def main(argv=None):
     print(f"Models: {args.num_layers} layers, hidden {args.hidden_size}, head size {args.head_dim}, vocabulary "
           f"{args.vocab_size}; batch {args.batch_size}, {args.new_tokens} new tokens forced; median of "
           f"{args.repeats} interleaved steps after {args.warmup} warm-up round(s)")  # fmt: skip
-    print(f"\n| trainer | step (s) | rollout (s) | rollout share | step vs GKDTrainer |")
+    print("\n| trainer | step (s) | rollout (s) | rollout share | step vs GKDTrainer |")
     print("|---|---:|---:|---:|---:|")
     for name in TRAINERS:
         r = results[name]

@@ -25,7 +25,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -63,10 +62,10 @@ def worker(args) -> None:
     """Build one trainer and run a step per `step` line on stdin, answering one JSON line each."""
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
+    from bench_rollouts import Timer, _checked_generate, one_step
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench_rollouts import Timer, _checked_generate, one_step
     from trl_eopd import EOPDConfig, EOPDTrainer
     from trl_eopd.tiny import toy_arithmetic_conversations
 
@@ -164,7 +163,6 @@ def main(argv=None):
         return worker(args)
     import torch
     import transformers
-
     from bench_rollouts import build_models, machine_name
     from served_teacher import TeacherServerProcess
 
@@ -208,18 +206,21 @@ def main(argv=None):
         }
         for mode in MODES
     }
-    ratios = [s / l for s, l in zip(results["served"]["steps_s"], results["local"]["steps_s"], strict=True)]
+    ratios = [
+        served / local for served, local in zip(results["served"]["steps_s"], results["local"]["steps_s"], strict=True)
+    ]
     rest_ratios = [
-        (s["step"] - s["rollout"]) / (l["step"] - l["rollout"])
-        for s, l in zip(times["served"], times["local"], strict=True)
+        (served["step"] - served["rollout"]) / (local["step"] - local["rollout"])
+        for served, local in zip(times["served"], times["local"], strict=True)
     ]
     print(f"\nMachine: {machine_name()}; torch {torch.__version__}, transformers {transformers.__version__}; "
           f"{args.threads} thread(s) per trainer; the vLLM server on the same cores")  # fmt: skip
     print(f"Models: {args.num_layers} layers, hidden {args.hidden_size}, head size {args.head_dim}, vocabulary "
           f"{args.vocab_size}; batch {args.batch_size}, {args.new_tokens} new tokens forced; median of "
           f"{args.repeats} interleaved rounds after {args.warmup} warm-up round(s)")  # fmt: skip
-    print("\n| teacher | step (s) | step without rollout (s) | rollout share | request share "
-          "| trainer peak RSS (MiB) |")
+    print(
+        "\n| teacher | step (s) | step without rollout (s) | rollout share | request share | trainer peak RSS (MiB) |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for mode in MODES:
         r = results[mode]

@@ -74,16 +74,24 @@ def aggregate_study(output_dir: Path) -> dict:
     _write_json(output_dir / "study.json", study)
     labels = {regime: f"{regime} student ({data['n_seeds']} seeds)" for regime, data in study.items()}
     top_p = next(iter(study.values()))["settings"]["eval_top_p"]
-    plot_paired_differences({labels[r]: d["paired_difference"] for r, d in study.items()},
-                            output_dir / "paired_difference.png", top_p=top_p)
+    plot_paired_differences(
+        {labels[r]: d["paired_difference"] for r, d in study.items()},
+        output_dir / "paired_difference.png",
+        top_p=top_p,
+    )
     plot_mechanism({labels[r]: d["summary"] for r, d in study.items()}, output_dir / "mechanism.png", top_p=top_p)
     for regime, data in study.items():
         plot_pass_at_k(data["summary"], KS, output_dir / f"pass_at_k_{regime}.png", top_p=top_p)
     return study
 
 
-PAIRED_COLUMNS = [("pass@1", "pass@1"), ("pass@8", "pass@8"), ("distinct_correct", "distinct correct / problem"),
-                  ("token_entropy", "token entropy (nats)"), ("high_entropy_ratio_own", "high-entropy share (own)")]
+PAIRED_COLUMNS = [
+    ("pass@1", "pass@1"),
+    ("pass@8", "pass@8"),
+    ("distinct_correct", "distinct correct / problem"),
+    ("token_entropy", "token entropy (nats)"),
+    ("high_entropy_ratio_own", "high-entropy share (own)"),
+]
 MODEL_LABELS = {"teacher": "teacher", "student_init": "student init", "opd": "OPD", "eopd": "EOPD"}
 
 
@@ -96,33 +104,53 @@ def _interval(stat: dict) -> str:
 def markdown_tables(study: dict) -> str:
     """The study tables of docs/demo_study.md, printed from study.json so that every quoted number has a command behind it."""
     protocols = [("", "top-p 0.8 (paper)"), ("top_p1/", "top-p 1")]
-    lines = ["EOPD - OPD, paired by seed: mean [95% t interval] (seeds where EOPD was higher / seeds)", "",
-             "| student | evaluation | " + " | ".join(name for _, name in PAIRED_COLUMNS) + " |",
-             "|---|---|" + "---|" * len(PAIRED_COLUMNS)]
+    lines = [
+        "EOPD - OPD, paired by seed: mean [95% t interval] (seeds where EOPD was higher / seeds)",
+        "",
+        "| student | evaluation | " + " | ".join(name for _, name in PAIRED_COLUMNS) + " |",
+        "|---|---|" + "---|" * len(PAIRED_COLUMNS),
+    ]
     for regime, data in study.items():
         for prefix, protocol in protocols:
             cells = [_interval(data["paired_difference"][prefix + key]) for key, _ in PAIRED_COLUMNS]
             lines.append(f"| {regime} ({data['n_seeds']} seeds) | {protocol} | " + " | ".join(cells) + " |")
-    lines += ["", "Each method minus its initial student, paired by seed, top-p 0.8: mean [95% t interval]", "",
-              "| student | method | pass@1 | pass@8 | distinct correct / problem |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Each method minus its initial student, paired by seed, top-p 0.8: mean [95% t interval]",
+        "",
+        "| student | method | pass@1 | pass@8 | distinct correct / problem |",
+        "|---|---|---|---|---|",
+    ]
     for regime, data in study.items():
         for method in ("opd", "eopd"):
             gains = data["gain_over_init"][method]
-            lines.append(f"| {regime} | {MODEL_LABELS[method]} | " + " | ".join(
-                _interval(gains[key]) for key in ("pass@1", "pass@8", "distinct_correct")) + " |")
+            lines.append(
+                f"| {regime} | {MODEL_LABELS[method]} | "
+                + " | ".join(_interval(gains[key]) for key in ("pass@1", "pass@8", "distinct_correct"))
+                + " |"
+            )
     for prefix, protocol in protocols:
-        lines += ["", f"Every model, {protocol}: mean ± std over seeds", "",
-                  "| student | model | " + " | ".join(name for _, name in PAIRED_COLUMNS) + " |",
-                  "|---|---|" + "---|" * len(PAIRED_COLUMNS)]
+        lines += [
+            "",
+            f"Every model, {protocol}: mean ± std over seeds",
+            "",
+            "| student | model | " + " | ".join(name for _, name in PAIRED_COLUMNS) + " |",
+            "|---|---|" + "---|" * len(PAIRED_COLUMNS),
+        ]
         for regime, data in study.items():
             for model, label in MODEL_LABELS.items():
                 stats = data["summary"][model]
-                cells = [f"{stats[prefix + key]['mean']:.3f} ± {stats[prefix + key]['std']:.3f}"
-                         for key, _ in PAIRED_COLUMNS]
+                cells = [
+                    f"{stats[prefix + key]['mean']:.3f} ± {stats[prefix + key]['std']:.3f}"
+                    for key, _ in PAIRED_COLUMNS
+                ]
                 lines.append(f"| {regime} | {label} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"- {regime}: seeds {data['seeds'][0]}-{data['seeds'][-1]} ({data['n_seeds']}), "
-                     f"{data['wall_time_s'] / 60:.0f} min of seed runs, {data['wall_time_s'] / data['n_seeds']:.0f} s "
-                     "per seed." for regime, data in study.items()]
+    lines += [""] + [
+        f"- {regime}: seeds {data['seeds'][0]}-{data['seeds'][-1]} ({data['n_seeds']}), "
+        f"{data['wall_time_s'] / 60:.0f} min of seed runs, {data['wall_time_s'] / data['n_seeds']:.0f} s "
+        "per seed."
+        for regime, data in study.items()
+    ]
     return "\n".join(lines)
 
 
@@ -141,22 +169,48 @@ class _StageReporter:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=20, help="Run seeds 0 .. N-1 (default 20); finished ones are skipped.")
+    parser.add_argument(
+        "--seeds", type=int, default=20, help="Run seeds 0 .. N-1 (default 20); finished ones are skipped."
+    )
     parser.add_argument("--first-seed", type=int, default=0, help="First seed (default 0).")
-    parser.add_argument("--student-layers", type=int, default=2, help="Student depth: 2 (default) or 4 (the teacher's).")
-    parser.add_argument("--reverse-kl-estimator", choices=["analytic", "sampled"], default="analytic",
-                        help="Base term of both methods (default analytic); sampled uses its own learning rate.")
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR,
-                        help="Where the per-seed JSON, study.json and the figures go (default docs/demo_study).")
-    parser.add_argument("--work-dir", type=Path, default=Path("outputs/demo-study"),
-                        help="Scratch space for checkpoints and trainer output (default outputs/demo-study).")
-    parser.add_argument("--stop-after-minutes", type=float, default=None,
-                        help="Start no new seed after this many minutes (the study resumes later).")
-    parser.add_argument("--quick", action="store_true",
-                        help="The demo's --quick settings (a pipeline check in seconds per seed, not a result).")
+    parser.add_argument(
+        "--student-layers", type=int, default=2, help="Student depth: 2 (default) or 4 (the teacher's)."
+    )
+    parser.add_argument(
+        "--reverse-kl-estimator",
+        choices=["analytic", "sampled"],
+        default="analytic",
+        help="Base term of both methods (default analytic); sampled uses its own learning rate.",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=DEFAULT_OUTPUT_DIR,
+        help="Where the per-seed JSON, study.json and the figures go (default docs/demo_study).",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("outputs/demo-study"),
+        help="Scratch space for checkpoints and trainer output (default outputs/demo-study).",
+    )
+    parser.add_argument(
+        "--stop-after-minutes",
+        type=float,
+        default=None,
+        help="Start no new seed after this many minutes (the study resumes later).",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="The demo's --quick settings (a pipeline check in seconds per seed, not a result).",
+    )
     parser.add_argument("--aggregate-only", action="store_true", help="Only rebuild study.json and the figures.")
-    parser.add_argument("--markdown", action="store_true",
-                        help="With --aggregate-only: also print the study's tables in Markdown (as quoted in docs/demo_study.md).")
+    parser.add_argument(
+        "--markdown",
+        action="store_true",
+        help="With --aggregate-only: also print the study's tables in Markdown (as quoted in docs/demo_study.md).",
+    )
     args = parser.parse_args(argv)
 
     args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -207,13 +261,17 @@ def main(argv: list[str] | None = None) -> int:
         results = run_seed(context, seed, args.work_dir / regime, stages=_StageReporter(bar))
         for result in results.values():
             result.pop("log_history", None)
-        _write_json(regime_dir / f"seed{seed}.json", {
-            "seed": seed, "settings": recorded, "models": results, "wall_time_s": time.time() - seed_start})
+        _write_json(
+            regime_dir / f"seed{seed}.json",
+            {"seed": seed, "settings": recorded, "models": results, "wall_time_s": time.time() - seed_start},
+        )
         study = aggregate_study(args.output_dir)
         stat = study[regime]["paired_difference"]["pass@8"]
         bar.update()
-        bar.set_postfix_str(f"pass@8 EOPD-OPD {stat['mean']:+.3f} over {stat['n_seeds']} seeds, "
-                            f"last seed {time.time() - seed_start:.0f}s")
+        bar.set_postfix_str(
+            f"pass@8 EOPD-OPD {stat['mean']:+.3f} over {stat['n_seeds']} seeds, "
+            f"last seed {time.time() - seed_start:.0f}s"
+        )
     bar.close()
     return 0
 

@@ -101,12 +101,34 @@ PRESETS = {
         "device": "cpu",
         "budget_s": 300,
         "check": {"tokens": 40, "vocab": 512, "student_hidden": 32, "teacher_hidden": 48, "chunk_size": 16},
-        "loss": {"batch": 2, "prompt": 16, "completion": 128, "vocab": 4096, "student_hidden": 64,
-                 "teacher_hidden": 96, "warmup": 1, "repeats": 3},
-        "student": {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 4, "kv_heads": 2, "head_dim": 16,
-                    "tie": True},
-        "teacher": {"layers": 2, "hidden": 96, "intermediate": 192, "heads": 4, "kv_heads": 2, "head_dim": 24,
-                    "tie": False},
+        "loss": {
+            "batch": 2,
+            "prompt": 16,
+            "completion": 128,
+            "vocab": 4096,
+            "student_hidden": 64,
+            "teacher_hidden": 96,
+            "warmup": 1,
+            "repeats": 3,
+        },
+        "student": {
+            "layers": 2,
+            "hidden": 64,
+            "intermediate": 128,
+            "heads": 4,
+            "kv_heads": 2,
+            "head_dim": 16,
+            "tie": True,
+        },
+        "teacher": {
+            "layers": 2,
+            "hidden": 96,
+            "intermediate": 192,
+            "heads": 4,
+            "kv_heads": 2,
+            "head_dim": 24,
+            "tie": False,
+        },
         "steps": {"vocab": 4096, "batch": 2, "new_tokens": 8, "warmup": 1, "repeats": 2},
         "fsdp2": {"vocab": 4096, "batch": 2, "student_layers": 2, "teacher_layers": 2, "chunk_size": 16},
     },
@@ -114,13 +136,35 @@ PRESETS = {
         "device": "cuda",
         "budget_s": 420,
         "check": {"tokens": 256, "vocab": 151936, "student_hidden": 2048, "teacher_hidden": 4096, "chunk_size": 64},
-        "loss": {"batch": 4, "prompt": 256, "completion": 4096, "vocab": 151936, "student_hidden": 2048,
-                 "teacher_hidden": 4096, "warmup": 1, "repeats": 3},
+        "loss": {
+            "batch": 4,
+            "prompt": 256,
+            "completion": 4096,
+            "vocab": 151936,
+            "student_hidden": 2048,
+            "teacher_hidden": 4096,
+            "warmup": 1,
+            "repeats": 3,
+        },
         # Qwen3-1.7B and Qwen3-8B (their config.json files): widths, depths, heads, tied embeddings on the 1.7B only.
-        "student": {"layers": 28, "hidden": 2048, "intermediate": 6144, "heads": 16, "kv_heads": 8, "head_dim": 128,
-                    "tie": True},
-        "teacher": {"layers": 36, "hidden": 4096, "intermediate": 12288, "heads": 32, "kv_heads": 8, "head_dim": 128,
-                    "tie": False},
+        "student": {
+            "layers": 28,
+            "hidden": 2048,
+            "intermediate": 6144,
+            "heads": 16,
+            "kv_heads": 8,
+            "head_dim": 128,
+            "tie": True,
+        },
+        "teacher": {
+            "layers": 36,
+            "hidden": 4096,
+            "intermediate": 12288,
+            "heads": 32,
+            "kv_heads": 8,
+            "head_dim": 128,
+            "tie": False,
+        },
         "steps": {"vocab": 151936, "batch": 8, "new_tokens": 256, "warmup": 1, "repeats": 2},
         # Real widths and vocabulary, 4 layers each: the sharded output heads are the full-size ones.
         "fsdp2": {"vocab": 151936, "batch": 4, "student_layers": 4, "teacher_layers": 4, "chunk_size": 1024},
@@ -844,9 +888,11 @@ def run_training_steps(preset, device, dtype, record, out_dir):
         for round_index in range(rounds):
             rows = slice(round_index * steps["batch"], (round_index + 1) * steps["batch"])
             for name, trainer in trainers.items():
-                batch = [prompts[i] for i in range(rows.start, rows.stop)] if name == "distillation" else [
-                    messages[i] for i in range(rows.start, rows.stop)
-                ]
+                batch = (
+                    [prompts[i] for i in range(rows.start, rows.stop)]
+                    if name == "distillation"
+                    else [messages[i] for i in range(rows.start, rows.stop)]
+                )
                 timers[name].seconds = 0.0
                 with Peak(device) as peak:
                     start = time.perf_counter()
@@ -881,8 +927,9 @@ def run_training_steps(preset, device, dtype, record, out_dir):
         eopd, distillation = results["eopd"], results["distillation"]
         if eopd["tokens_per_s"] < 1.2 * distillation["tokens_per_s"]:
             rows = [messages[i] for i in range(steps["batch"])]
+            eopd_trainer = trainers["eopd"]
             record["training_steps"]["profile"] = profile(
-                lambda: one_step("eopd", trainers["eopd"], rows, device), device, out_dir / "profile_step.txt"
+                lambda: one_step("eopd", eopd_trainer, rows, device), device, out_dir / "profile_step.txt"
             )
         del trainers
     free_memory(device)
@@ -1025,9 +1072,9 @@ def targets(record) -> dict:
         found["loss_target_met"] = found["chunked_time_vs_trl"] <= 1.0 and found["chunked_peak_vs_trl"] <= 1.0
     steps = record.get("training_steps", {}).get("results", {})
     if "eopd" in steps and "distillation" in steps:
-        found["eopd_tokens_per_s_vs_distillation"] = steps["eopd"]["tokens_per_s"] / steps["distillation"][
-            "tokens_per_s"
-        ]
+        found["eopd_tokens_per_s_vs_distillation"] = (
+            steps["eopd"]["tokens_per_s"] / steps["distillation"]["tokens_per_s"]
+        )
         found["step_target_met"] = found["eopd_tokens_per_s_vs_distillation"] >= 1.2
     return found
 

@@ -262,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num_gpus", type=int, default=4, help="GPUs in total (the paper used 4).")
     parser.add_argument("--gpu_gib", type=float, default=80.0, help="Memory of one GPU in GiB.")
-    parser.add_argument("--teacher_server_gpus", type=int, default=0,
-                        help="Also print the node split with the teacher served by vLLM on this many GPUs.")
+    parser.add_argument(
+        "--teacher_server_gpus",
+        type=int,
+        default=0,
+        help="Also print the node split with the teacher served by vLLM on this many GPUs.",
+    )
     args = parser.parse_args(argv)
     if args.teacher_server_gpus and not 0 < args.teacher_server_gpus < args.num_gpus:
         parser.error(f"--teacher_server_gpus must be between 1 and {args.num_gpus - 1} (--num_gpus minus one)")

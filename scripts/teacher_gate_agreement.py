@@ -71,7 +71,7 @@ def sampled_token_log_probs(teacher, tokenizer, prompts, *, rows, max_new_tokens
     with torch.no_grad():
         output = teacher.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
                                   temperature=temperature, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-        completion = output[:, encoded["input_ids"].size(1):]
+        completion = output[:, encoded["input_ids"].size(1) :]
         is_end = torch.isin(completion, torch.tensor(eos))
         # A completion's tokens run up to and including its first end token.
         keep = (torch.cumsum(is_end.int(), 1) - is_end.int()) == 0

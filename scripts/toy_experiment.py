@@ -144,12 +144,21 @@ def _run(steps, seed, vocab, samples, learning_rate, estimator, init_scale) -> d
     init_logits = init_scale * torch.randn(vocab, generator=torch.Generator().manual_seed(seed))
     results = {
         "config": {
-            "steps": steps, "seed": seed, "vocab": vocab, "samples": samples, "learning_rate": learning_rate,
-            "estimator": estimator, "init_scale": init_scale, "thresholds": {k: str(v) for k, v in METHODS.items()},
+            "steps": steps,
+            "seed": seed,
+            "vocab": vocab,
+            "samples": samples,
+            "learning_rate": learning_rate,
+            "estimator": estimator,
+            "init_scale": init_scale,
+            "thresholds": {k: str(v) for k, v in METHODS.items()},
         },
         "teachers": {
-            name: {"modes": t["modes"], "entropy": entropy(t["logits"]),
-                   "mode_mass": t["logits"].softmax(-1)[t["modes"]].tolist()}
+            name: {
+                "modes": t["modes"],
+                "entropy": entropy(t["logits"]),
+                "mode_mass": t["logits"].softmax(-1)[t["modes"]].tolist(),
+            }
             for name, t in teachers.items()
         },
         "runs": {},
@@ -157,8 +166,14 @@ def _run(steps, seed, vocab, samples, learning_rate, estimator, init_scale) -> d
     for teacher_name, teacher in teachers.items():
         for method, threshold in METHODS.items():
             results["runs"][f"{teacher_name}/{method}"] = train(
-                teacher, init_logits, entropy_threshold=threshold, steps=steps, samples=samples,
-                learning_rate=learning_rate, estimator=estimator, seed=seed,
+                teacher,
+                init_logits,
+                entropy_threshold=threshold,
+                steps=steps,
+                samples=samples,
+                learning_rate=learning_rate,
+                estimator=estimator,
+                seed=seed,
             )
     return results
 
@@ -218,8 +233,10 @@ def plot(results: dict, path: Path) -> None:
         axes[row, 0].set_title(f"top-1 token changed (moving average of {window} steps)", fontsize=10)
         axes[row, 1].set_title(f"top-10 set changed (moving average of {window} steps)", fontsize=10)
         axes[row, 2].set_title("student entropy", fontsize=10)
-        axes[row, 0].set_ylabel(f"{teacher_name.replace('_', '-')} teacher, H = {teacher['entropy']:.2f} nats\n\n"
-                                "share of steps", fontsize=10)
+        axes[row, 0].set_ylabel(
+            f"{teacher_name.replace('_', '-')} teacher, H = {teacher['entropy']:.2f} nats\n\nshare of steps",
+            fontsize=10,
+        )
         axes[row, 1].set_ylabel("share of the top 10 replaced per step")
         axes[row, 2].set_ylabel("entropy (nats)")
         for col in range(3):
@@ -259,25 +276,40 @@ def format_table(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
-                        help="Where to write the PNG and the JSON (default: %(default)s, ignored by git).")
+    parser.add_argument(
+        "--output-dir",
+        default=DEFAULT_OUTPUT_DIR,
+        help="Where to write the PNG and the JSON (default: %(default)s, ignored by git).",
+    )
     parser.add_argument("--steps", type=int, default=400, help="On-policy updates per run.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial student, the modes and the samples.")
     parser.add_argument("--vocab", type=int, default=100, help="Size of the categorical distribution.")
     parser.add_argument("--samples", type=int, default=16, help="Student samples (loss positions) per step.")
     parser.add_argument("--learning-rate", type=float, default=0.05, help="Adam learning rate on the logits.")
-    parser.add_argument("--estimator", choices=["sampled", "analytic"], default="sampled",
-                        help="Base reverse-KL term: the paper's sampled policy gradient, or the exact divergence.")
+    parser.add_argument(
+        "--estimator",
+        choices=["sampled", "analytic"],
+        default="sampled",
+        help="Base reverse-KL term: the paper's sampled policy gradient, or the exact divergence.",
+    )
     args = parser.parse_args(argv)
 
-    results = run(steps=args.steps, seed=args.seed, vocab=args.vocab, samples=args.samples,
-                  learning_rate=args.learning_rate, estimator=args.estimator)
+    results = run(
+        steps=args.steps,
+        seed=args.seed,
+        vocab=args.vocab,
+        samples=args.samples,
+        learning_rate=args.learning_rate,
+        estimator=args.estimator,
+    )
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "toy_experiment.json").write_text(json.dumps(results, indent=1))
     plot(results, output_dir / "toy_experiment.png")
-    print(f"Toy experiment: {args.steps} steps, seed {args.seed}, estimator {args.estimator!r}, "
-          f"change rates averaged over the second half")
+    print(
+        f"Toy experiment: {args.steps} steps, seed {args.seed}, estimator {args.estimator!r}, "
+        f"change rates averaged over the second half"
+    )
     print(format_table(results))
     print(f"Wrote {output_dir / 'toy_experiment.png'} and {output_dir / 'toy_experiment.json'}")
     return results

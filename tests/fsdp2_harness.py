@@ -58,8 +58,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--variants", default="full,lora", help="each trains and saves into OUT/<variant>")
-    parser.add_argument("--uneven_rollout", action="store_true",
-                        help="after the full fine-tuning, sample completions that end at different steps per rank")
+    parser.add_argument(
+        "--uneven_rollout",
+        action="store_true",
+        help="after the full fine-tuning, sample completions that end at different steps per rank",
+    )
     args = parser.parse_args()
     if args.world_size > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,

@@ -123,8 +123,9 @@ def reference_eopd_loss(
     return total / divisor
 
 
-def reference_sampled_gradient(student_logits, teacher_logits, labels, *, temperature=1.0, entropy_threshold=math.inf,
-                               num_items_in_batch=None):
+def reference_sampled_gradient(
+    student_logits, teacher_logits, labels, *, temperature=1.0, entropy_threshold=math.inf, num_items_in_batch=None
+):
     """Gradient of the sampled estimator w.r.t. the student logits, written out by hand (gate off).
 
     For each token: k * d log q(y) / dS_v = k * (1[v = y] - q_v) / temperature, with k = log q(y) - log p(y).

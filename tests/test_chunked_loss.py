@@ -7,8 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from trl_eopd.loss import chunked_eopd_loss_and_stats
-from trl_eopd.loss import eopd_loss_and_stats
+from trl_eopd.loss import chunked_eopd_loss_and_stats, eopd_loss_and_stats
 
 N, V, H_S, H_T = 37, 97, 16, 24
 
@@ -298,8 +297,9 @@ def test_gate_is_strict_at_a_teacher_entropy_equal_to_the_threshold(gate, top_k)
     targets = inputs["targets"].unsqueeze(0)
     expected = reference_eopd_loss(student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), targets, **options)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
-    all_gated = reference_eopd_loss(student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), targets,
-                                    **{**options, "entropy_threshold": -1.0})
+    all_gated = reference_eopd_loss(
+        student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), targets, **{**options, "entropy_threshold": -1.0}
+    )
     assert abs(float(expected - all_gated)) > 0.1
 
 

@@ -1,7 +1,5 @@
 """The `trl-eopd` command as a newcomer meets it: help, typos, launches on a CPU machine, reruns into one folder."""
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +51,16 @@ def test_train_help_lists_eopd_options_first():
         "distillation options (inherited from TRL's GKDConfig):",
     ]
     eopd_section = text.split("EOPD options")[1].split("distillation options")[0]
-    for field in ("--entropy_threshold", "--forward_kl_coef", "--gate", "--forward_kl_top_k", "--reverse_kl_estimator",
-                  "--memory_efficient_loss", "--loss_chunk_size", "--teacher_eos_token"):
+    for field in (
+        "--entropy_threshold",
+        "--forward_kl_coef",
+        "--gate",
+        "--forward_kl_top_k",
+        "--reverse_kl_estimator",
+        "--memory_efficient_loss",
+        "--loss_chunk_size",
+        "--teacher_eos_token",
+    ):
         assert field in eopd_section, field
     assert "--learning_rate" not in eopd_section
     assert text.index("--lmbda") < text.index("--dataset_name") < text.index("--learning_rate")

@@ -71,7 +71,7 @@ def test_transformers_restores_rng_after_get_batch_samples():
     # The method holding the epoch's loop (`_run_epoch` in transformers 5.24) fetches a window, then restores.
     loops = [inspect.getsource(m) for _, m in inspect.getmembers(Trainer, inspect.isfunction)]
     loops = [src for src in loops if "self.get_batch_samples(" in src]
-    assert any("self._load_rng_state(" in src[src.index("self.get_batch_samples("):] for src in loops), (
+    assert any("self._load_rng_state(" in src[src.index("self.get_batch_samples(") :] for src in loops), (
         "_compat.RestoresRngBeforeRollouts: transformers no longer restores the random state after "
         "`get_batch_samples`; check where it does now and whether restoring it before the rollouts is still needed."
     )
@@ -83,8 +83,11 @@ def test_gkd_migration_advice_is_the_only_record_of_the_logger_kept_quiet(caplog
         f"_compat.without_gkd_migration_advice: GKDTrainer now lives in {gkd_module.__name__}, not "
         f"{_compat.GKD_LOGGER}; its advice would show again."
     )
-    calls = len(re.findall(r"\blogger\.(?:debug|info|warning|warn|error|exception|critical|log)\(",
-                           inspect.getsource(gkd_module)))
+    calls = len(
+        re.findall(
+            r"\blogger\.(?:debug|info|warning|warn|error|exception|critical|log)\(", inspect.getsource(gkd_module)
+        )
+    )
     assert calls == 1 and "DistillationTrainer" in inspect.getsource(_gkd_trainer().__init__), (
         "_compat.without_gkd_migration_advice: the GKD trainer's logger no longer logs exactly the migration advice "
         f"({calls} logger calls); keeping it to errors while GKDTrainer is built could hide a new message, or the "
@@ -157,9 +160,7 @@ def test_trl_model_cards_read_the_trainer_class_attributes():
 
     source = inspect.getsource(_gkd_trainer().create_model_card)
     for attribute in ("_tag_names", "_name", "_paper"):
-        assert f"self.{attribute}" in source, (
-            f"EOPDTrainer.{attribute}: TRL's create_model_card no longer reads it."
-        )
+        assert f"self.{attribute}" in source, f"EOPDTrainer.{attribute}: TRL's create_model_card no longer reads it."
         assert attribute in vars(EOPDTrainer)
 
 
@@ -168,8 +169,16 @@ def test_trl_still_toggles_checkpointing_through_the_deprecated_names():
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl.models.utils import unwrap_model_for_generation
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     model.activation_checkpointing_enable()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -214,8 +223,10 @@ def test_deepspeed_backend_still_holds_torch_deprecated_collectives():
     import torch.distributed as dist
 
     backend = importlib.import_module("deepspeed.comm.torch").TorchBackend
-    held = [(backend.get_all_gather_function(), "all_gather_into_tensor", "all_gather_single"),
-            (backend.get_reduce_scatter_function(), "reduce_scatter_tensor", "reduce_scatter_single")]
+    held = [
+        (backend.get_all_gather_function(), "all_gather_into_tensor", "all_gather_single"),
+        (backend.get_reduce_scatter_function(), "reduce_scatter_tensor", "reduce_scatter_single"),
+    ]
     for function, old, new in held:
         assert function is getattr(dist, old), (
             f"_compat.deepspeed_collectives_by_current_torch_names: DeepSpeed no longer holds "
@@ -224,16 +235,24 @@ def test_deepspeed_backend_still_holds_torch_deprecated_collectives():
         assert callable(getattr(dist, new, None)), (
             f"_compat.deepspeed_collectives_by_current_torch_names: torch.distributed.{new} is gone."
         )
-        assert list(inspect.signature(getattr(dist, new)).parameters)[:2] == list(
-            inspect.signature(function).parameters
-        )[:2], f"_compat.deepspeed_collectives_by_current_torch_names: {new} takes other arguments than {old}."
+        assert (
+            list(inspect.signature(getattr(dist, new)).parameters)[:2]
+            == list(inspect.signature(function).parameters)[:2]
+        ), f"_compat.deepspeed_collectives_by_current_torch_names: {new} takes other arguments than {old}."
 
 
-@pytest.mark.parametrize("name", [
-    "forward_redirection", "training_step_without_gkd_rollout", "unwrap_model_for_generation",
-    "GenerationConfigOnly", "deepspeed_shm_op_built_quietly", "deepspeed_collectives_by_current_torch_names",
-    "trl_vllm_version_check_quiet",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "forward_redirection",
+        "training_step_without_gkd_rollout",
+        "unwrap_model_for_generation",
+        "GenerationConfigOnly",
+        "deepspeed_shm_op_built_quietly",
+        "deepspeed_collectives_by_current_torch_names",
+        "trl_vllm_version_check_quiet",
+    ],
+)
 def test_compat_entries_exist(name):
     assert callable(getattr(_compat, name))
 
@@ -275,7 +294,6 @@ def test_gkd_init_prepares_the_teacher_through_its_module_level_prepare_deepspee
     assert gkd_trainer.prepare_deepspeed.__name__ == "prepare_deepspeed"  # restored
 
 
-
 def test_argparse_still_names_unrecognized_flags_in_its_wording():
     parser = argparse.ArgumentParser(prog="p", allow_abbrev=False)
     parser.add_argument("--seeds")
@@ -303,8 +321,9 @@ def test_deepspeed_still_guesses_cpu_out_loud():
 
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    guessed = subprocess.run([sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env,
-                             timeout=300, check=False)
+    guessed = subprocess.run(
+        [sys.executable, "-c", "import deepspeed"], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert guessed.returncode == 0, guessed.stderr[-2000:]
     # DeepSpeed's log handler writes to stdout. That DS_ACCELERATOR=cpu then keeps it quiet is what the README's quick
     # start checks (tests/test_readme.py).
@@ -324,8 +343,16 @@ def test_peft_still_reads_the_deprecated_checkpointing_name_when_trl_wraps_the_s
     ), "_compat.peft_wrapping_without_checkpointing_warnings: TRL's SFTTrainer no longer wraps through get_peft_model."
 
     def wrap():
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                             num_attention_heads=2, num_key_value_heads=2))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=32,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            )
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             sft_trainer.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))

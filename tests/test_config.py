@@ -67,7 +67,11 @@ def test_every_eopd_field_has_help_text():
     gkd_fields = {f.name for f in fields(GKDConfig)}
     eopd_fields = [f for f in fields(EOPDConfig) if f.name not in gkd_fields]
     assert {f.name for f in eopd_fields} >= {
-        "entropy_threshold", "forward_kl_coef", "gate", "forward_kl_top_k", "reverse_kl_estimator",
+        "entropy_threshold",
+        "forward_kl_coef",
+        "gate",
+        "forward_kl_top_k",
+        "reverse_kl_estimator",
     }
     for f in eopd_fields:
         assert len(f.metadata.get("help", "")) > 20, f.name
@@ -161,8 +165,10 @@ def test_a_served_teacher_config_with_the_papers_recipe_is_accepted():
         (dict(teacher_top_logprobs=0), r"`teacher_top_logprobs` must be an integer >= 1"),
         (dict(teacher_model_server_timeout=0), r"`teacher_model_server_timeout` must be a finite number of seconds"),
         (dict(teacher_model_server_retries=-1), r"`teacher_model_server_retries` must be an integer >= 0"),
-        (dict(teacher_entropy_estimate="mean"),
-         r"`teacher_entropy_estimate` must be one of decay, midpoint, lower, upper, top_k; got 'mean'"),
+        (
+            dict(teacher_entropy_estimate="mean"),
+            r"`teacher_entropy_estimate` must be one of decay, midpoint, lower, upper, top_k; got 'mean'",
+        ),
     ],
 )
 def test_a_served_teacher_refuses_what_it_cannot_compute(kwargs, message):
@@ -183,10 +189,16 @@ def test_without_a_served_teacher_its_restrictions_do_not_apply():
     assert config.teacher_model_server_url is None
 
 
-@pytest.mark.parametrize("name, value", [
-    ("per_device_train_batch_size", 0), ("per_device_eval_batch_size", -1), ("gradient_accumulation_steps", 0),
-    ("max_new_tokens", 0), ("max_length", 0),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("per_device_train_batch_size", 0),
+        ("per_device_eval_batch_size", -1),
+        ("gradient_accumulation_steps", 0),
+        ("max_new_tokens", 0),
+        ("max_length", 0),
+    ],
+)
 def test_sizes_below_one_are_named(name, value):
     with pytest.raises(ValueError, match=rf"^`{name}` must be (None or )?an integer >= 1.*got {value}\.$"):
         make(**{name: value})

@@ -7,10 +7,9 @@ import random
 import subprocess
 import sys
 from math import comb
+from pathlib import Path
 
 import pytest
-
-from pathlib import Path
 
 from trl_eopd.demo.evaluate import pass_at_k
 from trl_eopd.demo.stats import paired_difference, verdict
@@ -94,8 +93,9 @@ def test_evaluation_top_p_reaches_the_sampler():
     problems = eval_problems(6)
 
     def distinct_per_problem(top_p):
-        sequences, _ = sample_completions(teacher, tokenizer, problems, num_samples=8, seed=0, max_new_tokens=26,
-                                          top_p=top_p)
+        sequences, _ = sample_completions(
+            teacher, tokenizer, problems, num_samples=8, seed=0, max_new_tokens=26, top_p=top_p
+        )
         return [len({tuple(row.tolist()) for row in sequences[i * 8 : (i + 1) * 8]}) for i in range(len(problems))]
 
     # A nucleus this small keeps only the top token: every sample of a problem is the same greedy completion.
@@ -127,10 +127,12 @@ def test_tokenizer_round_trips_and_the_prompt_is_a_prefix(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
     messages = make_problems(1, seed=0)[0].messages("7 left 5 , 5 left 0")
     full = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
-    prompt = tokenizer(tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True),
-                       add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(
+        tokenizer.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
     assert full[: len(prompt)] == prompt
-    assert tokenizer.convert_ids_to_tokens(full[len(prompt):]) == "7 left 5 , 5 left 0 <|im_end|>".split()
+    assert tokenizer.convert_ids_to_tokens(full[len(prompt) :]) == "7 left 5 , 5 left 0 <|im_end|>".split()
     assert tokenizer.unk_token_id not in full
 
 
@@ -138,8 +140,14 @@ def test_tokenizer_round_trips_and_the_prompt_is_a_prefix(tmp_path):
 def test_quick_demo_end_to_end(tmp_path):
     # A fresh process, as a user runs it: pytest's own warning filters would hide what the user sees.
     env = {**os.environ, "PYTHONWARNINGS": "default", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-m", "trl_eopd.cli", "demo", "--quick", "--output-dir", str(tmp_path)],
-                          capture_output=True, text=True, env=env, check=False, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trl_eopd.cli", "demo", "--quick", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     # Readable output: no per-step log dicts, no warnings, and a stage bar that reaches its end.
     output = proc.stdout + proc.stderr
@@ -154,7 +162,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert results["settings"]["quick"] and len(results["settings"]["seeds"]) >= 2
 
     probability_keys = [f"pass@{k}" for k in range(1, 9)] + [
-        "solution_coverage", "high_entropy_ratio_own", "high_entropy_ratio_teacher"]
+        "solution_coverage",
+        "high_entropy_ratio_own",
+        "high_entropy_ratio_teacher",
+    ]
     for model, metrics in results["summary"].items():
         for key in probability_keys + ["distinct_correct", "token_entropy", "forward_kl_high_entropy"]:
             assert {"mean", "std", "values"} <= set(metrics[key]), (model, key)
@@ -187,8 +198,16 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (tmp_path / name).stat().st_size > 10_000
     # Paired EOPD - OPD per metric, each checked against scipy's paired t-test on the per-seed values.
     paired = results["paired_difference"]
-    for key in ["pass@1", "pass@8", "distinct_correct", "token_entropy", "high_entropy_ratio_own",
-                "top_p1/pass@8", "top_p1/distinct_correct", "top_p1/token_entropy"]:
+    for key in [
+        "pass@1",
+        "pass@8",
+        "distinct_correct",
+        "token_entropy",
+        "high_entropy_ratio_own",
+        "top_p1/pass@8",
+        "top_p1/distinct_correct",
+        "top_p1/token_entropy",
+    ]:
         stat = paired[key]
         assert PAIRED_KEYS <= set(stat), key
         opd = [run[key] for run in results["per_seed"]["opd"]]
@@ -219,8 +238,15 @@ def test_quick_demo_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_study_script_resumes_and_aggregates(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, str(ROOT / "scripts" / "demo_study.py"), "--quick", "--output-dir", str(tmp_path / "docs"),
-               "--work-dir", str(tmp_path / "work")]
+    command = [
+        sys.executable,
+        str(ROOT / "scripts" / "demo_study.py"),
+        "--quick",
+        "--output-dir",
+        str(tmp_path / "docs"),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
     first = subprocess.run(command + ["--seeds", "2"], capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 0, first.stderr[-4000:]
     assert "0 of 2 seeds already done; running 2" in first.stdout
@@ -245,8 +271,13 @@ def test_study_script_resumes_and_aggregates(tmp_path):
         assert (tmp_path / "docs" / name).stat().st_size > 10_000
 
     # A study cannot silently mix seeds run with other settings.
-    clash = subprocess.run(command + ["--seeds", "3", "--reverse-kl-estimator", "analytic"], capture_output=True,
-                           text=True, env=env, timeout=600)
+    clash = subprocess.run(
+        command + ["--seeds", "3", "--reverse-kl-estimator", "analytic"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert clash.returncode == 0
     seed_file = tmp_path / "docs" / "2-layer" / "seed0.json"
     data = json.loads(seed_file.read_text())
@@ -261,7 +292,9 @@ def test_committed_study_backs_its_page():
     study = json.loads((ROOT / "docs" / "demo_study" / "study.json").read_text())
     page = (ROOT / "docs" / "demo_study.md").read_text()
     for regime, data in study.items():
-        seeds = sorted(json.loads(p.read_text())["seed"] for p in (ROOT / "docs" / "demo_study" / regime).glob("seed*"))
+        seeds = sorted(
+            json.loads(p.read_text())["seed"] for p in (ROOT / "docs" / "demo_study" / regime).glob("seed*")
+        )
         assert data["seeds"] == seeds and data["n_seeds"] == len(seeds)
         stat = data["paired_difference"]["pass@8"]
         quoted = f"{stat['mean']:+.3f} [{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}]"
@@ -281,7 +314,9 @@ def test_demo_without_its_extra_names_the_install_line(monkeypatch, capsys):
     from trl_eopd.demo import cli
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "scipy" else real_find_spec(name, *a)
+    )
     assert cli.main(["--quick"]) == 2
     err = capsys.readouterr().err
     assert "scipy" in err and 'pip install -e ".[demo]"' in err and "matplotlib" not in err
@@ -322,11 +357,14 @@ def test_demo_refuses_a_folder_holding_results_unless_told(tmp_path, capsys, mon
     assert "warning" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, hint", [
-    (["--seed", "3"], "--seed: did you mean --seeds?"),
-    (["--step", "3"], "--step: did you mean --steps?"),
-    (["--output_dir", "x"], "--output_dir: did you mean --output-dir?"),
-])
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["--seed", "3"], "--seed: did you mean --seeds?"),
+        (["--step", "3"], "--step: did you mean --steps?"),
+        (["--output_dir", "x"], "--output_dir: did you mean --output-dir?"),
+    ],
+)
 def test_demo_takes_no_abbreviation_and_names_the_closest_option(tmp_path, capsys, argv, hint):
     from trl_eopd.demo import cli
 

@@ -142,8 +142,15 @@ def zero3_run(tiny_env, tmp_path_factory):
 # Messages a CPU ZeRO-3 run printed before they were fixed at their cause or silenced where they arise
 # (trl_eopd/cli/quiet.py says where each is fixed); a new warning of any kind also fails the test, so that it gets
 # looked at.
-NOISE = ("Warning", "warnings.warn", "Setting accelerator to CPU", "Gradient accumulation steps mismatch",
-         "generation-related arguments", "built successfully", "Traceback")
+NOISE = (
+    "Warning",
+    "warnings.warn",
+    "Setting accelerator to CPU",
+    "Gradient accumulation steps mismatch",
+    "generation-related arguments",
+    "built successfully",
+    "Traceback",
+)
 
 
 def test_zero3_launch_on_cpu_is_quiet_and_prints_only_rank_0(zero3_run):
@@ -258,18 +265,48 @@ def test_metrics_are_token_weighted_across_processes(tiny_env, tmp_path):
                                   entropy_threshold=gate, monitor_threshold=monitor)  # fmt: skip
 
     out = tmp_path / "out"
-    launch(env, "zero2", out, "--dataset_name", str(data), "--max_steps", "1", "--lmbda", "0",
-           "--reverse_kl_estimator", "analytic", "--per_device_train_batch_size", "2",
-           "--gradient_accumulation_steps", "1", "--forward_kl_top_k", "4", "--forward_kl_coef", "0.5",
-           "--entropy_threshold", repr(gate), "--monitor_entropy_threshold", repr(monitor),
-           "--eval_dataset_name", str(eval_data), "--eval_strategy", "steps", "--eval_steps", "1",
-           "--per_device_eval_batch_size", "2", "--learning_rate", "0")  # evaluated after the step: unchanged
+    launch(
+        env,
+        "zero2",
+        out,
+        "--dataset_name",
+        str(data),
+        "--max_steps",
+        "1",
+        "--lmbda",
+        "0",
+        "--reverse_kl_estimator",
+        "analytic",
+        "--per_device_train_batch_size",
+        "2",
+        "--gradient_accumulation_steps",
+        "1",
+        "--forward_kl_top_k",
+        "4",
+        "--forward_kl_coef",
+        "0.5",
+        "--entropy_threshold",
+        repr(gate),
+        "--monitor_entropy_threshold",
+        repr(monitor),
+        "--eval_dataset_name",
+        str(eval_data),
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "1",
+        "--per_device_eval_batch_size",
+        "2",
+        "--learning_rate",
+        "0",
+    )  # evaluated after the step: unchanged
     for history in histories(out):
         (log,) = [entry for entry in history if "loss" in entry]
         for key in ALL_METRICS:
             assert log[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
-        assert log["loss"] == pytest.approx(expected["eopd/loss_base"] + 0.5 * expected["eopd/loss_forward_gated"],
-                                            rel=1e-5)
+        assert log["loss"] == pytest.approx(
+            expected["eopd/loss_base"] + 0.5 * expected["eopd/loss_forward_gated"], rel=1e-5
+        )
         eval_logs = [entry for entry in history if "eval_loss" in entry]  # at step 1, and the script's final one
         assert eval_logs
         for eval_log in eval_logs:

@@ -437,9 +437,32 @@ def test_cli_options_fill_eval_config(tmp_path):
     assert config.limit is None and config.batch_size is None
 
     config = _cli_config(
-        ["--model", "m", "--benchmarks", "math500,AIME24", "amc23", "--top-p", "0.95", "--max-new-tokens", "16",
-         "--batch-size", "4", "--no-chat-template", "--chat-template-kwargs", '{"enable_thinking": false}',
-         "--output-dir", "out", "--n", "4", "--k", "2", "--backend", "transformers", "--dtype", "float32"]
+        [
+            "--model",
+            "m",
+            "--benchmarks",
+            "math500,AIME24",
+            "amc23",
+            "--top-p",
+            "0.95",
+            "--max-new-tokens",
+            "16",
+            "--batch-size",
+            "4",
+            "--no-chat-template",
+            "--chat-template-kwargs",
+            '{"enable_thinking": false}',
+            "--output-dir",
+            "out",
+            "--n",
+            "4",
+            "--k",
+            "2",
+            "--backend",
+            "transformers",
+            "--dtype",
+            "float32",
+        ]
     )
     assert [source.name for source in config.sources] == ["MATH500", "AIME24", "AMC23"]
     assert (config.top_p, config.max_new_tokens, config.batch_size, config.n, config.k) == (0.95, 16, 4, 4, 2)
@@ -653,8 +676,22 @@ def test_tiny_model_defaults_to_the_shipped_benchmark(tiny_assets, tmp_path):
 def test_tiny_names_work_as_in_train(tiny_assets, tmp_path, capsys):
     # `trl-eopd train` advertises `tiny://student`; eval takes the same names instead of failing on a hub lookup.
     out = tmp_path / "tiny"
-    argv = ["--model", "tiny://student", "--benchmarks", f"toy={FIXTURE}", "--n", "1", "--max-new-tokens", "4",
-            "--limit", "1", "--backend", "transformers", "--output-dir", str(out)]
+    argv = [
+        "--model",
+        "tiny://student",
+        "--benchmarks",
+        f"toy={FIXTURE}",
+        "--n",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        "1",
+        "--backend",
+        "transformers",
+        "--output-dir",
+        str(out),
+    ]
     assert main(argv) == 0
     assert len(_read_jsonl(out / "results.jsonl")) == 1
     with pytest.raises(SystemExit) as exit_info:
@@ -704,11 +741,14 @@ def test_cli_folder_that_is_not_a_checkpoint_is_named(tmp_path, capsys, nothing_
     assert f"--model {str(tmp_path)!r} is a folder but not a checkpoint" in line and "config.json" in line
 
 
-@pytest.mark.parametrize("argv, hint", [
-    (["--nn", "4"], "--nn: did you mean --n?"),
-    (["--max-new", "4"], "--max-new: did you mean --max-new-tokens?"),  # an abbreviation, refused
-    (["--top_pp", "0.9"], "--top_pp: did you mean --top_p?"),
-])
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["--nn", "4"], "--nn: did you mean --n?"),
+        (["--max-new", "4"], "--max-new: did you mean --max-new-tokens?"),  # an abbreviation, refused
+        (["--top_pp", "0.9"], "--top_pp: did you mean --top_p?"),
+    ],
+)
 def test_cli_unknown_flag_is_one_line_with_the_closest_option(capsys, nothing_loaded, argv, hint):
     line = _one_eval_error(["--model", "tiny://student", *argv], capsys)
     assert "unrecognized arguments" in line and hint in line and "`trl-eopd eval --help`" in line
@@ -716,8 +756,22 @@ def test_cli_unknown_flag_is_one_line_with_the_closest_option(capsys, nothing_lo
 
 def test_cli_run_errors_are_one_line_too(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--model", tiny_model_dir, "--benchmarks", f"toy={FIXTURE}", "--n", "1", "--max-new-tokens", "2",
-            "--limit", "1", "--backend", "transformers", "--output-dir", str(out)]
+    argv = [
+        "--model",
+        tiny_model_dir,
+        "--benchmarks",
+        f"toy={FIXTURE}",
+        "--n",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--limit",
+        "1",
+        "--backend",
+        "transformers",
+        "--output-dir",
+        str(out),
+    ]
     assert main(argv) == 0
     capsys.readouterr()
     line = _one_eval_error([*argv[:-2], "--max-new-tokens", "3", "--output-dir", str(out)], capsys)

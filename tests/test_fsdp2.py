@@ -45,7 +45,9 @@ def _run_both(paths: dict, out: Path, *extra: str, sharded_extra: tuple[str, ...
         [*common, str(sharded), "--world_size", "2", "--rank", str(rank), "--port", port, *sharded_extra]
         for rank in (0, 1)
     ]
-    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands]
+    procs = [
+        subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for c in commands
+    ]
     logs = [p.communicate(timeout=400)[0] for p in procs]
     for proc, log in zip(procs, logs, strict=True):
         assert proc.returncode == 0, log[-4000:]

@@ -91,5 +91,7 @@ def test_trainer_refuses_fsdp1_and_names_fsdp2(tiny_assets, tmp_path, monkeypatc
     build = _trainer(tiny_assets, tmp_path)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
-    with pytest.raises(ValueError, match=r"FSDP version 1 .*Use FSDP2: `--config_file recipes/accelerate/fsdp2\.yaml`"):
+    with pytest.raises(
+        ValueError, match=r"FSDP version 1 .*Use FSDP2: `--config_file recipes/accelerate/fsdp2\.yaml`"
+    ):
         build()

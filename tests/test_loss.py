@@ -53,7 +53,9 @@ def test_analytic_loss_and_gradient_match_reference(options, num_items_in_batch)
     (grad,) = torch.autograd.grad(loss, student)
 
     student64 = student.detach().double().requires_grad_(True)
-    expected = reference_eopd_loss(student64, teacher.double(), labels, num_items_in_batch=num_items_in_batch, **options)
+    expected = reference_eopd_loss(
+        student64, teacher.double(), labels, num_items_in_batch=num_items_in_batch, **options
+    )
     (expected_grad,) = torch.autograd.grad(expected, student64)
 
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
@@ -95,7 +97,11 @@ def test_sampled_estimator_expected_gradient_equals_analytic_reverse_kl_gradient
     for y in range(VOCAB):
         s = student.clone().requires_grad_(True)
         loss = eopd_loss(
-            s, teacher, torch.tensor([[y]]), reverse_kl_estimator="sampled", entropy_threshold=math.inf,
+            s,
+            teacher,
+            torch.tensor([[y]]),
+            reverse_kl_estimator="sampled",
+            entropy_threshold=math.inf,
             temperature=temperature,
         )
         (grad,) = torch.autograd.grad(loss, s)
@@ -134,8 +140,16 @@ def test_gate_only_acts_above_threshold():
     loss = eopd_loss(student, teacher, labels, entropy_threshold=threshold, gate="switch")
     flat = [
         reference_per_token(
-            s, t, int(y), entropy_threshold=threshold, forward_kl_coef=1.0, gate="switch", beta=1.0,
-            temperature=1.0, forward_kl_top_k=None, reverse_kl_estimator="analytic",
+            s,
+            t,
+            int(y),
+            entropy_threshold=threshold,
+            forward_kl_coef=1.0,
+            gate="switch",
+            beta=1.0,
+            temperature=1.0,
+            forward_kl_top_k=None,
+            reverse_kl_estimator="analytic",
         )
         for s, t, y in zip(student.reshape(-1, VOCAB), teacher.reshape(-1, VOCAB), labels.reshape(-1))
         if int(y) != -100
@@ -163,8 +177,9 @@ def test_window_without_loss_tokens_is_zero_not_nan(num_items, top_k):
     """`num_items_in_batch=0` means the whole accumulation window has no loss token: 0, never 0 / 0."""
     student, teacher, labels = make_batch()
     student.requires_grad_(True)
-    loss = eopd_loss(student, teacher, torch.full_like(labels, -100), num_items_in_batch=num_items,
-                     forward_kl_top_k=top_k)
+    loss = eopd_loss(
+        student, teacher, torch.full_like(labels, -100), num_items_in_batch=num_items, forward_kl_top_k=top_k
+    )
     assert loss.item() == 0.0
     loss.backward()
     assert torch.count_nonzero(student.grad) == 0
@@ -173,8 +188,10 @@ def test_window_without_loss_tokens_is_zero_not_nan(num_items, top_k):
 def test_fractional_divisor_is_used_as_given():
     """A process's share of a global count can be below 1 (1 token over 2 processes): only 0 is special."""
     student, teacher, labels = make_batch()
-    torch.testing.assert_close(eopd_loss(student, teacher, labels, num_items_in_batch=0.5),
-                               2.0 * eopd_loss(student, teacher, labels, num_items_in_batch=1))
+    torch.testing.assert_close(
+        eopd_loss(student, teacher, labels, num_items_in_batch=0.5),
+        2.0 * eopd_loss(student, teacher, labels, num_items_in_batch=1),
+    )
     with pytest.raises(ValueError, match="num_items_in_batch"):
         eopd_loss(student, teacher, labels, num_items_in_batch=-1)
 
@@ -198,8 +215,9 @@ def test_bf16_inputs_are_finite_and_close_to_float32(estimator):
 
 def test_stats_match_reference_definitions():
     student, teacher, labels = make_batch(seed=8)
-    _, stats = eopd_loss_and_stats(student, teacher, labels, entropy_threshold=1.0, forward_kl_top_k=3,
-                                   monitor_entropy_threshold=1.5)
+    _, stats = eopd_loss_and_stats(
+        student, teacher, labels, entropy_threshold=1.0, forward_kl_top_k=3, monitor_entropy_threshold=1.5
+    )
     mask = labels != -100
     log_q = torch.log_softmax(student.double(), -1)[mask]
     log_p = torch.log_softmax(teacher.double(), -1)[mask]
@@ -286,16 +304,24 @@ def test_gate_off_loss_is_gkd_trainers_loss_only_at_temperature_one(beta, top_k)
         return GKDTrainer.generalized_jsd_loss(student_logits, teacher_logits, labels=labels, beta=beta)
 
     def ours(temperature):
-        return eopd_loss(student, teacher, labels, entropy_threshold=math.inf, beta=beta, temperature=temperature,
-                         forward_kl_top_k=top_k)
+        return eopd_loss(
+            student,
+            teacher,
+            labels,
+            entropy_threshold=math.inf,
+            beta=beta,
+            temperature=temperature,
+            forward_kl_top_k=top_k,
+        )
 
     torch.testing.assert_close(ours(1.0), gkd_trainer_loss(student, teacher), rtol=1e-5, atol=1e-6)
     # At GKD's default 0.9, EOPD scales both models' logits before the divergence, so the two differ...
     assert not torch.allclose(ours(0.9), gkd_trainer_loss(student, teacher), rtol=1e-3, atol=0)
     # ...and EOPD's is GKD's formula on the tempered logits, which is what the float64 reference says.
     torch.testing.assert_close(ours(0.9), gkd_trainer_loss(student / 0.9, teacher / 0.9), rtol=1e-5, atol=1e-6)
-    expected = reference_eopd_loss(student, teacher, labels, entropy_threshold=math.inf, beta=beta, temperature=0.9,
-                                   forward_kl_top_k=top_k)
+    expected = reference_eopd_loss(
+        student, teacher, labels, entropy_threshold=math.inf, beta=beta, temperature=0.9, forward_kl_top_k=top_k
+    )
     torch.testing.assert_close(ours(0.9).double(), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -318,8 +344,9 @@ def test_gate_is_strict_at_a_teacher_entropy_equal_to_the_threshold(gate, top_k)
     labels = torch.randint(0, VOCAB, (1, teacher.shape[1]), generator=torch.Generator().manual_seed(9))
     # beta=0.5: a bounded base term (the reverse KL to a one-hot teacher is ~1e4 and would drown the forward KL).
     options = dict(gate=gate, forward_kl_top_k=top_k, beta=0.5, forward_kl_coef=1.0)
-    _, one_hot_stats = eopd_loss_and_stats(student[:, one_hot_rows], teacher[:, one_hot_rows],
-                                           labels[:, one_hot_rows], entropy_threshold=0.0, **options)
+    _, one_hot_stats = eopd_loss_and_stats(
+        student[:, one_hot_rows], teacher[:, one_hot_rows], labels[:, one_hot_rows], entropy_threshold=0.0, **options
+    )
     assert float(one_hot_stats.teacher_entropy) == 0.0  # the premise: the entropy is exactly the threshold
     loss, stats = eopd_loss_and_stats(student, teacher, labels, entropy_threshold=0.0, **options)
     assert int(stats.num_high_entropy) == int((~one_hot_rows).sum())

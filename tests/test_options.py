@@ -24,8 +24,12 @@ def test_every_loss_option_default_is_the_configs():
         assert getattr(config, field.name) == getattr(paper, field.name), field.name
     assert config.loss_options == paper
     # The paper's values, written out once more here on purpose: a changed default must be a deliberate edit.
-    assert (paper.entropy_threshold, paper.forward_kl_coef, paper.gate, paper.forward_kl_top_k) == (0.8, 1.0,
-                                                                                                    "augment", 16)
+    assert (paper.entropy_threshold, paper.forward_kl_coef, paper.gate, paper.forward_kl_top_k) == (
+        0.8,
+        1.0,
+        "augment",
+        16,
+    )
     assert (paper.beta, paper.temperature, paper.reverse_kl_estimator) == (1.0, 1.0, "analytic")
 
 
@@ -52,25 +56,37 @@ def test_standalone_loss_defaults_compute_the_trainers_loss():
     weight_s, weight_t = torch.randn(40, 8, generator=generator), 3 * torch.randn(40, 16, generator=generator)
     targets = torch.randint(0, 40, (12,), generator=generator)
     chunked_default, _ = chunked_eopd_loss_and_stats(hidden_s, weight_s, hidden_t, weight_t, targets)
-    chunked_trainer, _ = chunked_eopd_loss_and_stats(hidden_s, weight_s, hidden_t, weight_t, targets,
-                                                     options=trainer_options)
+    chunked_trainer, _ = chunked_eopd_loss_and_stats(
+        hidden_s, weight_s, hidden_t, weight_t, targets, options=trainer_options
+    )
     torch.testing.assert_close(chunked_default, chunked_trainer, rtol=0, atol=0)
 
 
 def test_overrides_replace_fields_and_unknown_names_are_named():
     options = EOPDLossOptions(gate="switch")
-    assert EOPDLossOptions.resolve(options, {"entropy_threshold": 1.5}) == EOPDLossOptions(gate="switch",
-                                                                                          entropy_threshold=1.5)
+    assert EOPDLossOptions.resolve(options, {"entropy_threshold": 1.5}) == EOPDLossOptions(
+        gate="switch", entropy_threshold=1.5
+    )
     with pytest.raises(TypeError, match="entropy_treshold"):
-        eopd_loss(torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long),
-                  entropy_treshold=1.0)
+        eopd_loss(
+            torch.zeros(1, 1, 4), torch.zeros(1, 1, 4), torch.zeros(1, 1, dtype=torch.long), entropy_treshold=1.0
+        )
 
 
 @pytest.mark.parametrize(
     "field, value",
-    [("entropy_threshold", -1.0), ("entropy_threshold", math.nan), ("forward_kl_coef", math.inf), ("gate", "mix"),
-     ("beta", 1.5), ("temperature", 0.0), ("forward_kl_top_k", 0), ("forward_kl_top_k", True),
-     ("reverse_kl_estimator", "mc"), ("monitor_entropy_threshold", math.inf)],
+    [
+        ("entropy_threshold", -1.0),
+        ("entropy_threshold", math.nan),
+        ("forward_kl_coef", math.inf),
+        ("gate", "mix"),
+        ("beta", 1.5),
+        ("temperature", 0.0),
+        ("forward_kl_top_k", 0),
+        ("forward_kl_top_k", True),
+        ("reverse_kl_estimator", "mc"),
+        ("monitor_entropy_threshold", math.inf),
+    ],
 )
 def test_bad_values_are_rejected_by_the_options_and_the_config_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"`{field}`"):

@@ -30,9 +30,19 @@ def _plotted_axes(figure):
 
 
 def test_training_curves_have_units_and_explain_the_band(saved_figures, tmp_path):
-    log = [{"step": s, "loss": 1.0, "eopd/student_entropy": 1.0 / s, "eopd/monitor/student_high_entropy_ratio": 0.2,
-            "eopd/reverse_kl": 0.5, "eopd/forward_kl": 0.4, "eopd/monitor/forward_kl_teacher_high_entropy": 0.3,
-            "eopd/teacher_entropy": 0.3} for s in range(1, 4)]
+    log = [
+        {
+            "step": s,
+            "loss": 1.0,
+            "eopd/student_entropy": 1.0 / s,
+            "eopd/monitor/student_high_entropy_ratio": 0.2,
+            "eopd/reverse_kl": 0.5,
+            "eopd/forward_kl": 0.4,
+            "eopd/monitor/forward_kl_teacher_high_entropy": 0.3,
+            "eopd/teacher_entropy": 0.3,
+        }
+        for s in range(1, 4)
+    ]
     from trl_eopd.demo.plots import curves_from_log_history
 
     curves = curves_from_log_history(log)
@@ -58,13 +68,18 @@ def test_pass_at_k_explains_its_error_bars(saved_figures, tmp_path):
 
 def _summary(seeds):
     """A demo `summary` whose top-p 1 numbers differ from the headline protocol's, so a mix-up shows."""
+
     def stat(values):
         return {"mean": sum(values) / len(values), "std": 0.05, "values": values}
 
     metrics = ("distinct_correct", "token_entropy", "high_entropy_ratio_own")
-    return {model: {**{m: stat([0.2 + 0.1 * i + 0.01 * s for s in range(seeds)]) for m in metrics},
-                    **{f"top_p1/{m}": stat([0.9 + 0.01 * s for s in range(seeds)]) for m in metrics}}
-            for i, model in enumerate(("teacher", "student_init", "opd", "eopd"))}
+    return {
+        model: {
+            **{m: stat([0.2 + 0.1 * i + 0.01 * s for s in range(seeds)]) for m in metrics},
+            **{f"top_p1/{m}": stat([0.9 + 0.01 * s for s in range(seeds)]) for m in metrics},
+        }
+        for i, model in enumerate(("teacher", "student_init", "opd", "eopd"))
+    }
 
 
 def test_mechanism_shows_the_headline_protocol_with_every_seed_visible(saved_figures, tmp_path):

@@ -52,23 +52,38 @@ def generation_records():
 
 
 def _config(tmp_path, **overrides):
-    values = {"output_dir": str(tmp_path), "bf16": False, "per_device_train_batch_size": 4, "max_steps": 1,
-              "logging_steps": 1, "max_new_tokens": 8, "report_to": [], "save_strategy": "no", "seed": 0}
+    values = {
+        "output_dir": str(tmp_path),
+        "bf16": False,
+        "per_device_train_batch_size": 4,
+        "max_steps": 1,
+        "logging_steps": 1,
+        "max_new_tokens": 8,
+        "report_to": [],
+        "save_strategy": "no",
+        "seed": 0,
+    }
     values.update(overrides)
     return EOPDConfig(**values)
 
 
 def _trainer(tiny, tokenizer, tmp_path, **overrides):
     dataset = load_dataset("json", data_files=tiny["dataset"], split="train")
-    return EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=_config(tmp_path, **overrides),
-                       train_dataset=dataset, processing_class=tokenizer)
+    return EOPDTrainer(
+        model=tiny["student"],
+        teacher_model=tiny["teacher"],
+        args=_config(tmp_path, **overrides),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
 
 
 # --- transformers / TRL: rollouts (EOPDTrainer itself, so library users get the same quiet) --------------------------
 
 
-def test_training_with_checkpointing_and_rollouts_raises_neither_deprecation(tiny, tokenizer, tmp_path,
-                                                                              generation_records):
+def test_training_with_checkpointing_and_rollouts_raises_neither_deprecation(
+    tiny, tokenizer, tmp_path, generation_records
+):
     trainer = _trainer(tiny, tokenizer, tmp_path, lmbda=1.0)
     assert trainer.args.activation_checkpointing
     with warnings.catch_warnings(record=True) as caught:
@@ -96,8 +111,9 @@ def test_generate_gets_the_config_alone_and_returns_what_the_argument_would(tiny
     from transformers.utils import logging as hf_logging
 
     hf_logging.warning_once.cache_clear()
-    folded = _compat.GenerationConfigOnly(model).generate(**prompt, generation_config=config,
-                                                          return_dict_in_generate=True)
+    folded = _compat.GenerationConfigOnly(model).generate(
+        **prompt, generation_config=config, return_dict_in_generate=True
+    )
     assert not [m for m in generation_records if GENERATION_ARGUMENTS_RECORD in m], generation_records
     assert torch.equal(folded.sequences, plain.sequences)
     # The caller's config is not changed behind its back; other generation arguments still reach transformers.
@@ -106,8 +122,9 @@ def test_generate_gets_the_config_alone_and_returns_what_the_argument_would(tiny
     assert torch.equal(tensor_out, plain.sequences)
     generation_records.clear()
     hf_logging.warning_once.cache_clear()
-    _compat.GenerationConfigOnly(model).generate(**prompt, generation_config=config, return_dict_in_generate=True,
-                                                 output_scores=True)
+    _compat.GenerationConfigOnly(model).generate(
+        **prompt, generation_config=config, return_dict_in_generate=True, output_scores=True
+    )
     assert [m for m in generation_records if "output_scores" in m], generation_records
 
 
@@ -117,9 +134,14 @@ def test_a_peft_student_is_wrapped_without_the_checkpointing_deprecation(tiny, t
     dataset = load_dataset("json", data_files=tiny["dataset"], split="train")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=_config(tmp_path),
-                              train_dataset=dataset, processing_class=tokenizer,
-                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        trainer = EOPDTrainer(
+            model=tiny["student"],
+            teacher_model=tiny["teacher"],
+            args=_config(tmp_path),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        )
         wrapped = list(caught)
         _ = trainer.model.base_model.model.is_gradient_checkpointing  # the user's own use of the old name, after
     assert type(trainer.model).__name__.startswith("PeftModel")
@@ -150,7 +172,7 @@ def test_checkpointing_names_are_quiet_only_while_trl_toggles_them(tiny):
             assert not unwrapped.is_activation_checkpointing
             toggled_quietly = list(caught)
             _ = unwrapped.is_gradient_checkpointing  # the user's own use of the old name, inside the block
-            warnings.warn("something else is deprecated", FutureWarning)
+            warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
     assert not toggled_quietly, [str(w.message) for w in toggled_quietly]
     assert [str(w.message).split(" ")[0] for w in caught] == ["`is_gradient_checkpointing`", "something"]
     assert model.is_activation_checkpointing
@@ -209,11 +231,26 @@ DEEPSPEED_RUN = textwrap.dedent("""
 @pytest.mark.slow
 def test_under_deepspeed_accelerate_gets_the_accumulation_count_before_it_compares(tiny, tmp_path):
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "CUDA_VISIBLE_DEVICES": "",
-           "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", DEEPSPEED_RUN, tiny["student"], tiny["teacher"], tiny["dataset"],
-               str(tmp_path / "out")]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable,
+        "-c",
+        DEEPSPEED_RUN,
+        tiny["student"],
+        tiny["teacher"],
+        tiny["dataset"],
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "ACCELERATE RECORDS: []" in proc.stdout, proc.stdout[-2000:]
@@ -283,14 +320,25 @@ COLLECTIVES_RUN = textwrap.dedent("""
 @pytest.mark.slow
 def test_deepspeed_calls_torch_collectives_by_their_current_names(tmp_path):
     pytest.importorskip("deepspeed")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", COLLECTIVES_RUN], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": "1",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", COLLECTIVES_RUN], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     # Before: torch's warnings (so the check can fail); after: the same results without them.
-    assert ("BEFORE: ['`torch.distributed.all_gather_into_tensor`', '`torch.distributed.reduce_scatter_tensor`']"
-            in proc.stdout), proc.stdout
+    assert (
+        "BEFORE: ['`torch.distributed.all_gather_into_tensor`', '`torch.distributed.reduce_scatter_tensor`']"
+        in proc.stdout
+    ), proc.stdout
     assert "AFTER: []" in proc.stdout, proc.stdout
 
 

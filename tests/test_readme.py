@@ -302,24 +302,29 @@ def test_every_command_in_the_docs_works():
     assert checked > 40
 
 
-@pytest.mark.parametrize("broken, message", [
-    ("trl-eopd demo --stepz 3", "rejected"),
-    ("trl-eopd trian --config tiny-cpu", "not a subcommand"),
-    ("trl-eopd train --config tiny-gpu", "no packaged recipe"),
-    ("trl-eopd train --config tiny-cpu --learning_rat 1e-4", "unknown options"),
-    ("trl-eopd train --gradient_accumulation_steps many", "rejected"),
-    ("trl-eopd eval --model tiny://student --nn 4", "rejected"),
-    ("accelerate launch --config_file recipes/accelerate/zero4.yaml scripts/eopd.py --config tiny-cpu",
-     "no accelerate"),
-    ("accelerate launch --num_processes 2 scripts/train.py --config tiny-cpu", "no such script"),
-    ("python scripts/demo_study.py --layers 4", "rejected"),
-    ('pip install -e ".[gpu]"', "no extra"),
-    ('pip install "trl-eopd[vllm]"', "published package"),
-    ("python -m pytest tests/test_nothing.py -q", "no test path"),
-    ("python -m trl_eopd.vllm_plugin.serve --model M --max-logprobs -1", "a served teacher needs"),
-    ("python -m trl_eopd.vllm_plugin.serve --max-logprobs -1 --logprobs-mode processed_logprobs", "--model MODEL"),
-    ("git clone somewhere", "no check"),
-])
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ("trl-eopd demo --stepz 3", "rejected"),
+        ("trl-eopd trian --config tiny-cpu", "not a subcommand"),
+        ("trl-eopd train --config tiny-gpu", "no packaged recipe"),
+        ("trl-eopd train --config tiny-cpu --learning_rat 1e-4", "unknown options"),
+        ("trl-eopd train --gradient_accumulation_steps many", "rejected"),
+        ("trl-eopd eval --model tiny://student --nn 4", "rejected"),
+        (
+            "accelerate launch --config_file recipes/accelerate/zero4.yaml scripts/eopd.py --config tiny-cpu",
+            "no accelerate",
+        ),
+        ("accelerate launch --num_processes 2 scripts/train.py --config tiny-cpu", "no such script"),
+        ("python scripts/demo_study.py --layers 4", "rejected"),
+        ('pip install -e ".[gpu]"', "no extra"),
+        ('pip install "trl-eopd[vllm]"', "published package"),
+        ("python -m pytest tests/test_nothing.py -q", "no test path"),
+        ("python -m trl_eopd.vllm_plugin.serve --model M --max-logprobs -1", "a served teacher needs"),
+        ("python -m trl_eopd.vllm_plugin.serve --max-logprobs -1 --logprobs-mode processed_logprobs", "--model MODEL"),
+        ("git clone somewhere", "no check"),
+    ],
+)
 def test_a_broken_command_is_caught(broken, message):
     with pytest.raises(AssertionError, match=message):
         check_command(shlex.split(broken), broken)
@@ -361,11 +366,14 @@ def test_the_python_quick_start_runs(tmp_path):
     (quick_start,) = [block for block in blocks if "EOPDTrainer(" in block]
     assert "save_tiny_setup" in quick_start and "trainer.train()" in quick_start
     script = tmp_path / "quick_start.py"
-    script.write_text(quick_start + "\nprint('trained steps:', trainer.state.global_step)\n"
-                      "print('logged:', sorted(k for e in trainer.state.log_history for k in e))\n")
+    script.write_text(
+        quick_start + "\nprint('trained steps:', trainer.state.global_step)\n"
+        "print('logged:', sorted(k for e in trainer.state.log_history for k in e))\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "trained steps: 2" in proc.stdout and "eopd/reverse_kl" in proc.stdout, proc.stdout[-2000:]
     output = proc.stdout + proc.stderr

@@ -237,8 +237,10 @@ def test_the_statistics_name_the_entropy_exact_only_when_it_was_given():
     assert estimated.means()["eopd/teacher_entropy_estimate"] == pytest.approx(float(estimate.mean()), rel=1e-6)
     assert "eopd/teacher_entropy" not in estimated.means()
     # Every teacher-side metric taken from the estimate says so; the rest keep their names.
-    renamed = {"eopd/teacher_entropy": "eopd/teacher_entropy_estimate",
-               "eopd/monitor/teacher_high_entropy_ratio": "eopd/monitor/teacher_high_entropy_ratio_estimate"}
+    renamed = {
+        "eopd/teacher_entropy": "eopd/teacher_entropy_estimate",
+        "eopd/monitor/teacher_high_entropy_ratio": "eopd/monitor/teacher_high_entropy_ratio_estimate",
+    }
     assert set(estimated.means()) == {renamed.get(name, name) for name in means}
     assert estimated.means()["eopd/monitor/teacher_high_entropy_ratio_estimate"] == pytest.approx(
         float((estimate.float() > 1.5).double().mean())
@@ -377,8 +379,10 @@ def test_the_loss_gates_on_the_estimate_it_is_given_and_defaults_to_the_estimate
         torch.testing.assert_close(stats.teacher_entropy_estimate.double(), expected.sum(), rtol=1e-5, atol=1e-5)
         assert int(stats.num_high_entropy) == int((expected.float() > 0.8).sum())
     _, default_stats, _, _ = served(case)
-    torch.testing.assert_close(default_stats.teacher_entropy_estimate.double(),
-                               estimate_teacher_entropy(case["top_log_probs"], V, DEFAULT_ENTROPY_ESTIMATE).sum())
+    torch.testing.assert_close(
+        default_stats.teacher_entropy_estimate.double(),
+        estimate_teacher_entropy(case["top_log_probs"], V, DEFAULT_ENTROPY_ESTIMATE).sum(),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ logged statistics

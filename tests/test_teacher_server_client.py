@@ -10,7 +10,6 @@ import torch
 from trl_eopd.teacher_server import TeacherServer, TeacherServerError
 
 
-
 def _as_post(fake):
     """A fake of `_post_completion(prompts, prompt_logprobs)` as the client's one HTTP seam, `_post(path, payload)`."""
 
@@ -19,6 +18,7 @@ def _as_post(fake):
         return fake(payload["prompt"], payload.get("prompt_logprobs"))
 
     return post
+
 
 def _client(top_logprobs=2, vocab_size=10):
     client = TeacherServer.__new__(TeacherServer)  # no start-up checks: nothing to connect to here
@@ -233,7 +233,7 @@ def test_a_failed_request_is_retried_exactly_retries_times(monkeypatch, retries,
     monkeypatch.setattr(client, "_post", _as_post(server))
     choices = client._completions_with_retries([[1, 2]], global_step=7)
     assert [choice["text"] for choice in choices] == ["a", "b"] and server.calls == retries + 1
-    assert pauses == [min(2.0 ** attempt, 30.0) for attempt in range(retries)]
+    assert pauses == [min(2.0**attempt, 30.0) for attempt in range(retries)]
 
     server = _FlakyServer(failures=retries + 1, status=status)  # one failure too many
     monkeypatch.setattr(client, "_post", _as_post(server))

@@ -22,7 +22,9 @@ def test_cli_writes_finite_outputs(toy, tmp_path, capsys):
     toy.main(["--output-dir", str(tmp_path), "--steps", "30", "--seed", "0"])
     assert (tmp_path / "toy_experiment.png").stat().st_size > 0
     results = json.loads((tmp_path / "toy_experiment.json").read_text())
-    assert set(results["runs"]) == {f"{t}/{m}" for t in ("low_entropy", "high_entropy") for m in ("reverse_kl", "eopd")}
+    assert set(results["runs"]) == {
+        f"{t}/{m}" for t in ("low_entropy", "high_entropy") for m in ("reverse_kl", "eopd")
+    }
     for run in results["runs"].values():
         assert len(run["entropy"]) == 31 and len(run["top1_change"]) == 30
         for value in run["final"].values():

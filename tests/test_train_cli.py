@@ -152,8 +152,14 @@ def test_teacher_with_another_vocabulary_is_rejected_from_its_config(tiny, tmp_p
     config.vocab_size += 7
     config.save_pretrained(tmp_path / "teacher")  # a config alone: the check must not need weights
     err = run_main_expecting_error(
-        ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), "--teacher_model_name_or_path",
-         str(tmp_path / "teacher")],
+        [
+            "--config",
+            "tiny-cpu",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--teacher_model_name_or_path",
+            str(tmp_path / "teacher"),
+        ],
         capsys,
     )
     assert f"vocabulary of {config.vocab_size} tokens" in err and f"has {config.vocab_size - 7}" in err
@@ -161,8 +167,14 @@ def test_teacher_with_another_vocabulary_is_rejected_from_its_config(tiny, tmp_p
 
 def test_missing_checkpoint_is_rejected(tiny, tmp_path, capsys, no_model_loading):
     err = run_main_expecting_error(
-        ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint",
-         str(tmp_path / "checkpoint-9")],
+        [
+            "--config",
+            "tiny-cpu",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--resume_from_checkpoint",
+            str(tmp_path / "checkpoint-9"),
+        ],
         capsys,
     )
     assert "checkpoint-9" in err and "does not exist" in err
@@ -171,8 +183,9 @@ def test_missing_checkpoint_is_rejected(tiny, tmp_path, capsys, no_model_loading
 def test_missing_model_path_is_reported_as_missing(tiny, tmp_path, capsys, no_model_loading):
     missing = str(tmp_path / "no-such-model")
     for flag in ("--model_name_or_path", "--teacher_model_name_or_path"):
-        err = run_main_expecting_error(["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), flag, missing],
-                                       capsys)
+        err = run_main_expecting_error(
+            ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), flag, missing], capsys
+        )
         assert f"model path {missing!r} does not exist" in err, err
         assert "Repo id" not in err
 
@@ -181,8 +194,16 @@ def test_empty_training_data_is_rejected(tiny, tmp_path, capsys, no_model_loadin
     data = tmp_path / "empty.jsonl"
     data.write_text(json.dumps({"prompt": "1+1?", "completion": "2"}) + "\n")
     err = run_main_expecting_error(
-        ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), "--dataset_name", str(data),
-         "--max_train_samples", "0"],
+        [
+            "--config",
+            "tiny-cpu",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--dataset_name",
+            str(data),
+            "--max_train_samples",
+            "0",
+        ],
         capsys,
     )
     assert "has no rows to train on" in err, err
@@ -192,8 +213,18 @@ def test_prompt_only_data_requires_fully_on_policy(tiny, tmp_path, capsys, no_mo
     data = tmp_path / "p.jsonl"
     data.write_text(json.dumps({"prompt": "1+1?"}) + "\n")
     err = run_main_expecting_error(
-        ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), "--dataset_name", str(data),
-         "--lmbda", "0.5", "--reverse_kl_estimator", "analytic"],
+        [
+            "--config",
+            "tiny-cpu",
+            "--output_dir",
+            str(tmp_path / "o"),
+            "--dataset_name",
+            str(data),
+            "--lmbda",
+            "0.5",
+            "--reverse_kl_estimator",
+            "analytic",
+        ],
         capsys,
     )
     assert "lmbda: 1.0" in err
@@ -209,19 +240,33 @@ def _one_error_line(err: str, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("flag, value", [
-    ("--per_device_train_batch_size", "0"), ("--gradient_accumulation_steps", "0"), ("--max_new_tokens", "0"),
-])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--per_device_train_batch_size", "0"),
+        ("--gradient_accumulation_steps", "0"),
+        ("--max_new_tokens", "0"),
+    ],
+)
 def test_sizes_below_one_fail_in_one_line_before_loading(tmp_path, capsys, no_model_loading, flag, value):
     err = run_main_expecting_error(["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), flag, value], capsys)
     _one_error_line(err, f"`{flag[2:]}` must be an integer >= 1", f"got {value}")
 
 
-@pytest.mark.parametrize("name, text, where", [
-    ("broken.jsonl", ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                      '{"messages": [oops\n'), "line 2 is not valid JSON"),
-    ("broken.json", '[{"messages": 1},\n {"x": }]\n', "it is not valid JSON (Expecting value at line 2"),
-])
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        (
+            "broken.jsonl",
+            (
+                '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                '{"messages": [oops\n'
+            ),
+            "line 2 is not valid JSON",
+        ),
+        ("broken.json", '[{"messages": 1},\n {"x": }]\n', "it is not valid JSON (Expecting value at line 2"),
+    ],
+)
 def test_malformed_dataset_file_is_named_with_its_line(tiny, tmp_path, capsys, no_model_loading, name, text, where):
     data = tmp_path / name
     data.write_text(text)
@@ -238,8 +283,11 @@ def test_a_prompt_longer_than_max_length_fails_before_loading(tiny, tmp_path, ca
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     argv = ["--config", "tiny-cpu", "--output_dir", str(tmp_path / "o"), "--dataset_name", str(data)]
     # Row 1's prompt alone is longer than 30 tokens (40 words, each a token at least), row 0's is not.
-    line = _one_error_line(run_main_expecting_error(argv + ["--max_length", "30"], capsys),
-                           f"Row 1 of dataset {data}: its prompt has", "more than `max_length=30`")
+    line = _one_error_line(
+        run_main_expecting_error(argv + ["--max_length", "30"], capsys),
+        f"Row 1 of dataset {data}: its prompt has",
+        "more than `max_length=30`",
+    )
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["student"])
@@ -308,10 +356,23 @@ def test_tiny_cpu_recipe_trains_and_saves(tiny, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "TRL_EOPD_TINY_DIR": os.environ["TRL_EOPD_TINY_DIR"], "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(
-        [sys.executable, str(RUN_WITH_ARTIFACTS), "-m", "trl_eopd.cli.train", "--config", "tiny-cpu", "--output_dir",
-         str(out),
-         "--max_steps", "2"],
-        capture_output=True, text=True, env=env, check=False, timeout=300,
+        [
+            sys.executable,
+            str(RUN_WITH_ARTIFACTS),
+            "-m",
+            "trl_eopd.cli.train",
+            "--config",
+            "tiny-cpu",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "[trl-eopd] 1 process(es), device=cpu" in proc.stderr
@@ -325,8 +386,17 @@ def test_served_teacher_recipe_is_the_paper_recipe_with_the_teacher_on_a_server(
     _, local, _ = parse_args(["--config", "qwen3-1.7b-math-eopd", "--bf16", "false"])
     assert served.teacher_model_server_url.startswith("http://")
     assert served.teacher_top_logprobs >= served.forward_kl_top_k == 16
-    for name in ("entropy_threshold", "forward_kl_coef", "reverse_kl_estimator", "learning_rate", "max_new_tokens",
-                 "per_device_train_batch_size", "gradient_accumulation_steps", "temperature", "teacher_eos_token"):
+    for name in (
+        "entropy_threshold",
+        "forward_kl_coef",
+        "reverse_kl_estimator",
+        "learning_rate",
+        "max_new_tokens",
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "temperature",
+        "teacher_eos_token",
+    ):
         assert getattr(served, name) == getattr(local, name), name
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from datasets import Dataset, load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from trl.experimental.gkd import GKDTrainer
 
 from trl_eopd import EOPDConfig, EOPDTrainer, eopd_loss, eopd_loss_and_stats
@@ -135,8 +134,9 @@ def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp
     model_inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         student_logits, teacher_logits = student(**model_inputs).logits, teacher(**model_inputs).logits
-    expected, stats = eopd_loss_and_stats(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
-                                          forward_kl_top_k=16)
+    expected, stats = eopd_loss_and_stats(
+        student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:], forward_kl_top_k=16
+    )
     first_log = trainer.state.log_history[0]
     torch.testing.assert_close(trained_loss, expected, rtol=1e-5, atol=1e-6)
     assert first_log["loss"] == pytest.approx(float(expected), rel=1e-5)
@@ -152,8 +152,16 @@ def test_a_working_gkd_script_becomes_eopd_by_swapping_the_two_classes(tiny, tmp
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
 def test_train_save_reload_and_resume(tiny, tokenizer, dataset, tmp_path, memory_efficient):
     trainer = make_trainer(
-        tiny, tokenizer, dataset, tmp_path, eval_dataset=dataset.select(range(8)),
-        max_steps=4, save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=4,
+        tiny,
+        tokenizer,
+        dataset,
+        tmp_path,
+        eval_dataset=dataset.select(range(8)),
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        eval_strategy="steps",
+        eval_steps=4,
         memory_efficient_loss=memory_efficient,
     )
     trainer.train()
@@ -197,7 +205,10 @@ def test_migration_warning_is_not_shown(tiny, tokenizer, dataset, tmp_path, capl
 
     with caplog.at_level(logging.WARNING):
         GKDTrainer(
-            model=tiny["student"], teacher_model=tiny["teacher"], train_dataset=dataset, processing_class=tokenizer,
+            model=tiny["student"],
+            teacher_model=tiny["teacher"],
+            train_dataset=dataset,
+            processing_class=tokenizer,
             args=GKDConfig(output_dir=str(tmp_path / "gkd"), bf16=False, lmbda=1.0, temperature=1.0, report_to=[]),
         )
     # The check below can only mean something if GKDTrainer really says it in this setting.
@@ -224,8 +235,9 @@ def test_num_items_counts_the_generated_completion_tokens(tiny, tokenizer, datas
 def test_on_policy_window_count_is_the_generated_tokens(tiny, tokenizer, dataset, tmp_path):
     """The window's count is the number of tokens the student generated: each row's completion up to and including its
     first stop token, read off the generated sequences, not from the labels the implementation counts."""
-    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, per_device_train_batch_size=2, lmbda=1.0,
-                           max_new_tokens=12)
+    trainer = make_trainer(
+        tiny, tokenizer, dataset, tmp_path, per_device_train_batch_size=2, lmbda=1.0, max_new_tokens=12
+    )
     rows_per_window = 2 * 2
     batch_samples, num_items = trainer.get_batch_samples(iter(trainer.get_train_dataloader()), 2, trainer.args.device)
     stop_ids = set(trainer.generation_config.eos_token_id)
@@ -237,9 +249,11 @@ def test_on_policy_window_count_is_the_generated_tokens(tiny, tokenizer, dataset
             stopped_early += bool(stops)
     assert int(num_items) == expected
     # The dataset's own completions (what transformers would count) have another length: the check can tell them apart.
-    dataset_count = sum(
-        int((trainer.data_collator([row])["labels"][0, 1:] != -100).sum()) for row in dataset
-    ) / len(dataset) * rows_per_window
+    dataset_count = (
+        sum(int((trainer.data_collator([row])["labels"][0, 1:] != -100).sum()) for row in dataset)
+        / len(dataset)
+        * rows_per_window
+    )
     assert abs(expected - dataset_count) > 2
     assert 0 < expected <= rows_per_window * trainer.args.max_new_tokens
 
@@ -248,7 +262,9 @@ def _uneven_dataset():
     rows = []
     for index, answer_length in enumerate([1, 30, 3, 40]):
         answer = " ".join(["7"] * answer_length)
-        rows.append({"messages": [{"role": "user", "content": f"Count {index}"}, {"role": "assistant", "content": answer}]})
+        rows.append(
+            {"messages": [{"role": "user", "content": f"Count {index}"}, {"role": "assistant", "content": answer}]}
+        )
     return Dataset.from_list(rows)
 
 
@@ -259,9 +275,20 @@ def test_gradient_accumulation_weights_every_token_equally(tiny, tokenizer, tmp_
     weights = {}
     for name, batch_size, accumulation in (("full", 4, 1), ("accumulated", 2, 2)):
         trainer = make_trainer(
-            tiny, tokenizer, dataset, tmp_path / name, per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, max_steps=1, lmbda=0.0, optim="sgd", learning_rate=1.0,
-            max_grad_norm=0.0, lr_scheduler_type="constant", warmup_steps=0, memory_efficient_loss=memory_efficient,
+            tiny,
+            tokenizer,
+            dataset,
+            tmp_path / name,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            lmbda=0.0,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+            lr_scheduler_type="constant",
+            warmup_steps=0,
+            memory_efficient_loss=memory_efficient,
         )
         trainer.train()
         weights[name] = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -365,11 +392,22 @@ def test_logged_metrics_are_token_weighted_whatever_the_split(tiny, tokenizer, t
 
     for batch_size, accumulation, steps in SPLITS:
         trainer = make_trainer(
-            tiny, tokenizer, dataset, tmp_path / f"{batch_size}x{accumulation}x{steps}",
-            per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-            gradient_accumulation_steps=accumulation, max_steps=steps, logging_steps=steps, lmbda=0.0,
-            optim="sgd", learning_rate=0.0, entropy_threshold=entropy_threshold, forward_kl_coef=coef,
-            forward_kl_top_k=top_k, monitor_entropy_threshold=monitor_threshold,
+            tiny,
+            tokenizer,
+            dataset,
+            tmp_path / f"{batch_size}x{accumulation}x{steps}",
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=steps,
+            logging_steps=steps,
+            lmbda=0.0,
+            optim="sgd",
+            learning_rate=0.0,
+            entropy_threshold=entropy_threshold,
+            forward_kl_coef=coef,
+            forward_kl_top_k=top_k,
+            monitor_entropy_threshold=monitor_threshold,
             memory_efficient_loss=memory_efficient,
         )
         trainer.train()
@@ -392,15 +430,24 @@ def test_logged_metrics_are_token_weighted_whatever_the_split(tiny, tokenizer, t
 def test_opd_run_reports_high_entropy_shares_at_the_monitoring_threshold(tiny, tokenizer, tmp_path, memory_efficient):
     """With the gate off (OPD) the gate's metrics are 0; the monitoring ones equal an EOPD run's on the same data."""
     dataset = _uneven_dataset()
-    columns = _per_token_float64(tiny, make_trainer(tiny, tokenizer, dataset, tmp_path / "probe").data_collator,
-                                 list(dataset), top_k=4)
+    columns = _per_token_float64(
+        tiny, make_trainer(tiny, tokenizer, dataset, tmp_path / "probe").data_collator, list(dataset), top_k=4
+    )
     monitor_threshold = _threshold_in_a_gap(torch.cat(columns["teacher_entropy"]))
     expected = _hand_metrics(columns, entropy_threshold=math.inf, monitor_threshold=monitor_threshold)
     logs = {}
     for name, threshold in (("opd", math.inf), ("eopd", 0.0)):
         trainer = make_trainer(
-            tiny, tokenizer, dataset, tmp_path / name, max_steps=1, lmbda=0.0, optim="sgd", learning_rate=0.0,
-            entropy_threshold=threshold, monitor_entropy_threshold=monitor_threshold,
+            tiny,
+            tokenizer,
+            dataset,
+            tmp_path / name,
+            max_steps=1,
+            lmbda=0.0,
+            optim="sgd",
+            learning_rate=0.0,
+            entropy_threshold=threshold,
+            monitor_entropy_threshold=monitor_threshold,
             memory_efficient_loss=memory_efficient,
         )
         trainer.train()
@@ -409,8 +456,11 @@ def test_opd_run_reports_high_entropy_shares_at_the_monitoring_threshold(tiny, t
     assert opd["eopd/high_entropy_ratio"] == 0.0 and opd["eopd/forward_kl_high_entropy"] == 0.0
     assert opd["eopd/loss_forward_gated"] == 0.0
     assert 0.0 < expected["eopd/monitor/teacher_high_entropy_ratio"] < 1.0
-    for key in ("eopd/monitor/teacher_high_entropy_ratio", "eopd/monitor/student_high_entropy_ratio",
-                "eopd/monitor/forward_kl_teacher_high_entropy"):
+    for key in (
+        "eopd/monitor/teacher_high_entropy_ratio",
+        "eopd/monitor/student_high_entropy_ratio",
+        "eopd/monitor/forward_kl_teacher_high_entropy",
+    ):
         assert opd[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
         assert logs["eopd"][key] == pytest.approx(opd[key], rel=1e-5, abs=1e-6), key
     assert logs["eopd"]["eopd/high_entropy_ratio"] == 1.0  # every token gated at threshold 0: the gate moved
@@ -423,8 +473,9 @@ def test_temperature_and_options_reach_the_loss(tiny, tokenizer, dataset, tmp_pa
     loss, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
     expected = eopd_loss(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:], **options)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
-    unscaled = eopd_loss(student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
-                         **{**options, "temperature": 1.0})
+    unscaled = eopd_loss(
+        student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:], **{**options, "temperature": 1.0}
+    )
     assert not torch.allclose(loss, unscaled)
 
 
@@ -445,8 +496,11 @@ def test_peft_student_trains_only_the_adapter(tiny, tokenizer, dataset, tmp_path
     from peft import LoraConfig
 
     trainer = EOPDTrainer(
-        model=tiny["student"], teacher_model=tiny["teacher"], args=make_args(tmp_path, max_steps=2, learning_rate=1e-2),
-        train_dataset=dataset, processing_class=tokenizer,
+        model=tiny["student"],
+        teacher_model=tiny["teacher"],
+        args=make_args(tmp_path, max_steps=2, learning_rate=1e-2),
+        train_dataset=dataset,
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     )
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -479,23 +533,31 @@ def test_different_vocabularies_are_rejected(tiny, tokenizer, dataset, tmp_path)
 
     other = build_tiny_model(build_tiny_tokenizer(vocab_size=300))
     with pytest.raises(ValueError, match="vocab_size"):
-        EOPDTrainer(model=tiny["student"], teacher_model=other, args=make_args(tmp_path), train_dataset=dataset,
-                    processing_class=tokenizer)
+        EOPDTrainer(
+            model=tiny["student"],
+            teacher_model=other,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_wrong_config_class_is_rejected(tiny, tokenizer, dataset, tmp_path):
     from trl.experimental.gkd import GKDConfig
 
     with pytest.raises(TypeError, match="EOPDConfig"):
-        EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"],
-                    args=GKDConfig(output_dir=str(tmp_path), bf16=False), train_dataset=dataset,
-                    processing_class=tokenizer)
+        EOPDTrainer(
+            model=tiny["student"],
+            teacher_model=tiny["teacher"],
+            args=GKDConfig(output_dir=str(tmp_path), bf16=False),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
 @pytest.mark.parametrize("broken", ["student", "teacher"])
-def test_non_finite_loss_names_the_model_with_bad_logits(tiny, tokenizer, dataset, tmp_path, broken,
-                                                          memory_efficient):
+def test_non_finite_loss_names_the_model_with_bad_logits(tiny, tokenizer, dataset, tmp_path, broken, memory_efficient):
     trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, memory_efficient_loss=memory_efficient)
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     trainer._memory_efficient_is_exact(trainer.model, batch)  # decide the path on healthy weights
@@ -513,24 +575,37 @@ def test_non_finite_loss_names_the_model_with_bad_logits(tiny, tokenizer, datase
 def test_infinite_threshold_trainer_loss_is_gkds_loss(tiny, tokenizer, dataset, tmp_path, memory_efficient, beta):
     from trl.experimental.gkd import GKDTrainer
 
-    trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, entropy_threshold=float("inf"), beta=beta,
-                           memory_efficient_loss=memory_efficient)
+    trainer = make_trainer(
+        tiny,
+        tokenizer,
+        dataset,
+        tmp_path,
+        entropy_threshold=float("inf"),
+        beta=beta,
+        memory_efficient_loss=memory_efficient,
+    )
     loss, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
-    gkd = GKDTrainer.generalized_jsd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels=batch["labels"][:, 1:],
-                                          beta=beta)
+    gkd = GKDTrainer.generalized_jsd_loss(
+        student_logits[:, :-1], teacher_logits[:, :-1], labels=batch["labels"][:, 1:], beta=beta
+    )
     torch.testing.assert_close(loss, gkd, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.9])
-def test_gate_off_trainer_loss_is_gkd_trainers_only_at_temperature_one(tiny, tokenizer, dataset, tmp_path,
-                                                                       temperature):
+def test_gate_off_trainer_loss_is_gkd_trainers_only_at_temperature_one(
+    tiny, tokenizer, dataset, tmp_path, temperature
+):
     from trl.experimental.gkd import GKDConfig
 
     trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, entropy_threshold=float("inf"), temperature=temperature)
     loss, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
-    gkd = GKDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], train_dataset=dataset,
-                     processing_class=tokenizer, args=GKDConfig(output_dir=str(tmp_path / "gkd"), bf16=False, beta=1.0,
-                                                                temperature=temperature, report_to=[]))
+    gkd = GKDTrainer(
+        model=tiny["student"],
+        teacher_model=tiny["teacher"],
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        args=GKDConfig(output_dir=str(tmp_path / "gkd"), bf16=False, beta=1.0, temperature=temperature, report_to=[]),
+    )
     gkd.model.eval()
     with torch.no_grad():
         gkd_loss = gkd.compute_loss(gkd.model, batch)
@@ -562,8 +637,11 @@ def test_output_layer_that_is_not_plain_linear_falls_back_with_one_warning(tiny,
     teacher = AutoModelForCausalLM.from_pretrained(tiny["teacher"])
     teacher.lm_head = _HeadWithExtraWork(teacher.lm_head)
     trainer = EOPDTrainer(
-        model=tiny["student"], teacher_model=teacher, args=make_args(tmp_path, max_steps=2),
-        train_dataset=dataset, processing_class=tokenizer,
+        model=tiny["student"],
+        teacher_model=teacher,
+        args=make_args(tmp_path, max_steps=2),
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -596,8 +674,13 @@ def test_empty_dataset_is_named(tiny, tokenizer, dataset, tmp_path, field):
     empty = dataset.select([])
     kwargs = {"train_dataset": dataset, "eval_dataset": None, field: empty}
     with pytest.raises(ValueError, match=rf"`{field}` is empty \(0 rows\)"):
-        EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=make_args(tmp_path),
-                    processing_class=tokenizer, **kwargs)
+        EOPDTrainer(
+            model=tiny["student"],
+            teacher_model=tiny["teacher"],
+            args=make_args(tmp_path),
+            processing_class=tokenizer,
+            **kwargs,
+        )
 
 
 @pytest.mark.parametrize("field", ["model", "teacher_model"])
@@ -614,19 +697,28 @@ def _prompt_ids(tokenizer, messages):
 
 
 def _long_prompt_dataset(prompt_words: int, completion_words: int, rows: int = 4):
-    return Dataset.from_list([
-        {"messages": [{"role": "user", "content": " ".join([f"q{i}"] * prompt_words)},
-                      {"role": "assistant", "content": " ".join(["7"] * completion_words)}]}
-        for i in range(rows)
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": " ".join([f"q{i}"] * prompt_words)},
+                    {"role": "assistant", "content": " ".join(["7"] * completion_words)},
+                ]
+            }
+            for i in range(rows)
+        ]
+    )
 
 
 def test_long_row_keeps_its_prompt_and_cuts_the_completion_with_a_count(tiny, tokenizer, tmp_path):
     dataset = _long_prompt_dataset(prompt_words=20, completion_words=30)
     row = dataset[0]
     prompt_ids = _prompt_ids(tokenizer, row["messages"])
-    full_length = len(tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False),
-                                add_special_tokens=False)["input_ids"])
+    full_length = len(
+        tokenizer(tokenizer.apply_chat_template(row["messages"], tokenize=False), add_special_tokens=False)[
+            "input_ids"
+        ]
+    )
     max_length = len(prompt_ids) + 5
     assert full_length > max_length  # TRL's collator would cut this row's prompt from the left
 
@@ -666,12 +758,22 @@ def test_non_finite_weights_under_sampling_name_the_model(tiny, tokenizer, datas
 def test_window_without_completion_tokens_is_zero_loss_without_gradient(tiny, tokenizer, tmp_path, memory_efficient):
     """Every prompt fills `max_length`, so the dataset's completions are cut to nothing and no row has a loss token."""
     dataset = _long_prompt_dataset(prompt_words=6, completion_words=3)
-    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": "same prompt"}, m["messages"][1]]}
-                                 for m in dataset])
+    dataset = Dataset.from_list(
+        [{"messages": [{"role": "user", "content": "same prompt"}, m["messages"][1]]} for m in dataset]
+    )
     prompt_length = len(_prompt_ids(tokenizer, dataset[0]["messages"]))
     trainer = make_trainer(
-        tiny, tokenizer, dataset, tmp_path, max_length=prompt_length, lmbda=0.0, max_steps=1, optim="sgd",
-        learning_rate=1.0, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        tiny,
+        tokenizer,
+        dataset,
+        tmp_path,
+        max_length=prompt_length,
+        lmbda=0.0,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=1.0,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
         memory_efficient_loss=memory_efficient,
     )
     before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -706,10 +808,12 @@ def _generated_stream(rows):
 def test_streaming_train_and_eval_datasets_train_and_evaluate(tiny, tokenizer, dataset, tmp_path, eval_form):
     eval_rows = dataset.select(range(8))
     eval_stream = eval_rows.to_iterable_dataset()
-    eval_dataset = eval_stream if eval_form == "stream" else {"known": eval_stream, "unknown": _generated_stream(
-        list(eval_rows))}
-    trainer = make_trainer(tiny, tokenizer, dataset.to_iterable_dataset(), tmp_path, eval_dataset=eval_dataset,
-                           max_steps=2)
+    eval_dataset = (
+        eval_stream if eval_form == "stream" else {"known": eval_stream, "unknown": _generated_stream(list(eval_rows))}
+    )
+    trainer = make_trainer(
+        tiny, tokenizer, dataset.to_iterable_dataset(), tmp_path, eval_dataset=eval_dataset, max_steps=2
+    )
     trainer.train()
     assert trainer.state.global_step == 2
     metrics = trainer.evaluate()
@@ -738,8 +842,13 @@ def test_streaming_dataset_without_messages_column_is_named(tiny, tokenizer, dat
     streams[field] = bad if field == "train_dataset" else {"held_out": bad}
     name = field if field == "train_dataset" else f"{field}['held_out']"
     with pytest.raises(ValueError, match=rf"`{re.escape(name)}` has columns \['answer', 'question'\].*messages"):
-        EOPDTrainer(model=tiny["student"], teacher_model=tiny["teacher"], args=make_args(tmp_path),
-                    processing_class=tokenizer, **streams)
+        EOPDTrainer(
+            model=tiny["student"],
+            teacher_model=tiny["teacher"],
+            args=make_args(tmp_path),
+            processing_class=tokenizer,
+            **streams,
+        )
 
 
 def test_streaming_dataset_with_malformed_messages_or_no_rows_is_named(tiny, tokenizer, tmp_path):
@@ -782,9 +891,16 @@ def _float64_loss(trainer, student_logits, teacher_logits, batch, num_items_in_b
 
     args = trainer.args
     return reference_eopd_loss(
-        student_logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:],
-        entropy_threshold=args.entropy_threshold, forward_kl_coef=args.forward_kl_coef, gate=args.gate, beta=args.beta, temperature=args.temperature,
-        forward_kl_top_k=args.forward_kl_top_k, reverse_kl_estimator=args.reverse_kl_estimator,
+        student_logits[:, :-1],
+        teacher_logits[:, :-1],
+        batch["labels"][:, 1:],
+        entropy_threshold=args.entropy_threshold,
+        forward_kl_coef=args.forward_kl_coef,
+        gate=args.gate,
+        beta=args.beta,
+        temperature=args.temperature,
+        forward_kl_top_k=args.forward_kl_top_k,
+        reverse_kl_estimator=args.reverse_kl_estimator,
         num_items_in_batch=num_items_in_batch,
     ).float()
 
@@ -798,16 +914,19 @@ def test_eval_mode_compute_loss_divides_by_the_given_num_items(tiny, tokenizer, 
     num_items = torch.tensor(3 * tokens + 7)
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
-    torch.testing.assert_close(loss, _float64_loss(trainer, student_logits, teacher_logits, batch, num_items),
-                               rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(per_token, _float64_loss(trainer, student_logits, teacher_logits, batch, None),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        loss, _float64_loss(trainer, student_logits, teacher_logits, batch, num_items), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        per_token, _float64_loss(trainer, student_logits, teacher_logits, batch, None), rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("num_processes", [1, 2])
 @pytest.mark.parametrize("memory_efficient", [True, False], ids=["chunked", "full-logits"])
-def test_train_mode_compute_loss_divides_by_this_process_share(tiny, tokenizer, dataset, tmp_path, monkeypatch,
-                                                               memory_efficient, num_processes):
+def test_train_mode_compute_loss_divides_by_this_process_share(
+    tiny, tokenizer, dataset, tmp_path, monkeypatch, memory_efficient, num_processes
+):
     trainer = make_trainer(tiny, tokenizer, dataset, tmp_path, memory_efficient_loss=memory_efficient)
     _, student_logits, teacher_logits, batch = trainer_loss_and_full_logits(trainer)
     num_items = torch.tensor(int((batch["labels"][:, 1:] != -100).sum()) * 4)  # the whole window's, all processes
@@ -838,16 +957,22 @@ def test_python_quick_start_runs_where_bf16_is_unsupported(tmp_path, monkeypatch
     config_module._say_float32_fallback.cache_clear()  # said once per process: earlier tests may have said it
     with caplog.at_level(logging.INFO, logger="trl_eopd.config"):
         # As in the README: no `bf16` argument.
-        args = EOPDConfig(output_dir=str(tmp_path / "run"), max_new_tokens=8, max_steps=2,
-                          per_device_train_batch_size=4, report_to=[], save_strategy="no")
+        args = EOPDConfig(
+            output_dir=str(tmp_path / "run"),
+            max_new_tokens=8,
+            max_steps=2,
+            per_device_train_batch_size=4,
+            report_to=[],
+            save_strategy="no",
+        )
     assert args.bf16 is False
     assert [r.getMessage() for r in caplog.records if "float32" in r.getMessage()]
-    trainer = EOPDTrainer(model=student, teacher_model=paths["teacher"], args=args, train_dataset=dataset,
-                          processing_class=tokenizer)
+    trainer = EOPDTrainer(
+        model=student, teacher_model=paths["teacher"], args=args, train_dataset=dataset, processing_class=tokenizer
+    )
     trainer.train()
     assert trainer.state.global_step == 2
     assert next(trainer.model.parameters()).dtype == torch.float32
-
 
 
 # With a served teacher (trl_eopd/teacher_server.py), what needs a local teacher is refused before any server is asked;

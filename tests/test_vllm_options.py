@@ -73,7 +73,10 @@ def test_use_vllm_with_seq_kd_is_rejected(tmp_path, monkeypatch):
 def test_use_vllm_without_vllm_names_the_extra_on_cuda_machines(tmp_path, monkeypatch):
     monkeypatch.setattr("trl_eopd.config.is_vllm_installed", lambda: False)
     monkeypatch.setattr("trl_eopd._vllm_install._has_cuda", lambda: True)
-    with pytest.raises(ValueError, match=r'needs vLLM, which is not installed: run `pip install -e "\.\[vllm\]"` in your trl-eopd clone'):
+    with pytest.raises(
+        ValueError,
+        match=r'needs vLLM, which is not installed: run `pip install -e "\.\[vllm\]"` in your trl-eopd clone',
+    ):
         _config(tmp_path, use_vllm=True)
     assert not _config(tmp_path).use_vllm  # off by default, so nothing needs vLLM
 
@@ -104,11 +107,26 @@ def test_cli_parses_the_vllm_fields(tmp_path):
     from trl_eopd.cli.train import make_parser
 
     _, args, _ = make_parser().parse_args_and_config(
-        ["--output_dir", str(tmp_path), "--vllm_mode", "server", "--vllm_server_base_url", "http://10.0.0.2:8000",
-         "--vllm_server_timeout", "30", "--vllm_max_model_length", "4096", "--bf16", "false"]  # fmt: skip
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--vllm_mode",
+            "server",
+            "--vllm_server_base_url",
+            "http://10.0.0.2:8000",
+            "--vllm_server_timeout",
+            "30",
+            "--vllm_max_model_length",
+            "4096",
+            "--bf16",
+            "false",
+        ]  # fmt: skip
     )
     assert (args.vllm_mode, args.vllm_server_base_url, args.vllm_server_timeout, args.vllm_max_model_length) == (
-        "server", "http://10.0.0.2:8000", 30.0, 4096
+        "server",
+        "http://10.0.0.2:8000",
+        30.0,
+        4096,
     )
 
 

@@ -534,4 +534,3 @@ def gkd_init_without_teacher():
         yield
     finally:
         gkd_trainer.prepare_deepspeed = prepare_deepspeed
-

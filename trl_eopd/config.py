@@ -259,7 +259,9 @@ class EOPDConfig(GKDConfig):
     )
     loss_chunk_size: int = field(
         default=256,
-        metadata={"help": "Number of completion tokens projected to the vocabulary at once by the memory-efficient loss."},
+        metadata={
+            "help": "Number of completion tokens projected to the vocabulary at once by the memory-efficient loss."
+        },
     )
     teacher_eos_token: str | None = field(
         default=None,
@@ -439,7 +441,11 @@ class EOPDConfig(GKDConfig):
                 problems.append("`seq_kd=False` (got True)")
             if problems:
                 raise ValueError(sampled_estimator_error(problems))
-        if isinstance(self.loss_chunk_size, bool) or not isinstance(self.loss_chunk_size, int) or self.loss_chunk_size < 1:
+        if (
+            isinstance(self.loss_chunk_size, bool)
+            or not isinstance(self.loss_chunk_size, int)
+            or self.loss_chunk_size < 1
+        ):
             raise ValueError(f"`loss_chunk_size` must be an integer >= 1; got {self.loss_chunk_size!r}.")
         # Checked even with `use_vllm=False`, so a recipe's typo surfaces before someone turns vLLM on.
         self._validate_vllm_options()
@@ -457,8 +463,12 @@ class EOPDConfig(GKDConfig):
         transformers takes these as they come and fails much later (a batch size of 0 in torch's sampler, after both
         models have loaded).
         """
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "max_new_tokens"):
+        for name in (
+            "per_device_train_batch_size",
+            "per_device_eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_new_tokens",
+        ):
             if not _is_positive_int(getattr(self, name)):
                 raise ValueError(f"`{name}` must be an integer >= 1; got {getattr(self, name)!r}.")
         if self.max_length is not None and not _is_positive_int(self.max_length):
@@ -510,8 +520,10 @@ class EOPDConfig(GKDConfig):
             raise ValueError(f"`use_vllm=True` needs vLLM, which is not installed: {vllm_install_hint()}.")
 
     def _validate_server_rollout_options(self) -> None:
-        if isinstance(self.vllm_server_retries, bool) or not isinstance(self.vllm_server_retries, Integral) or (
-            self.vllm_server_retries < 0
+        if (
+            isinstance(self.vllm_server_retries, bool)
+            or not isinstance(self.vllm_server_retries, Integral)
+            or (self.vllm_server_retries < 0)
         ):
             raise ValueError(f"`vllm_server_retries` must be an integer >= 0; got {self.vllm_server_retries!r}.")
         staleness = self.max_staleness

@@ -185,8 +185,13 @@ def routed_teacher_eopd_loss_and_stats(
         index = index.to(student_hidden.device)
         out = None if target_log_probs_out is None else target_log_probs_out.new_empty(index.numel())
         threshold = thresholds.get(teacher_id, options.entropy_threshold)
-        group_importance = None if importance is None else dataclasses.replace(
-            importance, sampler_log_probs=importance.sampler_log_probs[index.to(importance.sampler_log_probs.device)]
+        group_importance = (
+            None
+            if importance is None
+            else dataclasses.replace(
+                importance,
+                sampler_log_probs=importance.sampler_log_probs[index.to(importance.sampler_log_probs.device)],
+            )
         )
         part, stats = served_teacher_eopd_loss_and_stats(
             student_hidden[index],

@@ -59,7 +59,9 @@ def validate_teacher_server_options(args) -> None:
         raise ValueError(f"`teacher_model_server_timeout` must be a finite number of seconds > 0; got {timeout!r}.")
     estimate = args.teacher_entropy_estimate
     if estimate not in ENTROPY_ESTIMATES:
-        raise ValueError(f"`teacher_entropy_estimate` must be one of {', '.join(ENTROPY_ESTIMATES)}; got {estimate!r}.")
+        raise ValueError(
+            f"`teacher_entropy_estimate` must be one of {', '.join(ENTROPY_ESTIMATES)}; got {estimate!r}."
+        )
     retries = args.teacher_model_server_retries
     if isinstance(retries, bool) or not isinstance(retries, Integral) or retries < 0:
         raise ValueError(f"`teacher_model_server_retries` must be an integer >= 0; got {retries!r}.")

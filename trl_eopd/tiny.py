@@ -168,13 +168,28 @@ def save_tiny_setup(output_dir: str | os.PathLike, *, num_examples: int = 64, se
     tokenizer = build_tiny_tokenizer()
     paths = {"teacher": str(output_dir / "teacher"), "student": str(output_dir / "student")}
     # Its attention heads are 32 wide (two heads of a 64-wide model), so vLLM's CPU engine can serve it as a teacher.
-    teacher = build_tiny_model(tokenizer, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               num_key_value_heads=1, head_dim=32, seed=seed)
+    teacher = build_tiny_model(
+        tokenizer,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        seed=seed,
+    )
     # The student's head is untied (the teacher's is tied), so both layouts of an output layer are exercised; an
     # untied head is also the harder case for ZeRO-3, where nothing but the loss ever gathers it.
     # Its attention heads are 32 wide, the smallest vLLM's CPU engine runs, so `use_vllm` works on the tiny recipe too.
-    student = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                               num_key_value_heads=1, tie_word_embeddings=False, seed=seed + 1, head_dim=32)
+    student = build_tiny_model(
+        tokenizer,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+        seed=seed + 1,
+        head_dim=32,
+    )
     for key, model in (("teacher", teacher), ("student", student)):
         model.save_pretrained(paths[key])
         tokenizer.save_pretrained(paths[key])

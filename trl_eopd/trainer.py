@@ -363,6 +363,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         transformers counts `num_items_in_batch` on the dataset's labels, before on-policy generation replaces them;
         generating here, for the whole window at once, lets the count cover the completions actually trained on.
         """
+
         def fetch() -> list[dict]:
             batch_samples, _ = super(EOPDTrainer, self).get_batch_samples(epoch_iterator, num_batches, device)
             # A resumed run must sample what an uninterrupted one would: the rollouts are the first random draws.
@@ -375,9 +376,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             measure_mismatch=self._logs_next_step(),
         )  # fmt: skip
         batch_samples = self._finish_rollouts(batch_samples, rolled_out)
-        local_count = (
-            self._count_loss_tokens(batch_samples) if batch_samples else torch.tensor(0, device=device)
-        ).to(device)
+        local_count = (self._count_loss_tokens(batch_samples) if batch_samples else torch.tensor(0, device=device)).to(
+            device
+        )
         return batch_samples, self.accelerator.reduce(local_count, reduction="sum")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -461,7 +462,9 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
         self.teacher_model.eval()
         with torch.no_grad():
-            teacher_outputs = self.teacher_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            teacher_outputs = self.teacher_model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            )
         student_logits = student_outputs.logits[:, :-1]
         teacher_logits = teacher_outputs.logits[:, :-1]
         loss, stats = eopd_loss_and_stats(
@@ -565,7 +568,11 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
         with torch.no_grad():
             teacher_hidden = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher, last_hidden_state, unwrapped_teacher, input_ids,
+                self.teacher_model,
+                unwrapped_teacher,
+                last_hidden_state,
+                unwrapped_teacher,
+                input_ids,
                 attention_mask,
             )[:, :-1][loss_mask]
 

@@ -89,7 +89,7 @@ def _hf_greedy(model, prompts) -> list[list[int]]:
             ids = torch.tensor([prompt])
             generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                        eos_token_id=None, pad_token_id=0)  # fmt: skip
-            out.append(generated[0, len(prompt):].tolist())
+            out.append(generated[0, len(prompt) :].tolist())
     return out
 
 

@@ -107,7 +107,10 @@ def test_train_cli_routes_each_row_to_its_teacher(teachers, tiny_assets, tmp_pat
     root, _ = tiny_assets
     data = tmp_path / "routed.jsonl"
     with open(data, "w") as handle:
-        handle.writelines(json.dumps({**row, "teacher_id": "code" if i % 2 else "math"}) + "\n" for i, row in enumerate(toy_arithmetic_conversations(16, seed=6)))
+        handle.writelines(
+            json.dumps({**row, "teacher_id": "code" if i % 2 else "math"}) + "\n"
+            for i, row in enumerate(toy_arithmetic_conversations(16, seed=6))
+        )
     urls = json.dumps({t: s.url for t, s in teachers["servers"].items()})
     # Two processes (torchrun with `use_cpu`, gloo): each sends one request per teacher for its own rows.
     command = [

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from served_teacher import TeacherServerProcess, save_servable_teacher, free_port, teacher_sampled_batch
+from served_teacher import TeacherServerProcess, free_port, save_servable_teacher, teacher_sampled_batch
 
 from trl_eopd.loss import eopd_loss_and_stats
 from trl_eopd.loss.served import estimate_teacher_entropy, served_teacher_eopd_loss_and_stats
@@ -271,8 +271,16 @@ def test_train_cli_with_a_served_teacher_vllm_rollouts_and_a_lora_student(server
 def test_train_cli_with_a_served_teacher_on_two_processes(server, tiny_assets, tmp_path):
     root, _ = tiny_assets
     # torchrun plus `use_cpu` is accelerate's 2-process CPU (gloo) setup; each process asks the server for its rows.
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), *_train_command(server, tmp_path / "out", "--max_steps", "2", "--use_cpu", "true")]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        *_train_command(server, tmp_path / "out", "--max_steps", "2", "--use_cpu", "true"),
+    ]
     code, log = _run(command, _env(TRL_EOPD_TINY_DIR=str(root)), timeout=400)
     assert code == 0, log[-6000:]
     assert "2 process(es)" in log and "eopd/teacher_entropy_estimate" in log

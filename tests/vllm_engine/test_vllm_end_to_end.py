@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_eopd import EOPDConfig, EOPDTrainer
-from trl_eopd.tiny import build_tiny_model, build_tiny_tokenizer, toy_arithmetic_conversations
 from trl_eopd.rollouts import MISMATCH_METRIC
 from trl_eopd.rollouts.student_server import StudentServerError
+from trl_eopd.tiny import build_tiny_model, build_tiny_tokenizer, toy_arithmetic_conversations
 
 pytestmark = pytest.mark.slow
 

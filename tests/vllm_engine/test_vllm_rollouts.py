@@ -16,8 +16,8 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_eopd import EOPDConfig, EOPDTrainer
+from trl_eopd.rollouts import MISMATCH_METRIC
 from trl_eopd.tiny import IM_END, build_tiny_model, build_tiny_tokenizer, toy_arithmetic_conversations
-from trl_eopd.rollouts import MISMATCH_METRIC, build_rollout_batch
 
 TOLERANCE = 1e-4
 STEPS = 3

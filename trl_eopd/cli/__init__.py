@@ -11,10 +11,22 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("trl_eopd.demo.cli:main", "OPD vs EOPD on a built-in synthetic reasoning task, on CPU, with no download."),
-    "quickstart": ("trl_eopd.cli.quickstart:main", "Install check: a few EOPD steps on tiny local models; print metrics."),
-    "train": ("trl_eopd.cli.train:cli_main", "Train with a recipe on one process: `trl-eopd train --config recipe.yaml`."),
-    "eval": ("trl_eopd.evaluation.cli:main", "Avg@k / Pass@k of a checkpoint on MATH500, AIME, AMC, Minerva, OlympiadBench."),
+    "demo": (
+        "trl_eopd.demo.cli:main",
+        "OPD vs EOPD on a built-in synthetic reasoning task, on CPU, with no download.",
+    ),
+    "quickstart": (
+        "trl_eopd.cli.quickstart:main",
+        "Install check: a few EOPD steps on tiny local models; print metrics.",
+    ),
+    "train": (
+        "trl_eopd.cli.train:cli_main",
+        "Train with a recipe on one process: `trl-eopd train --config recipe.yaml`.",
+    ),
+    "eval": (
+        "trl_eopd.evaluation.cli:main",
+        "Avg@k / Pass@k of a checkpoint on MATH500, AIME, AMC, Minerva, OlympiadBench.",
+    ),
 }
 
 

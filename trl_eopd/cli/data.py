@@ -21,9 +21,7 @@ def load_split(name: str, config: str | None, split: str | None, *, trust_remote
     if path.is_file():
         builder = _LOCAL_DATA_BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise UsageError(
-                f"cannot read dataset file {name}: use one of {', '.join(sorted(_LOCAL_DATA_BUILDERS))}."
-            )
+            raise UsageError(f"cannot read dataset file {name}: use one of {', '.join(sorted(_LOCAL_DATA_BUILDERS))}.")
         # Without the "Generating train split" bar, which a local file fills at once: a file that does not parse then
         # gets the one line below, alone.
         bars_were_off = datasets.are_progress_bars_disabled()

@@ -40,7 +40,7 @@ def _suggestions(parser, message: str) -> str:
         return ""
     options = long_options(parser)
     hints = []
-    for flag in message[len(ARGPARSE_UNRECOGNIZED):].split():
+    for flag in message[len(ARGPARSE_UNRECOGNIZED) :].split():
         if not flag.startswith("--"):
             continue
         close = difflib.get_close_matches(flag.split("=", 1)[0], options, n=1, cutoff=0.6)

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .recipes import recipe_path
 from .errors import UsageError
+from .recipes import recipe_path
 
 PROG = "trl-eopd train"
 

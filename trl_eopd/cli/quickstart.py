@@ -13,8 +13,12 @@ import tempfile
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trl-eopd quickstart", description=__doc__)
     parser.add_argument("--steps", type=int, default=4, help="Optimizer steps to run (default: 4).")
-    parser.add_argument("--output-dir", default=None, help="Where to write the tiny models and the run (default: temp).")
-    parser.add_argument("--full-logits", action="store_true", help="Use the full-logits loss instead of the chunked one.")
+    parser.add_argument(
+        "--output-dir", default=None, help="Where to write the tiny models and the run (default: temp)."
+    )
+    parser.add_argument(
+        "--full-logits", action="store_true", help="Use the full-logits loss instead of the chunked one."
+    )
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
@@ -33,8 +37,16 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [log for log in trainer.state.log_history if "loss" in log]
     # loss = loss_base + forward_kl_coef * loss_forward_gated: the first three columns show the loss from its parts.
-    keys = ["loss", "eopd/loss_base", "eopd/loss_forward_gated", "eopd/teacher_entropy", "eopd/student_entropy",
-            "eopd/high_entropy_ratio", "eopd/reverse_kl", "eopd/forward_kl"]
+    keys = [
+        "loss",
+        "eopd/loss_base",
+        "eopd/loss_forward_gated",
+        "eopd/teacher_entropy",
+        "eopd/student_entropy",
+        "eopd/high_entropy_ratio",
+        "eopd/reverse_kl",
+        "eopd/forward_kl",
+    ]
     print("EOPD metrics per step (tiny random models, so values only show the pipeline runs):")
     print(" | ".join(["step"] + [key.removeprefix("eopd/") for key in keys]))
     for row in rows:

@@ -64,4 +64,6 @@ def recipe_path(name_or_path: str | os.PathLike) -> Path:
 def accelerate_config_path(name_or_path: str | os.PathLike) -> Path:
     """Path of an accelerate config: an existing file, or a packaged name (`zero2`, `zero3`, `zero3_offload`,
     `fsdp2`, `multi_gpu`)."""
-    return _resolve(name_or_path, ACCELERATE_DIR, list_accelerate_configs(), "accelerate config", "--accelerate_config")
+    return _resolve(
+        name_or_path, ACCELERATE_DIR, list_accelerate_configs(), "accelerate config", "--accelerate_config"
+    )

@@ -49,8 +49,10 @@ class EOPDScriptArguments(ScriptArguments):
     )
     eval_dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Separate evaluation data: hub id, folder or local file. Defaults to the "
-                  "`dataset_test_split` of `dataset_name` when `eval_strategy` is not `no`."},
+        metadata={
+            "help": "Separate evaluation data: hub id, folder or local file. Defaults to the "
+            "`dataset_test_split` of `dataset_name` when `eval_strategy` is not `no`."
+        },
     )
     eval_dataset_config: str | None = field(default=None, metadata={"help": "Configuration of `eval_dataset_name`."})
     eval_dataset_split: str | None = field(
@@ -77,8 +79,10 @@ class EOPDScriptArguments(ScriptArguments):
     )
     prompt_template: str = field(
         default="{prompt}",
-        metadata={"help": "Template for string prompts; `{prompt}` is replaced by the prompt text (other braces, "
-                  "e.g. `\\boxed{}`, are kept as is)."},
+        metadata={
+            "help": "Template for string prompts; `{prompt}` is replaced by the prompt text (other braces, "
+            "e.g. `\\boxed{}`, are kept as is)."
+        },
     )
     system_prompt: str | None = field(
         default=None, metadata={"help": "System message prepended to every conversation that lacks one."}

@@ -72,7 +72,7 @@ def resolve_tiny(name: str | None) -> str | None:
     """The local path behind a `tiny://` name (building it on first use); any other name is returned unchanged."""
     if name is None or not name.startswith(TINY_SCHEME):
         return name
-    key = name[len(TINY_SCHEME):]
+    key = name[len(TINY_SCHEME) :]
     if key not in TINY_KEYS:
         raise UsageError(f"unknown tiny asset {name!r}; use one of {', '.join(TINY_SCHEME + k for k in TINY_KEYS)}.")
     return ensure_tiny_setup()[key]

@@ -15,10 +15,10 @@ import dataclasses
 import json
 import sys
 
-from .recipes import list_accelerate_configs, list_recipes
 from .errors import UsageError, exit_with_error
 from .parsing import PROG, is_main_process
 from .parsing import parse_args as _parse_with_checks
+from .recipes import list_accelerate_configs, list_recipes
 from .script_arguments import EOPDScriptArguments
 
 __all__ = ["EOPDScriptArguments", "UsageError", "cli_main", "main", "make_parser", "parse_args"]
@@ -52,13 +52,16 @@ def make_parser(prog: str = PROG):
         excluded = {f.name for base in minus for f in dataclasses.fields(base)}
         return {f.name for f in dataclasses.fields(cls)} - excluded
 
-    regroup_help(parser, [
-        ("EOPD options (EOPDConfig's own fields)", names(EOPDConfig, minus=(GKDConfig,))),
-        ("distillation options (inherited from TRL's GKDConfig)", names(GKDConfig, minus=(SFTConfig,))),
-        ("data and script options", names(EOPDScriptArguments)),
-        ("model options (TRL's ModelConfig)", names(ModelConfig)),
-        ("training options (TRL's SFTConfig and transformers' TrainingArguments)", None),
-    ])
+    regroup_help(
+        parser,
+        [
+            ("EOPD options (EOPDConfig's own fields)", names(EOPDConfig, minus=(GKDConfig,))),
+            ("distillation options (inherited from TRL's GKDConfig)", names(GKDConfig, minus=(SFTConfig,))),
+            ("data and script options", names(EOPDScriptArguments)),
+            ("model options (TRL's ModelConfig)", names(ModelConfig)),
+            ("training options (TRL's SFTConfig and transformers' TrainingArguments)", None),
+        ],
+    )
     return parser
 
 
@@ -103,8 +106,10 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
     if not model_args.model_name_or_path:
         raise UsageError("no student: set `model_name_or_path` (hub id, local folder or `tiny://student`).")
     if not training_args.teacher_model_name_or_path and not training_args.teacher_model_server_url:
-        raise UsageError("no teacher: set `teacher_model_name_or_path` (hub id, local folder or `tiny://teacher`), "
-                         "or `teacher_model_server_url` for a teacher served by vLLM.")
+        raise UsageError(
+            "no teacher: set `teacher_model_name_or_path` (hub id, local folder or `tiny://teacher`), "
+            "or `teacher_model_server_url` for a teacher served by vLLM."
+        )
 
     state = PartialState()
     launch_error = launch_problem(state)
@@ -124,14 +129,20 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
         script_args=script_args,
     )
     train_dataset, eval_dataset = load_datasets(script_args, training_args)
-    check_prompt_lengths(tokenizer, training_args, {
-        f"dataset {script_args.dataset_name}": train_dataset,
-        f"evaluation dataset {script_args.eval_dataset_name or script_args.dataset_name}": eval_dataset,
-    })
+    check_prompt_lengths(
+        tokenizer,
+        training_args,
+        {
+            f"dataset {script_args.dataset_name}": train_dataset,
+            f"evaluation dataset {script_args.eval_dataset_name or script_args.dataset_name}": eval_dataset,
+        },
+    )
 
     # Said once every check above has passed, so that bad input gets its one line alone.
-    _log(state, f"{state.num_processes} process(es), device={state.device}, "
-                f"distributed_type={state.distributed_type.value}")
+    _log(
+        state,
+        f"{state.num_processes} process(es), device={state.device}, distributed_type={state.distributed_type.value}",
+    )
 
     from trl import get_peft_config, get_quantization_config
 

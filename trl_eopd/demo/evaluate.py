@@ -13,8 +13,17 @@ from .task import IM_END, Problem, check_solution
 __all__ = ["evaluate", "grade", "pass_at_k", "sample_completions", "token_statistics"]
 
 
-def sample_completions(model, tokenizer, problems: list[Problem], *, num_samples: int, seed: int, max_new_tokens: int,
-                       top_p: float = 1.0, batch_size: int = 1024):
+def sample_completions(
+    model,
+    tokenizer,
+    problems: list[Problem],
+    *,
+    num_samples: int,
+    seed: int,
+    max_new_tokens: int,
+    top_p: float = 1.0,
+    batch_size: int = 1024,
+):
     """`num_samples` completions per problem at temperature 1 (top-k 0, nucleus mass `top_p`), with their loss masks.
 
     Returns `(sequences, labels)`: `labels` holds the completion tokens up to and including the first
@@ -22,8 +31,10 @@ def sample_completions(model, tokenizer, problems: list[Problem], *, num_samples
     """
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     prompts = [
-        tokenizer(tokenizer.apply_chat_template(p.messages(), tokenize=False, add_generation_prompt=True),
-                  add_special_tokens=False)["input_ids"]
+        tokenizer(
+            tokenizer.apply_chat_template(p.messages(), tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
         for p in problems
     ]
     sampling = SamplingSettings(n=num_samples, temperature=1.0, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
@@ -110,8 +121,19 @@ def token_statistics(model, teacher, sequences, labels, *, entropy_threshold: fl
     }
 
 
-def evaluate(model, teacher, tokenizer, problems, *, num_samples: int, seed: int, max_new_tokens: int,
-             entropy_threshold: float, ks=range(1, 9), top_p: float = 1.0) -> dict:
+def evaluate(
+    model,
+    teacher,
+    tokenizer,
+    problems,
+    *,
+    num_samples: int,
+    seed: int,
+    max_new_tokens: int,
+    entropy_threshold: float,
+    ks=range(1, 9),
+    top_p: float = 1.0,
+) -> dict:
     """Every number the demo reports for one model, one sampling seed and one nucleus mass `top_p`.
 
     The entropy numbers are measured on the rollouts sampled here, so with `top_p < 1` they describe the truncated

@@ -23,7 +23,13 @@ import torch
 
 from .evaluate import evaluate
 from .models import STUDENT_SIZE, build_model, supervised_train
-from .plots import curves_from_log_history, plot_mechanism, plot_paired_differences, plot_pass_at_k, plot_training_curves
+from .plots import (
+    curves_from_log_history,
+    plot_mechanism,
+    plot_paired_differences,
+    plot_pass_at_k,
+    plot_training_curves,
+)
 from .stats import paired_differences
 from .task import IM_END, eval_problems, training_rows_fn
 from .teacher import ASSETS_TEACHER, load_model, train_teacher
@@ -34,9 +40,15 @@ KS = list(range(1, 9))
 # Per seed: teacher evaluation, student warm-up and evaluation, OPD run, EOPD run.
 STAGES_PER_SEED = 2 + len(METHODS)
 TABLE_METRICS = [
-    ("pass@1", "pass@1"), ("pass@2", "pass@2"), ("pass@4", "pass@4"), ("pass@8", "pass@8"),
-    ("distinct_correct", "distinct"), ("solution_coverage", "coverage"), ("token_entropy", "H tok"),
-    ("high_entropy_ratio_own", "hiH own"), ("high_entropy_ratio_teacher", "hiH tchr"),
+    ("pass@1", "pass@1"),
+    ("pass@2", "pass@2"),
+    ("pass@4", "pass@4"),
+    ("pass@8", "pass@8"),
+    ("distinct_correct", "distinct"),
+    ("solution_coverage", "coverage"),
+    ("token_entropy", "H tok"),
+    ("high_entropy_ratio_own", "hiH own"),
+    ("high_entropy_ratio_teacher", "hiH tchr"),
     ("forward_kl_high_entropy", "fKL hiH"),
 ]
 PAIRED_METRICS = ["pass@1", "pass@8", "distinct_correct", "token_entropy", "high_entropy_ratio_own"]
@@ -80,14 +92,19 @@ class DemoSettings:
 
     def __post_init__(self):
         if self.reverse_kl_estimator not in DEFAULT_LEARNING_RATE:
-            raise ValueError(f"reverse_kl_estimator must be one of {sorted(DEFAULT_LEARNING_RATE)}; "
-                             f"got {self.reverse_kl_estimator!r}.")
+            raise ValueError(
+                f"reverse_kl_estimator must be one of {sorted(DEFAULT_LEARNING_RATE)}; "
+                f"got {self.reverse_kl_estimator!r}."
+            )
         if self.learning_rate is None:
             self.learning_rate = DEFAULT_LEARNING_RATE[self.reverse_kl_estimator]
-        if not 0 < self.eval_top_p <= 1 or (self.secondary_eval_top_p is not None
-                                            and not 0 < self.secondary_eval_top_p <= 1):
-            raise ValueError(f"eval_top_p and secondary_eval_top_p must be in (0, 1]; got {self.eval_top_p} and "
-                             f"{self.secondary_eval_top_p}.")
+        if not 0 < self.eval_top_p <= 1 or (
+            self.secondary_eval_top_p is not None and not 0 < self.secondary_eval_top_p <= 1
+        ):
+            raise ValueError(
+                f"eval_top_p and secondary_eval_top_p must be in (0, 1]; got {self.eval_top_p} and "
+                f"{self.secondary_eval_top_p}."
+            )
         if self.student_layers < 1 or self.steps < 1:
             raise ValueError(f"student_layers and steps must be >= 1; got {self.student_layers} and {self.steps}.")
         if self.num_eval_samples < 8:
@@ -98,14 +115,29 @@ class DemoSettings:
     @classmethod
     def quick_settings(cls, **overrides) -> DemoSettings:
         """Small enough for CI (about 20 seconds), still every stage: warm-up, both trainings, evaluation, plots."""
-        values = dict(steps=6, seeds=[0, 1], quick=True, num_eval_problems=24, num_eval_samples=8,
-                      student_warmup_steps=30, batch_size=16)
+        values = dict(
+            steps=6,
+            seeds=[0, 1],
+            quick=True,
+            num_eval_problems=24,
+            num_eval_samples=8,
+            student_warmup_steps=30,
+            batch_size=16,
+        )
         values.update(overrides)
         return cls(**values)
 
 
-def _distill(student_path: Path, teacher, tokenizer, settings: DemoSettings, method: str, seed: int,
-             output_dir: Path, on_step=None):
+def _distill(
+    student_path: Path,
+    teacher,
+    tokenizer,
+    settings: DemoSettings,
+    method: str,
+    seed: int,
+    output_dir: Path,
+    on_step=None,
+):
     from datasets import Dataset
     from transformers import PrinterCallback, TrainerCallback
 
@@ -141,11 +173,15 @@ def _distill(student_path: Path, teacher, tokenizer, settings: DemoSettings, met
         disable_tqdm=True,
     )
     trainer = EOPDTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
     trainer.remove_callback(PrinterCallback)
     if on_step is not None:
+
         class _ReportStep(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 on_step(state.global_step, state.max_steps)
@@ -183,10 +219,11 @@ def format_paired(paired: dict, metrics=PAIRED_METRICS, prefixes=("",)) -> str:
             stat = paired.get(prefix + metric)
             if stat is None:
                 continue
-            interval = ("n/a" if stat["ci_low"] is None
-                        else f"[{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}]")
-            lines.append(f"{prefix + metric:<32}{stat['mean']:>+9.3f}{interval:>22}"
-                         f"{str(stat['wins']) + '/' + str(stat['n_seeds']):>12}")
+            interval = "n/a" if stat["ci_low"] is None else f"[{stat['ci_low']:+.3f}, {stat['ci_high']:+.3f}]"
+            lines.append(
+                f"{prefix + metric:<32}{stat['mean']:>+9.3f}{interval:>22}"
+                f"{str(stat['wins']) + '/' + str(stat['n_seeds']):>12}"
+            )
     return "\n".join(lines)
 
 
@@ -201,7 +238,9 @@ class DemoContext:
         teacher_path = Path(settings.teacher_path) if settings.teacher_path else ASSETS_TEACHER
         if not (teacher_path / "config.json").exists():
             # Only reached if the shipped checkpoint was removed; the quick run keeps the pipeline but not the quality.
-            log(f"No teacher at {teacher_path}; training one from scratch (scripts/make_demo_teacher.py does the same).")
+            log(
+                f"No teacher at {teacher_path}; training one from scratch (scripts/make_demo_teacher.py does the same)."
+            )
             teacher_path = train_teacher(output_dir / "teacher", steps=60 if settings.quick else 2500)
         self.teacher_path = teacher_path
         self.tokenizer = AutoTokenizer.from_pretrained(str(teacher_path))
@@ -211,12 +250,19 @@ class DemoContext:
     def evaluate(self, model, seed: int) -> dict:
         """The paper's protocol, then the second one with its metrics under `secondary_prefix`."""
         s = self.settings
-        kwargs = dict(num_samples=s.num_eval_samples, max_new_tokens=s.max_new_tokens,
-                      entropy_threshold=s.entropy_threshold, ks=KS, seed=1_000 + seed)
+        kwargs = dict(
+            num_samples=s.num_eval_samples,
+            max_new_tokens=s.max_new_tokens,
+            entropy_threshold=s.entropy_threshold,
+            ks=KS,
+            seed=1_000 + seed,
+        )
         model = model.to(self.device)
         result = evaluate(model, self.teacher, self.tokenizer, self.problems, top_p=s.eval_top_p, **kwargs)
         if s.secondary_eval_top_p is not None:
-            extra = evaluate(model, self.teacher, self.tokenizer, self.problems, top_p=s.secondary_eval_top_p, **kwargs)
+            extra = evaluate(
+                model, self.teacher, self.tokenizer, self.problems, top_p=s.secondary_eval_top_p, **kwargs
+            )
             result.update({secondary_prefix(s.secondary_eval_top_p) + key: value for key, value in extra.items()})
         return result
 
@@ -241,9 +287,17 @@ def run_seed(context: DemoContext, seed: int, output_dir: Path, stages=None) -> 
     stage("student warm-up")
     size = STUDENT_SIZE | {"num_hidden_layers": settings.student_layers}
     student = build_model(tokenizer, size, seed=seed)
-    supervised_train(student, tokenizer, training_rows_fn(set()), steps=settings.student_warmup_steps,
-                     batch_size=64, learning_rate=settings.student_warmup_lr, seed=seed,
-                     warmup_steps=min(50, settings.student_warmup_steps // 5), progress="student warm-up")
+    supervised_train(
+        student,
+        tokenizer,
+        training_rows_fn(set()),
+        steps=settings.student_warmup_steps,
+        batch_size=64,
+        learning_rate=settings.student_warmup_lr,
+        seed=seed,
+        warmup_steps=min(50, settings.student_warmup_steps // 5),
+        progress="student warm-up",
+    )
     init_path = output_dir / "student_init" / f"seed{seed}"
     student.save_pretrained(str(init_path))
     tokenizer.save_pretrained(str(init_path))
@@ -254,8 +308,15 @@ def run_seed(context: DemoContext, seed: int, output_dir: Path, stages=None) -> 
         label = f"{method.upper()} distillation"
         stage(label)
         model, log_history = _distill(
-            init_path, context.teacher, tokenizer, settings, method, seed, output_dir / "runs" / f"{method}-seed{seed}",
-            on_step=lambda step, total, label=label: stage(f"{label}, step {step}/{total}"))
+            init_path,
+            context.teacher,
+            tokenizer,
+            settings,
+            method,
+            seed,
+            output_dir / "runs" / f"{method}-seed{seed}",
+            on_step=lambda step, total, label=label: stage(f"{label}, step {step}/{total}"),
+        )
         results[method] = {**context.evaluate(model, seed), "log_history": log_history}
         done()
     return results
@@ -270,8 +331,9 @@ def aggregate(per_seed: dict[str, list[dict]]) -> dict:
     return {
         "summary": summary,
         "paired_difference": paired_differences(per_seed["opd"], per_seed["eopd"]),
-        "gain_over_init": {method: paired_differences(per_seed["student_init"], per_seed[method])
-                           for method in METHODS},
+        "gain_over_init": {
+            method: paired_differences(per_seed["student_init"], per_seed[method]) for method in METHODS
+        },
     }
 
 
@@ -293,17 +355,23 @@ def run_demo(settings: DemoSettings, output_dir: str | Path, log=print) -> dict:
     stages.close()
 
     aggregated = aggregate(per_seed)
-    training_curves = {method: [curves_from_log_history(r["log_history"]) for r in per_seed[method]]
-                       for method in METHODS}
+    training_curves = {
+        method: [curves_from_log_history(r["log_history"]) for r in per_seed[method]] for method in METHODS
+    }
     plot_training_curves(training_curves, output_dir / "training_curves.png")
     plot_pass_at_k(aggregated["summary"], KS, output_dir / "pass_at_k.png", top_p=settings.eval_top_p)
-    plot_paired_differences({"": aggregated["paired_difference"]}, output_dir / "paired_difference.png",
-                            top_p=settings.eval_top_p)
+    plot_paired_differences(
+        {"": aggregated["paired_difference"]}, output_dir / "paired_difference.png", top_p=settings.eval_top_p
+    )
     plot_mechanism({"": aggregated["summary"]}, output_dir / "mechanism.png", top_p=settings.eval_top_p)
     results = {
         "settings": asdict(settings) | {"entropy_threshold_opd": "inf"},
-        "task": {"eval_problems": len(context.problems), "samples_per_problem": settings.num_eval_samples,
-                 "eos": IM_END, "teacher_path": str(context.teacher_path)},
+        "task": {
+            "eval_problems": len(context.problems),
+            "samples_per_problem": settings.num_eval_samples,
+            "eos": IM_END,
+            "teacher_path": str(context.teacher_path),
+        },
         **aggregated,
         "per_seed": per_seed,
         "wall_time_s": time.time() - start,

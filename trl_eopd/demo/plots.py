@@ -76,8 +76,10 @@ def plot_training_curves(runs: dict[str, list[dict]], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Demo: on-policy distillation of the student, OPD vs EOPD, measured on its own rollouts during "
-                 "training\n(line: mean over seeds; shaded band: min to max over seeds)")
+    fig.suptitle(
+        "Demo: on-policy distillation of the student, OPD vs EOPD, measured on its own rollouts during "
+        "training\n(line: mean over seeds; shaded band: min to max over seeds)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -92,7 +94,9 @@ def plot_pass_at_k(summary: dict[str, dict], ks: list[int], path: Path, top_p: f
         means = [numbers[f"pass@{k}"]["mean"] for k in ks]
         stds = [numbers[f"pass@{k}"]["std"] for k in ks]
         seeds.add(len(numbers[f"pass@{ks[0]}"].get("values", [])) or None)
-        ax.errorbar(ks, means, yerr=stds, marker="o", capsize=3, color=COLORS.get(model), label=LABELS.get(model, model))
+        ax.errorbar(
+            ks, means, yerr=stds, marker="o", capsize=3, color=COLORS.get(model), label=LABELS.get(model, model)
+        )
     ax.set_xlabel("k (samples drawn per problem)")
     ax.set_ylabel("pass@k: share of problems solved by\nat least one of k samples (unbiased estimator)")
     ax.set_xticks(ks)
@@ -100,8 +104,11 @@ def plot_pass_at_k(summary: dict[str, dict], ks: list[int], path: Path, top_p: f
     count = next(iter(seeds)) if len(seeds) == 1 and None not in seeds else None
     over = f"{count} seeds" if count else "seeds"
     protocol = f", temperature 1, top-p {top_p:g}" if top_p is not None else ""
-    ax.set_title(f"Demo: pass@k on held-out target-sum problems{protocol}\n(point: mean over {over}; error bar: ±1 "
-                 "standard deviation across seeds)", fontsize=10)
+    ax.set_title(
+        f"Demo: pass@k on held-out target-sum problems{protocol}\n(point: mean over {over}; error bar: ±1 "
+        "standard deviation across seeds)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -157,38 +164,58 @@ def plot_paired_differences(regimes: dict[str, dict], path: Path, top_p: float =
                 rows.append((name, stat, palette[i % len(palette)], prefix != ""))
                 if prefix:
                     secondary_labels.add(label)
-        for y, (name, stat, color, secondary) in enumerate(reversed(rows)):
+        for y, (_name, stat, color, secondary) in enumerate(reversed(rows)):
             mean = stat["mean"]
             if stat["ci_low"] is not None:
-                ax.errorbar(mean, y, xerr=[[mean - stat["ci_low"]], [stat["ci_high"] - mean]], fmt="s" if secondary
-                            else "o", color=color, capsize=4, mfc="white" if secondary else color)
+                ax.errorbar(
+                    mean,
+                    y,
+                    xerr=[[mean - stat["ci_low"]], [stat["ci_high"] - mean]],
+                    fmt="s" if secondary else "o",
+                    color=color,
+                    capsize=4,
+                    mfc="white" if secondary else color,
+                )
             else:
                 ax.plot(mean, y, "o", color=color)
-            ax.annotate(f"{stat['wins']}/{stat['n_seeds']}", (mean, y), textcoords="offset points", xytext=(0, 7),
-                        ha="center", fontsize=7, color=color)
+            ax.annotate(
+                f"{stat['wins']}/{stat['n_seeds']}",
+                (mean, y),
+                textcoords="offset points",
+                xytext=(0, 7),
+                ha="center",
+                fontsize=7,
+                color=color,
+            )
         ax.axvline(0, color="black", lw=1)
         ax.set_yticks(range(len(rows)))
-        ax.set_yticklabels([name for name, *_ in reversed(rows)] if ax in (axes[0], axes[3]) else [""] * len(rows),
-                           fontsize=8)
+        ax.set_yticklabels(
+            [name for name, *_ in reversed(rows)] if ax in (axes[0], axes[3]) else [""] * len(rows), fontsize=8
+        )
         ax.set_ylim(-0.7, len(rows) - 0.3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(f"EOPD − OPD ({unit})", fontsize=8)
         ax.grid(alpha=0.3, axis="x")
     axes[-1].axis("off")
     several = len(regimes) > 1 or any(regimes)
-    lines = ["How to read: each row is " + ("one student regime and one\nevaluation protocol;" if several
-                                          else "one evaluation protocol;"),
-             "the marker is the mean over seeds of EOPD − OPD, the bar",
-             "its 95% t interval. An interval that crosses the black line",
-             "at 0 means no difference was detected.",
-             f"Filled circle: the paper's protocol (top-p {top_p:g})."]
+    lines = [
+        "How to read: each row is "
+        + ("one student regime and one\nevaluation protocol;" if several else "one evaluation protocol;"),
+        "the marker is the mean over seeds of EOPD − OPD, the bar",
+        "its 95% t interval. An interval that crosses the black line",
+        "at 0 means no difference was detected.",
+        f"Filled circle: the paper's protocol (top-p {top_p:g}).",
+    ]
     lines += [f"Open square: {', '.join(sorted(secondary_labels))}."] if secondary_labels else []
     lines += ["Number above a marker: seeds where EOPD was higher."]
     axes[-1].text(0, 0.5, "\n".join(lines), fontsize=9, va="center")
     n_seeds = {stat["n_seeds"] for paired in regimes.values() for stat in paired.values()}
-    fig.suptitle("EOPD − OPD from the same initial student, paired by seed: mean and 95% t interval over "
-                 f"{'/'.join(map(str, sorted(n_seeds)))} seeds (right of 0: EOPD higher; "
-                 "label: seeds where EOPD was higher)", fontsize=10)
+    fig.suptitle(
+        "EOPD − OPD from the same initial student, paired by seed: mean and 95% t interval over "
+        f"{'/'.join(map(str, sorted(n_seeds)))} seeds (right of 0: EOPD higher; "
+        "label: seeds where EOPD was higher)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -213,16 +240,25 @@ def plot_mechanism(regimes: dict[str, dict], path: Path, top_p: float = 0.8) -> 
                 # A fixed spread over the middle of the bar: the same picture on every redraw.
                 offsets = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
                 ax.scatter(x + offsets, values, s=10, color="black", edgecolors="white", linewidths=0.5, zorder=3)
-                ax.annotate(f"{stat['mean']:.3f}", (x, stat["mean"]), textcoords="offset points", xytext=(14, 2),
-                            fontsize=7, zorder=4)
+                ax.annotate(
+                    f"{stat['mean']:.3f}",
+                    (x, stat["mean"]),
+                    textcoords="offset points",
+                    xytext=(14, 2),
+                    fontsize=7,
+                    zorder=4,
+                )
             ax.set_xticks(range(len(models)))
             ax.set_xticklabels([LABELS[m] for m in models])
             ax.set_ylabel(unit)
             ax.set_title(f"{regime}: {title}" if regime else title, fontsize=9)
             ax.grid(alpha=0.3, axis="y", zorder=0)
             ax.set_axisbelow(True)
-    fig.suptitle(f"Does the student keep the teacher's spread? Rollouts sampled at temperature 1, top-p {top_p:g}; "
-                 "bar: mean over seeds, error bar (left of centre): ±1 std, dots: one per seed", fontsize=10)
+    fig.suptitle(
+        f"Does the student keep the teacher's spread? Rollouts sampled at temperature 1, top-p {top_p:g}; "
+        "bar: mean over seeds, error bar (left of centre): ±1 std, dots: one per seed",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -234,8 +270,10 @@ def replot(output_dir: str | Path) -> list[Path]:
 
     output_dir = Path(output_dir)
     results = json.loads((output_dir / "results.json").read_text())
-    runs = {method: [curves_from_log_history(run["log_history"]) for run in results["per_seed"][method]]
-            for method in ("opd", "eopd")}
+    runs = {
+        method: [curves_from_log_history(run["log_history"]) for run in results["per_seed"][method]]
+        for method in ("opd", "eopd")
+    }
     summary = results["summary"]
     ks = sorted(int(key.split("@")[1]) for key in summary["teacher"] if key.startswith("pass@"))
     paths = [output_dir / "training_curves.png", output_dir / "pass_at_k.png"]

@@ -50,7 +50,8 @@ def paired_difference(baseline: Sequence[float], treatment: Sequence[float], con
 def paired_differences(baseline_runs: list[dict], treatment_runs: list[dict]) -> dict[str, dict]:
     """[`paired_difference`] for every numeric metric the two lists of per-seed results share."""
     keys = [
-        key for key, value in baseline_runs[0].items()
+        key
+        for key, value in baseline_runs[0].items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key in treatment_runs[0]
     ]
     return {key: paired_difference([r[key] for r in baseline_runs], [r[key] for r in treatment_runs]) for key in keys}

@@ -104,7 +104,7 @@ class MathVerifyGrader:
             import math_verify
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise ImportError(
-                "Grading needs math-verify: run `pip install -e \".[eval]\"` in your trl-eopd clone."
+                'Grading needs math-verify: run `pip install -e ".[eval]"` in your trl-eopd clone.'
             ) from error
         self._mv = math_verify
         self.timeout_seconds = timeout_seconds

@@ -123,22 +123,20 @@ class EvalConfig:
     )
     output_dir: str | None = field(
         default=None,
-        metadata={
-            "help": "Where results.jsonl, summary.json and summary.md go (default: eval_results/<model name>)."
-        },
+        metadata={"help": "Where results.jsonl, summary.json and summary.md go (default: eval_results/<model name>)."},
     )
     n: int = field(default=8, metadata={"help": "Samples per problem (default: %(default)s)."})
     k: int | None = field(default=None, metadata={"help": "k of Pass@k (at most --n; defaults to --n)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature; 0 decodes greedily (default: %(default)s)."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Sampling temperature; 0 decodes greedily (default: %(default)s)."}
+    )
     top_p: float = field(
         default=0.8, metadata={"help": "Nucleus sampling mass; top-k is always off (default: %(default)s)."}
     )
     max_new_tokens: int = field(
         default=8192, metadata={"help": "Length limit of each completion (default: %(default)s)."}
     )
-    limit: int | None = field(
-        default=None, metadata={"help": "Evaluate only the first N problems of each benchmark."}
-    )
+    limit: int | None = field(default=None, metadata={"help": "Evaluate only the first N problems of each benchmark."})
     backend: str = field(
         default="auto",
         metadata={

@@ -412,8 +412,9 @@ def _student_logit_gradient(
 # ---------------------------------------------------------------------------------------------------- chunk driver
 
 
-def _zero_student_gradients(student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None,
-                            needs_grad: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def _zero_student_gradients(
+    student_hidden: Tensor, student_weight: Tensor, student_bias: Tensor | None, needs_grad: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Float32 accumulators for the gradients of the student's hidden states, weight and bias (None if not needed)."""
     need_hidden, need_weight, need_bias = needs_grad
 

@@ -58,8 +58,13 @@ class EOPDLossOptions:
     monitor_entropy_threshold: float = 0.8
 
     def __post_init__(self):
-        _check_number("entropy_threshold", self.entropy_threshold, minimum=0.0, allow_inf=True,
-                      meaning="in nats, or float('inf') to switch the gate off (plain OPD)")
+        _check_number(
+            "entropy_threshold",
+            self.entropy_threshold,
+            minimum=0.0,
+            allow_inf=True,
+            meaning="in nats, or float('inf') to switch the gate off (plain OPD)",
+        )
         _check_number("forward_kl_coef", self.forward_kl_coef, minimum=0.0)
         if self.gate not in GATES:
             raise ValueError(f"`gate` must be one of {GATES}; got {self.gate!r}.")
@@ -74,8 +79,12 @@ class EOPDLossOptions:
             raise ValueError(
                 f"`reverse_kl_estimator` must be one of {REVERSE_KL_ESTIMATORS}; got {self.reverse_kl_estimator!r}."
             )
-        _check_number("monitor_entropy_threshold", self.monitor_entropy_threshold, minimum=0.0,
-                      meaning="in nats (the paper's analyses use 0.8)")
+        _check_number(
+            "monitor_entropy_threshold",
+            self.monitor_entropy_threshold,
+            minimum=0.0,
+            meaning="in nats (the paper's analyses use 0.8)",
+        )
         if self.reverse_kl_estimator == "sampled" and self.beta != 1.0:
             raise ValueError(sampled_estimator_error([f"`beta=1.0` (got {self.beta!r})"]))
 

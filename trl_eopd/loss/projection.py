@@ -44,7 +44,11 @@ def _logit_scale(config) -> float:
             return float(value)
     logits_scaling = getattr(config, "logits_scaling", None)
     if logits_scaling is not None:
-        return float(logits_scaling) if getattr(config, "model_type", "") == "hyperclovax" else 1.0 / float(logits_scaling)
+        return (
+            float(logits_scaling)
+            if getattr(config, "model_type", "") == "hyperclovax"
+            else 1.0 / float(logits_scaling)
+        )
     return 1.0
 
 
@@ -103,7 +107,11 @@ def gathered(projection: OutputProjection) -> OutputProjection:
 
 def project(hidden: torch.Tensor, projection: OutputProjection) -> torch.Tensor:
     """Full logits from hidden states; used only for the one-off consistency check, never in the training loss."""
-    logits = nn.functional.linear(hidden, projection.weight.to(hidden.dtype), None if projection.bias is None else projection.bias.to(hidden.dtype))
+    logits = nn.functional.linear(
+        hidden,
+        projection.weight.to(hidden.dtype),
+        None if projection.bias is None else projection.bias.to(hidden.dtype),
+    )
     logits = logits * projection.logit_scale
     if projection.softcap is not None:
         logits = projection.softcap * torch.tanh(logits / projection.softcap)

@@ -338,7 +338,7 @@ def _served_chunks(student_hidden, student_weight, student_bias, served: _Served
         top_ids = served.top_ids[start:end]
         top_teacher_probs, top_teacher_log_probs = _renormalised_top_k(served.top_log_probs[start:end])
         # 0 * log 0 is 0 on the teacher's side; only the student's log q at those ids can be used as is.
-        forward = (top_teacher_probs * (top_teacher_log_probs - log_probs.gather(-1, top_ids)))
+        forward = top_teacher_probs * (top_teacher_log_probs - log_probs.gather(-1, top_ids))
         forward = torch.where(top_teacher_probs > 0, forward, torch.zeros_like(forward)).sum(-1)
         student_entropy = -_row_dots(probs, log_probs)
         gate = served.gate[start:end]
@@ -575,8 +575,16 @@ def served_teacher_eopd_loss_and_stats(
     student_tensors = [t for t in (student_hidden, student_weight, student_bias) if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in student_tensors):
         loss, sums = _ServedTeacherEOPDFunction.apply(
-            student_hidden, student_weight, student_bias, served, targets, opts, divisor, chunk_size,
-            target_log_probs_out, importance,
+            student_hidden,
+            student_weight,
+            student_bias,
+            served,
+            targets,
+            opts,
+            divisor,
+            chunk_size,
+            target_log_probs_out,
+            importance,
         )
     else:
         with torch.no_grad():

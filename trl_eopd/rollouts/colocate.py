@@ -19,7 +19,6 @@ rewrites end-of-turn tokens and marks the batches afterwards.
 
 from __future__ import annotations
 
-
 from .. import _compat
 from .base import (
     SAMPLER_LOGPROBS,
