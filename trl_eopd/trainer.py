@@ -36,7 +36,7 @@ from .loss.projection import (
     last_hidden_state,
     project,
 )
-from .loss.stats import evaluation_loss_sum, evaluation_means
+from .loss.evaluation import evaluation_loss_sum, evaluation_means
 from .rollouts import ROLLOUT_STALENESS, SAMPLER_LOGPROBS, build_rollout_source, without_rewritten_tokens
 
 if is_peft_available():
