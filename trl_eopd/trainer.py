@@ -27,6 +27,7 @@ from .loss import (
     chunked_eopd_loss_and_stats,
     eopd_loss_and_stats,
 )
+from .loss.evaluation import evaluation_loss_sum, evaluation_means
 from .loss.full import safe_divisor
 from .loss.projection import (
     OutputProjection,
@@ -36,7 +37,6 @@ from .loss.projection import (
     last_hidden_state,
     project,
 )
-from .loss.evaluation import evaluation_loss_sum, evaluation_means
 from .rollouts import ROLLOUT_STALENESS, SAMPLER_LOGPROBS, build_rollout_source, without_rewritten_tokens
 
 if is_peft_available():
