@@ -1,14 +1,14 @@
 """How a process that ran a torch process group ends: everything flushed, then without the interpreter's teardown.
 
 `destroy_process_group()` takes a group out of torch's registry, but the C++ group lives on while anything still holds
-it (device meshes, FSDP module states, DeepSpeed's engine and communication backend, accelerate's state), and these
-are not freed by the end of a run, nor by a garbage collection. So gloo's event-loop and worker threads (and, on rank
-0, the TCPStore server's thread) are still running when Python exits; the interpreter's finalization and the C++
-static destructors then tear the objects down in no fixed order, and now and then a thread that is still joinable is
-destroyed: `terminate called without an active exception` and SIGABRT (exit status -6), after the run's work is done.
-torch offers no way to stop and join gloo's threads (pytorch/pytorch#130345). A process whose whole job was the run
-therefore ends with `os._exit`, once Python's exit handlers have run and the standard streams are flushed: exactly the
-teardown that aborts is the one skipped.
+it (device meshes, FSDP module states, DeepSpeed's engine and communication backend), and neither the end of a run nor
+a garbage collection frees them: gloo's event-loop and worker threads are still running when Python exits. A C++
+thread that needs the interpreter while Python finalizes (a gloo worker releasing the last tensor of a finished
+operation, any thread coming back from torch with the GIL released) is stopped by Python with `pthread_exit`, whose
+unwinding through a C++ destructor ends in `std::terminate`: "terminate called without an active exception" and
+SIGABRT (exit status -6), after the run's work is done, more often the busier the machine. torch has no way to stop and
+join gloo's threads (pytorch/pytorch#130345), so a process whose whole job was the run ends with `os._exit`, once
+Python's exit handlers have run and the standard streams are flushed: only the finalization that aborts is skipped.
 """
 
 from __future__ import annotations
