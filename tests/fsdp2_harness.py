@@ -73,6 +73,11 @@ def main() -> None:
     if args.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
+        # The device mesh and the FSDP states still hold the gloo group, whose threads can abort the interpreter's
+        # teardown (trl_eopd/cli/process_exit.py): end as a launched `trl-eopd train` worker does.
+        from trl_eopd.cli.process_exit import exit_without_teardown
+
+        exit_without_teardown(0)
 
 
 def run_variant(args, out: Path, *, lora: bool, uneven_rollout: bool) -> None:

@@ -204,7 +204,12 @@ def main(script_args: EOPDScriptArguments, training_args, model_args, callbacks=
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    """`trl-eopd train`: parse the recipe and flags, then train. Returns 0, or exits with status 2 on bad input."""
+    """`trl-eopd train`: parse the recipe and flags, then train. Returns 0, or exits with status 2 on bad input.
+
+    A worker of `accelerate launch` or `torchrun` does not return: once the run is saved and its process group
+    destroyed, it exits at once with status 0 (`process_exit.py` says why).
+    """
+    from .process_exit import exit_without_teardown, launched_worker
     from .quiet import tell_deepspeed_when_cpu_only
 
     tell_deepspeed_when_cpu_only()
@@ -215,6 +220,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         if is_main_process():
             exit_with_error(PROG, str(e))
         raise SystemExit(2) from None
+    if launched_worker():
+        exit_without_teardown(0)
     return 0
 
 
