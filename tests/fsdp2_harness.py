@@ -145,7 +145,7 @@ def run_variant(args, out: Path, *, lora: bool, uneven_rollout: bool) -> None:
         if rank == 0:
             trainer.generation_config.eos_token_id = list(range(trainer.model.config.vocab_size))
         prompt_width = local["prompts"].shape[1]
-        rolled = trainer._roll_out({key: value.clone() for key, value in local.items()})
+        (rolled,) = trainer._roll_out_window([{key: value.clone() for key, value in local.items()}])
         new_tokens = rolled["input_ids"].shape[1] - prompt_width
         (out / f"rollout_rank{rank}.json").write_text(json.dumps({"new_tokens": new_tokens}))
 

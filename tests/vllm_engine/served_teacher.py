@@ -62,6 +62,9 @@ class TeacherServerProcess:
                **self.extra_env}  # fmt: skip
         # The server must not inherit the in-process engine switch the other tests set.
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        # Nor TRL's quieting of vLLM's logs (`trl.generation.vllm_generation` sets VLLM_LOGGING_LEVEL=ERROR in the
+        # test process on import): the tests read the server's own log lines, the plugin's "active" line among them.
+        env.pop("VLLM_LOGGING_LEVEL", None)
         if self.entropy_plugin:  # the repository is only on PYTHONPATH in the test environments, installed nowhere
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         else:  # a stock server, whatever the caller selected
