@@ -340,3 +340,23 @@ class TeacherRouter:
     def close(self) -> None:
         for server in self.servers.values():
             server.close()
+
+
+def connect_served_teachers(args, *, student_vocab_size: int, teacher_name: str | None, datasets: dict):
+    """The client of `args.teacher_model_server_url` (one URL, or a mapping of teacher id to URL, each row routed by
+    its `teacher_id`), checked against its servers, and the statistics class its loss returns."""
+    server_kwargs = {
+        "top_logprobs": args.teacher_top_logprobs,
+        "timeout": args.teacher_model_server_timeout,
+        "retries": args.teacher_model_server_retries,
+        "student_vocab_size": student_vocab_size,
+        "teacher_name": teacher_name,
+    }
+    urls = args.teacher_model_server_url
+    if isinstance(urls, dict):  # several teachers, each row routed to its own
+        router = TeacherRouter(urls, entropy_thresholds=args.teacher_entropy_thresholds, datasets=datasets,
+                               **server_kwargs)  # fmt: skip
+        return router, RoutedStatsLayout(router.teacher_ids)
+    from . import teacher_server  # looked up at call time, so a test can stand a local teacher in for the client
+
+    return teacher_server.TeacherServer(urls, **server_kwargs), ServedTeacherStats

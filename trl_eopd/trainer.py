@@ -21,7 +21,6 @@ from .config import EOPDConfig
 from .launch_check import launch_problem
 from .loss import (
     IGNORE_INDEX,
-    EOPDLossOptions,
     EOPDStats,
     ImportanceCorrection,
     chunked_eopd_loss_and_stats,
@@ -31,6 +30,7 @@ from .loss.evaluation import evaluation_loss_sum, evaluation_means
 from .loss.full import safe_divisor
 from .loss.projection import (
     OutputProjection,
+    count_non_finite_rows,
     find_output_projection,
     gathered,
     is_fsdp2_sharded,
@@ -38,6 +38,7 @@ from .loss.projection import (
     project,
 )
 from .rollouts import ROLLOUT_STALENESS, SAMPLER_LOGPROBS, build_rollout_source, without_rewritten_tokens
+from .token_weighted_evaluation import TokenWeightedEvaluationMixin, metric_prefix
 
 if is_peft_available():
     from peft import PeftConfig
@@ -74,7 +75,7 @@ def _check_processing_class(processing_class) -> None:
         )
 
 
-class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
+class EOPDTrainer(_compat.RestoresRngBeforeRollouts, TokenWeightedEvaluationMixin, GKDTrainer):
     """Trainer for Entropy-Aware On-Policy Distillation (EOPD) of language models.
 
     EOPD trains the student with a reverse KL on its own samples at every token, plus a forward KL at the tokens where
@@ -241,28 +242,15 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         self._teacher_server = None
         self._stats_class = EOPDStats
         if served_teacher_url is not None:
-            from .loss.served import ServedTeacherStats
-            from .teacher_server import TeacherServer
+            from .teacher_routing import connect_served_teachers
 
             self.teacher_model = None  # GKD prepared a parameter-free stand-in; nothing of the teacher lives here
-            self._stats_class = ServedTeacherStats
-            server_kwargs = {
-                "top_logprobs": args.teacher_top_logprobs,
-                "timeout": args.teacher_model_server_timeout,
-                "retries": args.teacher_model_server_retries,
-                "student_vocab_size": self.model.config.get_text_config().vocab_size,
-                "teacher_name": served_teacher_name,
-            }
-            if isinstance(served_teacher_url, dict):  # several teachers, each row routed to its own
-                from .teacher_routing import RoutedStatsLayout, TeacherRouter
-
-                self._teacher_server = TeacherRouter(
-                    served_teacher_url, entropy_thresholds=args.teacher_entropy_thresholds,
-                    datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset}, **server_kwargs,
-                )  # fmt: skip
-                self._stats_class = RoutedStatsLayout(self._teacher_server.teacher_ids)
-            else:
-                self._teacher_server = TeacherServer(served_teacher_url, **server_kwargs)
+            self._teacher_server, self._stats_class = connect_served_teachers(
+                args,
+                student_vocab_size=self.model.config.get_text_config().vocab_size,
+                teacher_name=served_teacher_name,
+                datasets={"train_dataset": train_dataset, "eval_dataset": eval_dataset},
+            )
         # Where on-policy completions come from (`generate`, a colocated engine, or a server); see `trl_eopd/rollouts`.
         self._rollouts = build_rollout_source(self)
         # A source that samples ahead finishes each window (end tokens, a served teacher's log-probs) in its
@@ -444,19 +432,6 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
             self._rollouts.record_importance_ratios(importance, target_log_probs)
         return (loss, outputs) if return_outputs else loss
 
-    def _loss_options_for(self, mode: str) -> EOPDLossOptions:
-        """The loss options for training, or for evaluation, which scores the dataset's completions.
-
-        The sampled estimate log q(y) - log p(y) is only valid on the student's own samples; on the dataset's
-        completions its value estimates no KL (on a student close to its teacher it is often negative). Evaluation
-        with a local teacher therefore takes its expectation over the student's next token at each prefix, the
-        analytic reverse KL (`beta` is 1 with the sampled estimator). A served teacher gives no full distribution:
-        its options stay, and its evaluation loss is the top-k forward KL instead (see `evaluation_loss_sum`).
-        """
-        if mode == "eval" and self._teacher_server is None and self.loss_options.reverse_kl_estimator == "sampled":
-            return self.loss_options.replace(reverse_kl_estimator="analytic")
-        return self.loss_options
-
     def _full_logits_loss(self, model, inputs, num_items_in_batch, options, target_log_probs_out=None,
                           importance=None):  # fmt: skip
         student_outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
@@ -541,7 +516,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         def diagnose():
             student_hidden_detached = student_hidden.detach()
             return _non_finite_report(
-                student=lambda: _count_non_finite_rows(student_hidden_detached, projection), teacher=lambda: 0
+                student=lambda: count_non_finite_rows(student_hidden_detached, projection), teacher=lambda: 0
             )
 
         return loss, stats, diagnose
@@ -605,8 +580,8 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         def diagnose():
             student_hidden_detached = student_hidden.detach()
             return _non_finite_report(
-                student=lambda: _count_non_finite_rows(student_hidden_detached, student_projection),
-                teacher=lambda: _count_non_finite_rows(teacher_hidden, teacher_projection),
+                student=lambda: count_non_finite_rows(student_hidden_detached, student_projection),
+                teacher=lambda: count_non_finite_rows(teacher_hidden, teacher_projection),
             )
 
         return loss, stats, diagnose
@@ -729,7 +704,7 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         if sums is not None:
             stats = self._stats_class.from_tensor(sums.cpu())
             if mode == "eval":
-                prefix = _metric_prefix(logs)
+                prefix = metric_prefix(logs)
                 _, means = evaluation_means(stats, self.loss_options.forward_kl_coef)
             else:
                 prefix, means = "", stats.means()
@@ -749,70 +724,6 @@ class EOPDTrainer(_compat.RestoresRngBeforeRollouts, GKDTrainer):
         # world, at interpreter exit, vLLM would print an "Invalid process group" traceback.
         self._rollouts.close()
         super().end()
-
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
-                        metric_key_prefix="eval"):  # fmt: skip
-        """Run [`~transformers.Trainer.evaluation_loop`], then make its loss the mean over every token it scored.
-
-        The Trainer's loss is a mean of per-batch means, so it changes with `per_device_eval_batch_size` on the same
-        rows; the token-weighted sums behind the `eopd/*` metrics give the loss that equals its parts at any size.
-        """
-        # An evaluation reports its own tokens only, not leftovers of a `predict` or a manual `compute_loss` call.
-        self._eopd_sums.pop("eval", None)
-        output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only=prediction_loss_only, ignore_keys=ignore_keys,
-            metric_key_prefix=metric_key_prefix,
-        )  # fmt: skip
-        sums = self._eopd_sums.get("eval")
-        loss_key = f"{metric_key_prefix}_loss"
-        if sums is not None and loss_key in output.metrics:
-            stats = self._stats_class.from_tensor(sums.cpu())
-            output.metrics[loss_key], _ = evaluation_means(stats, self.loss_options.forward_kl_coef)
-        return output
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # Without compute_metrics nobody reads evaluation logits; asking for them would force full-logits projections.
-        if self.compute_metrics is None:
-            prediction_loss_only = True
-        inputs = self._without_repeated_rows(inputs)
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-
-    def _without_repeated_rows(self, inputs: dict) -> dict:
-        """Leave out of the loss the rows accelerate repeats to fill every process's last evaluation batch.
-
-        `gather_for_metrics` drops them from what the Trainer gathers; the `eopd/*` sums, and `eval_loss` made from
-        them, add up each process's tokens, so the repeats are masked here. As `gather_for_metrics` assumes, the
-        dataset's rows come first, in process order, and every process's last batch has the same number of rows.
-        """
-        state = self.accelerator.gradient_state
-        repeats = self.accelerator.num_processes > 1 and state.end_of_dataloader and state.remainder > 0
-        if not repeats or "labels" not in inputs:
-            return inputs
-        rows = inputs["labels"].size(0)
-        kept = min(max(state.remainder - self.accelerator.process_index * rows, 0), rows)
-        if kept == rows:
-            return inputs
-        labels = inputs["labels"].clone()
-        labels[kept:] = IGNORE_INDEX
-        return {**inputs, "labels": labels}
-
-
-def _metric_prefix(logs: dict) -> str:
-    """`eval_` for `evaluate()`, `eval_<name>_` for a named eval dataset, matching the Trainer's `*_loss` key."""
-    for key in logs:
-        if key.endswith("_loss") and not key.startswith("eopd/"):
-            return key[: -len("loss")]
-    return "eval_"
-
-
-def _count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, chunk_size: int = 256) -> int:
-    count = 0
-    projection = gathered(projection)
-    with torch.no_grad(), maybe_gather_lm_head_ctx(projection.weight, projection.bias):
-        for start in range(0, hidden.size(0), chunk_size):
-            logits = project(hidden[start : start + chunk_size].float(), projection)
-            count += (~torch.isfinite(logits)).any(-1).sum().item()
-    return count
 
 
 def _non_finite_report(student: Callable[[], int], teacher: Callable[[], int]) -> str:

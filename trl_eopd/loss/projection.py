@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers.trainer_utils import unwrap_peft_model
+from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 
 @dataclass
@@ -122,3 +123,14 @@ def last_hidden_state(causal_lm: nn.Module, input_ids: torch.Tensor, attention_m
     """The backbone's last (normalised) hidden state: what the output projection turns into logits."""
     backbone = backbone_of(unwrap_peft_model(causal_lm))
     return backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+
+def count_non_finite_rows(hidden: torch.Tensor, projection: OutputProjection, chunk_size: int = 256) -> int:
+    """Rows of `hidden` whose projected logits hold a NaN or an infinity, a chunk of rows at a time."""
+    count = 0
+    projection = gathered(projection)
+    with torch.no_grad(), maybe_gather_lm_head_ctx(projection.weight, projection.bias):
+        for start in range(0, hidden.size(0), chunk_size):
+            logits = project(hidden[start : start + chunk_size].float(), projection)
+            count += (~torch.isfinite(logits)).any(-1).sum().item()
+    return count
