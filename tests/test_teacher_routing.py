@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset
 
 from trl_eopd import EOPDConfig, EOPDTrainer
+from trl_eopd.loss.importance import ImportanceCorrection
 from trl_eopd.loss.served import served_teacher_eopd_loss_and_stats
 from trl_eopd.teacher_routing import RoutedTeacherLogProbs, routed_teacher_eopd_loss_and_stats
 from trl_eopd.teacher_server import TeacherServer, TeacherServerError
@@ -155,9 +156,15 @@ def test_the_routed_loss_and_gradients_equal_each_rows_single_teacher_loss(serve
     hidden.requires_grad_()
     divisor = int(loss_mask.sum()) + 3  # a window's count: more tokens than this batch's
     options = trainer.loss_options
+    # Stale rollouts (server mode, max_staleness >= 1): each token's sampler log-prob, split with its teacher's group.
+    generator = torch.Generator().manual_seed(0)
+    sampler = -3 * torch.rand(len(targets), generator=generator)
+    sampler[::5] = float("nan")  # unknown: weight 1
+    importance = ImportanceCorrection(sampler, 2.0)
     loss, stats = routed_teacher_eopd_loss_and_stats(
         hidden, weight, targets, routed, teacher_ids=["math", "code"], options=options,
         entropy_thresholds=trainer._teacher_server.entropy_thresholds, num_items_in_batch=divisor, vocab_size=320,
+        importance=importance,
     )  # fmt: skip
     loss.backward()
 
@@ -176,6 +183,7 @@ def test_the_routed_loss_and_gradients_equal_each_rows_single_teacher_loss(serve
             ref_hidden[rows], ref_weight, targets[rows], served.top_log_probs, served.top_ids,
             served.target_log_probs, teacher_entropy=served.entropy, vocab_size=320,
             options=options.replace(entropy_threshold=THRESHOLDS[teacher_id]), num_items_in_batch=divisor,
+            importance=ImportanceCorrection(sampler[rows], 2.0),
         )  # fmt: skip
         reference = reference + row_loss.double()
         gated[teacher_id] += float(row_stats.num_high_entropy)
