@@ -67,3 +67,14 @@ def test_a_student_server_that_does_not_answer_names_the_url_and_the_timeout(tmp
                     train_dataset=load_dataset("json", data_files=tiny["dataset"], split="train"),
                     processing_class=AutoTokenizer.from_pretrained(tiny["student"]))  # fmt: skip
     assert time.monotonic() - start < 30  # bounded, not a hang
+
+
+def test_server_rollouts_refuse_an_fsdp_launch_before_any_push(monkeypatch):
+    from types import SimpleNamespace
+
+    from trl_eopd.rollouts import build_rollout_source
+
+    trainer = SimpleNamespace(args=SimpleNamespace(use_vllm=True, vllm_mode="server", fsdp=""))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(ValueError, match=r"does not push FSDP-sharded weights yet: use `vllm_mode='colocate'`"):
+        build_rollout_source(trainer)

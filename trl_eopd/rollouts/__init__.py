@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .base import (
     MISMATCH_METRIC,
     ROLLOUT_STALENESS,
@@ -27,6 +29,12 @@ def build_rollout_source(trainer) -> RolloutSource:
 
         return GenerateRollouts(trainer)
     if args.vllm_mode == "server":
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or args.fsdp:
+            # The weight push gathers ZeRO-3 parameters; FSDP2's sharded tensors would be written as one shard each.
+            raise ValueError(
+                "`vllm_mode='server'` does not push FSDP-sharded weights yet: use `vllm_mode='colocate'` (TRL's "
+                "weight sync handles FSDP2) or DeepSpeed ZeRO-3 (recipes/accelerate/zero3.yaml) with server rollouts."
+            )
         from .server import ServerRollouts as source_class
     else:
         from .colocate import VLLMRollouts as source_class
