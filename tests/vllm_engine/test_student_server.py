@@ -18,7 +18,7 @@ import pytest
 import requests
 import torch
 from datasets import Dataset
-from served_teacher import TeacherServerProcess
+from served_teacher import TeacherServerProcess, train_until_checkpoint_then_stop
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trl_eopd import EOPDConfig, EOPDTrainer
@@ -233,9 +233,7 @@ def test_prompts_longer_than_the_server_context_are_refused_at_start(server, tin
 def test_a_server_killed_mid_run_stops_training_and_a_resumed_run_continues(server, tiny_assets, tmp_path):
     """Last in the module: it stops the shared server and starts it again on the same port."""
     import json
-    import signal
     import subprocess
-    import time
 
     root, _ = tiny_assets
     output_dir = tmp_path / "out"
@@ -246,19 +244,8 @@ def test_a_server_killed_mid_run_stops_training_and_a_resumed_run_continues(serv
         "--output_dir", str(output_dir),
     ]  # fmt: skip
     env = _env(TRL_EOPD_TINY_DIR=str(root))
-    proc = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while not (output_dir / "checkpoint-2" / "trainer_state.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-2 was written"
-            time.sleep(0.2)
-        server.stop()
-        log, _ = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    returncode, log = train_until_checkpoint_then_stop(server, train, env, output_dir, timeout=300)
+    assert returncode != 0
     assert f"The student's vLLM server at {server.url} failed at global step" in log, log[-4000:]
     assert "after 2 attempt(s)" in log, log[-4000:]
 

@@ -24,7 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from served_teacher import TeacherServerProcess, free_port, save_servable_teacher, teacher_sampled_batch
+from served_teacher import (
+    TeacherServerProcess,
+    free_port,
+    save_servable_teacher,
+    teacher_sampled_batch,
+    train_until_checkpoint_then_stop,
+)
 
 from trl_eopd.loss import eopd_loss_and_stats
 from trl_eopd.loss.served import estimate_teacher_entropy, served_teacher_eopd_loss_and_stats
@@ -293,19 +299,10 @@ def test_a_server_killed_mid_run_stops_training_and_a_resumed_run_continues(serv
     output_dir = tmp_path / "out"
     train = [sys.executable, *_train_command(server, output_dir, "--max_steps", "8", "--save_strategy", "steps",
                                              "--save_steps", "2", "--teacher_model_server_retries", "2")]  # fmt: skip
-    proc = subprocess.Popen(train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=_env(TRL_EOPD_TINY_DIR=str(root)), start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 240
-        while not (output_dir / "checkpoint-2" / "trainer_state.json").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-2 was written"
-            time.sleep(0.2)
-        server.stop()
-        log, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode != 0
+    returncode, log = train_until_checkpoint_then_stop(
+        server, train, _env(TRL_EOPD_TINY_DIR=str(root)), output_dir, timeout=240
+    )
+    assert returncode != 0
     assert f"The teacher server at {server.url} failed at global step" in log, log[-4000:]
     assert "after 3 attempt(s)" in log, log[-4000:]
 
